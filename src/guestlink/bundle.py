@@ -1,0 +1,55 @@
+"""Build the agent as one executable file (a zipapp), for guests that have no pip.
+
+Only the guest-side packages go in: ``guestlink.protocol`` and ``guestlink.agent`` (stdlib-only).
+"""
+import io
+import os
+import zipfile
+
+GUEST_PACKAGES = ("protocol", "agent")
+_MAIN = b"""import sys
+from guestlink.agent.cli import main
+sys.exit(main())
+"""
+_EPOCH = (2020, 1, 1, 0, 0, 0)  # fixed timestamps make the bundle reproducible
+
+
+def _guest_files():
+    root = os.path.dirname(os.path.abspath(__file__))
+    yield "guestlink/__init__.py", os.path.join(root, "__init__.py")
+    yield "guestlink/_version.py", os.path.join(root, "_version.py")
+    for package in GUEST_PACKAGES:
+        base = os.path.join(root, package)
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            for name in sorted(filenames):
+                if name.endswith(".py"):
+                    full = os.path.join(dirpath, name)
+                    yield "guestlink/" + os.path.relpath(full, root).replace(os.sep, "/"), full
+
+
+def build_bundle_bytes():
+    buf = io.BytesIO()
+    buf.write(b"#!/usr/bin/env python3\n")
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        entries = [("__main__.py", _MAIN)]
+        for arcname, path in _guest_files():
+            with open(path, "rb") as f:
+                entries.append((arcname, f.read()))
+        for arcname, data in entries:
+            info = zipfile.ZipInfo(arcname, _EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def write_bundle(path):
+    """Write the agent zipapp to ``path`` atomically and make it executable; returns its size."""
+    data = build_bundle_bytes()
+    tmp = "%s.tmp.%d" % (path, os.getpid())
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)
+    return len(data)

@@ -1,0 +1,293 @@
+"""Frame layer: bytes in, events out. No I/O here (sans-I/O, like h11).
+
+Wire layout (big-endian, see docs/protocol.md)::
+
+    0   4  magic      89 47 4C 4B  ("\\x89GLK")
+    4   1  version    1
+    5   1  type       FrameType
+    6   2  flags      meaning depends on type
+    8   4  id         request id (0 = not tied to a request)
+    12  4  length     payload length, <= max_payload
+    16  4  hcrc       CRC-32 of bytes 0..15
+    20  n  payload
+    20+n 4 pcrc       CRC-32 of the payload
+
+A virtio-serial port is a byte stream that may start mid-frame (a previous host client left half a
+frame, the guest reopened the port, garbage was written). The decoder therefore never trusts a
+header until its CRC matches; on any mismatch it drops one byte and searches for the next magic.
+A header with a valid CRC but a corrupt payload drops the whole frame and reports it, so the
+request it belonged to can be failed instead of hanging.
+"""
+
+import struct
+import zlib
+
+MAGIC = b"\x89GLK"
+VERSION = 1
+HEADER = struct.Struct("!4sBBHIII")
+HEADER_SIZE = HEADER.size  # 20
+TRAILER = struct.Struct("!I")
+TRAILER_SIZE = TRAILER.size
+OVERHEAD = HEADER_SIZE + TRAILER_SIZE
+_PREFIX = struct.Struct("!4sBBHII")  # the header without its own CRC
+
+#: Largest payload either side accepts unless configured lower. Control payloads are far smaller;
+#: data chunks use up to this much.
+MAX_PAYLOAD = 1 << 20
+MAX_ID = 0xFFFFFFFF
+
+
+class FrameType:
+    HELLO = 1  # agent -> host, whenever the agent (re)opens the port
+    SYNC = 2  # host -> agent, fresh nonce on every (re)connect
+    SYNC_ACK = 3  # agent -> host, echoes the nonce
+    REQUEST = 4  # host -> agent (and local client -> agent): JSON {"op", "args"}
+    RESPONSE = 5  # final successful reply to a request
+    ERROR = 6  # final failed reply to a request (or id 0: connection-level)
+    STREAM = 7  # bytes of a request's stream (exec stdin/stdout/stderr); flags = fd | EOF
+    CANCEL = 8  # host -> agent: cancel request `id`
+    MESSAGE = 9  # topic message, either direction (binary: topic length, topic, data)
+    EVENT = 10  # non-final JSON notification about a request (e.g. exec started)
+    DATA = 16  # data port: a chunk of a transfer
+    DATA_END = 17  # data port: end of a transfer with the whole-file digest
+    DATA_HELLO = 18  # data port: the opener's greeting naming the transfer it is ready for
+
+    NAMES = {
+        1: "HELLO", 2: "SYNC", 3: "SYNC_ACK", 4: "REQUEST", 5: "RESPONSE", 6: "ERROR",
+        7: "STREAM", 8: "CANCEL", 9: "MESSAGE", 10: "EVENT", 16: "DATA", 17: "DATA_END",
+        18: "DATA_HELLO",
+    }
+
+    @classmethod
+    def name(cls, value):
+        return cls.NAMES.get(value, "TYPE_%d" % value)
+
+
+#: STREAM flags: the low byte is the stream number, bit 8 marks its end.
+STREAM_STDIN = 0
+STREAM_STDOUT = 1
+STREAM_STDERR = 2
+FLAG_EOF = 0x100
+
+
+class Frame:
+    """One decoded frame."""
+
+    __slots__ = ("type", "flags", "id", "payload")
+
+    def __init__(self, type, flags, id, payload):
+        self.type = type
+        self.flags = flags
+        self.id = id
+        self.payload = payload
+
+    def __repr__(self):
+        return "Frame(%s, flags=%#x, id=%d, %d bytes)" % (
+            FrameType.name(self.type), self.flags, self.id, len(self.payload))
+
+    def __eq__(self, other):
+        return (isinstance(other, Frame) and self.type == other.type and self.flags == other.flags
+                and self.id == other.id and bytes(self.payload) == bytes(other.payload))
+
+    __hash__ = None
+
+
+class Garbage:
+    """Bytes skipped while looking for the next valid header."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+    def __repr__(self):
+        return "Garbage(%d)" % self.nbytes
+
+    def __eq__(self, other):
+        return isinstance(other, Garbage) and other.nbytes == self.nbytes
+
+    __hash__ = None
+
+
+class CorruptFrame:
+    """A frame whose header was valid but whose payload failed its CRC, or was too large.
+
+    ``reason`` is "crc" or "too_large". The frame's bytes were skipped.
+    """
+
+    __slots__ = ("type", "flags", "id", "length", "reason")
+
+    def __init__(self, type, flags, id, length, reason):
+        self.type = type
+        self.flags = flags
+        self.id = id
+        self.length = length
+        self.reason = reason
+
+    def __repr__(self):
+        return "CorruptFrame(%s, id=%d, %d bytes, %s)" % (
+            FrameType.name(self.type), self.id, self.length, self.reason)
+
+
+class UnsupportedVersion:
+    """A frame with a valid header CRC but a protocol version this implementation does not speak."""
+
+    __slots__ = ("version", "type", "id")
+
+    def __init__(self, version, type, id):
+        self.version = version
+        self.type = type
+        self.id = id
+
+    def __repr__(self):
+        return "UnsupportedVersion(%d, %s)" % (self.version, FrameType.name(self.type))
+
+
+def encode_header(type, length, flags=0, id=0, version=VERSION):
+    if not 0 <= id <= MAX_ID:
+        raise ValueError("frame id out of range: %r" % (id,))
+    if not 0 <= flags <= 0xFFFF:
+        raise ValueError("frame flags out of range: %r" % (flags,))
+    prefix = _PREFIX.pack(MAGIC, version, type, flags, id, length)
+    return prefix + TRAILER.pack(zlib.crc32(prefix))
+
+
+def encode_parts(type, payload=b"", flags=0, id=0, max_payload=MAX_PAYLOAD, payload_crc=None):
+    """Return the frame as (header, payload, trailer), ready for writev without a copy.
+
+    ``payload_crc`` lets a caller that already computed the payload's CRC-32 (the data path does,
+    for its chunk check) avoid computing it twice.
+    """
+    length = len(payload)
+    if length > max_payload:
+        raise ValueError("payload of %d bytes exceeds the %d-byte frame limit" % (length, max_payload))
+    if payload_crc is None:
+        payload_crc = zlib.crc32(payload)
+    return encode_header(type, length, flags, id), payload, TRAILER.pack(payload_crc)
+
+
+def encode_frame(type, payload=b"", flags=0, id=0, max_payload=MAX_PAYLOAD):
+    """Return the frame's bytes."""
+    return b"".join(encode_parts(type, payload, flags, id, max_payload))
+
+
+class FrameDecoder:
+    """Incremental decoder. ``feed(data)`` returns the list of events completed by ``data``.
+
+    Events are Frame, Garbage, CorruptFrame and UnsupportedVersion. The decoder keeps at most one
+    partial frame buffered (bounded by ``max_payload``), scans each byte a constant number of
+    times, and never raises on any input.
+    """
+
+    def __init__(self, max_payload=MAX_PAYLOAD):
+        if max_payload < 0 or max_payload > MAX_ID:
+            raise ValueError("max_payload out of range")
+        self.max_payload = max_payload
+        self._buf = bytearray()
+        self._pos = 0
+        self._skipped = 0
+        # When a valid header announced a frame, remember it so we don't re-parse the header
+        # while waiting for the rest of the payload.
+        self._pending = None
+
+    @property
+    def buffered(self):
+        """Bytes received but not yet turned into events."""
+        return len(self._buf) - self._pos
+
+    def reset(self):
+        """Forget everything buffered (for example when the port is reopened)."""
+        self._buf = bytearray()
+        self._pos = 0
+        self._skipped = 0
+        self._pending = None
+
+    def feed(self, data):
+        events = []
+        if data:
+            self._buf += data
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        while True:
+            if self._pending is not None:
+                type_, flags, id_, length = self._pending
+                need = HEADER_SIZE + length + TRAILER_SIZE
+                if end - pos < need:
+                    break
+                self._pending = None
+                payload_start = pos + HEADER_SIZE
+                payload_end = payload_start + length
+                payload = bytes(buf[payload_start:payload_end])
+                (pcrc,) = TRAILER.unpack_from(buf, payload_end)
+                self._flush_skipped(events)
+                if zlib.crc32(payload) != pcrc:
+                    events.append(CorruptFrame(type_, flags, id_, length, "crc"))
+                else:
+                    events.append(Frame(type_, flags, id_, payload))
+                pos += need
+                continue
+            if end - pos < HEADER_SIZE:
+                # Keep what might be the start of a header; count the rest as garbage.
+                if end - pos >= len(MAGIC):
+                    idx = buf.find(MAGIC, pos)
+                    if idx < 0:
+                        keep_from = max(pos, end - (len(MAGIC) - 1))
+                        keep_from = self._magic_prefix_start(buf, keep_from, end)
+                        self._skipped += keep_from - pos
+                        pos = keep_from
+                    elif idx > pos:
+                        self._skipped += idx - pos
+                        pos = idx
+                break
+            if buf[pos:pos + 4] != MAGIC:
+                idx = buf.find(MAGIC, pos + 1)
+                if idx < 0:
+                    keep_from = self._magic_prefix_start(buf, max(pos + 1, end - (len(MAGIC) - 1)), end)
+                    self._skipped += keep_from - pos
+                    pos = keep_from
+                    break
+                self._skipped += idx - pos
+                pos = idx
+                continue
+            magic, version, type_, flags, id_, length, hcrc = HEADER.unpack_from(buf, pos)
+            if zlib.crc32(buf[pos:pos + HEADER_SIZE - 4]) != hcrc:
+                self._skipped += 1
+                pos += 1
+                continue
+            if version != VERSION:
+                self._flush_skipped(events)
+                events.append(UnsupportedVersion(version, type_, id_))
+                pos += HEADER_SIZE
+                continue
+            if length > self.max_payload:
+                self._flush_skipped(events)
+                events.append(CorruptFrame(type_, flags, id_, length, "too_large"))
+                # The length is authentic (the header CRC matched) but we will not buffer it:
+                # skip the header and let the scan step over the payload.
+                pos += HEADER_SIZE
+                continue
+            self._pending = (type_, flags, id_, length)
+        if pos:
+            del buf[:pos]
+        self._pos = 0
+        return events
+
+    @staticmethod
+    def _magic_prefix_start(buf, start, end):
+        """Index of the earliest suffix of buf[start:end] that is a proper prefix of MAGIC."""
+        for i in range(start, end):
+            if MAGIC.startswith(bytes(buf[i:end])):
+                return i
+        return end
+
+    def _flush_skipped(self, events):
+        if self._skipped:
+            events.append(Garbage(self._skipped))
+            self._skipped = 0
+
+    def flush_garbage(self):
+        """Report garbage counted so far (events are otherwise emitted before the next frame)."""
+        events = []
+        self._flush_skipped(events)
+        return events

@@ -1,0 +1,297 @@
+"""Payload codecs for the control channel, shared by agent, host and local clients.
+
+Control payloads are UTF-8 JSON objects; topic messages and stream bytes are binary. Every parse
+function validates what it returns and raises ProtocolViolation (never anything else) on bad input,
+because the bytes come from the other side, which neither side trusts.
+"""
+
+import json
+import re
+import struct
+
+from . import codes
+from .frames import FLAG_EOF, FrameType, encode_frame
+
+PROTOCOL_VERSION = 1
+
+#: Bounds on fields, shared so both sides refuse the same things.
+MAX_JSON_PAYLOAD = 256 * 1024
+MAX_STRING = 4096
+MAX_NAME = 255
+MAX_LIST = 4096
+MAX_NONCE = 64
+MAX_TOPIC = 128
+MAX_MESSAGE_DATA = 256 * 1024
+MAX_OP = 64
+TOPIC_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")
+OP_RE = re.compile(r"\A[a-z][a-z0-9_.-]{0,63}\Z")
+
+
+class ProtocolViolation(Exception):
+    """The peer sent something that does not follow the protocol."""
+
+    def __init__(self, message, code=codes.BAD_REQUEST):
+        Exception.__init__(self, message)
+        self.code = code
+
+
+# --- JSON ------------------------------------------------------------------------------------
+
+def dump_json(obj):
+    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    if len(data) > MAX_JSON_PAYLOAD:
+        raise ValueError("JSON payload of %d bytes exceeds %d" % (len(data), MAX_JSON_PAYLOAD))
+    return data
+
+
+def load_json_object(payload, what="payload"):
+    if len(payload) > MAX_JSON_PAYLOAD:
+        raise ProtocolViolation("%s of %d bytes exceeds %d" % (what, len(payload), MAX_JSON_PAYLOAD),
+                                codes.TOO_LARGE)
+    try:
+        obj = json.loads(bytes(payload).decode("utf-8"), parse_constant=_reject_constant)
+    except ProtocolViolation:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolViolation("%s is not valid UTF-8 JSON: %s" % (what, str(exc)[:200]))
+    if not isinstance(obj, dict):
+        raise ProtocolViolation("%s must be a JSON object" % what)
+    return obj
+
+
+def _reject_constant(name):
+    raise ProtocolViolation("JSON constant %s is not allowed" % name)
+
+
+# --- field validation --------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+class Fields:
+    """Typed, bounded access to a JSON object received from the peer."""
+
+    def __init__(self, obj, where):
+        if not isinstance(obj, dict):
+            raise ProtocolViolation("%s must be an object" % where)
+        self.obj = obj
+        self.where = where
+
+    def _get(self, key, default):
+        value = self.obj.get(key, _MISSING)
+        if value is _MISSING or value is None:
+            if default is _MISSING:
+                raise ProtocolViolation("%s: missing field %r" % (self.where, key))
+            return _MISSING
+        return value
+
+    def _bad(self, key, expected):
+        return ProtocolViolation("%s: field %r must be %s" % (self.where, key, expected))
+
+    def str(self, key, default=_MISSING, max_len=MAX_STRING, pattern=None):
+        value = self._get(key, default)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str) or len(value) > max_len:
+            raise self._bad(key, "a string of at most %d characters" % max_len)
+        if pattern is not None and not pattern.match(value):
+            raise self._bad(key, "a string matching %s" % pattern.pattern)
+        return value
+
+    def int(self, key, default=_MISSING, min=None, max=None):
+        value = self._get(key, default)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(key, "an integer")
+        if (min is not None and value < min) or (max is not None and value > max):
+            raise self._bad(key, "an integer in [%s, %s]" % (min, max))
+        return value
+
+    def number(self, key, default=_MISSING, min=None, max=None):
+        value = self._get(key, default)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._bad(key, "a number")
+        if value != value or (min is not None and value < min) or (max is not None and value > max):
+            raise self._bad(key, "a number in [%s, %s]" % (min, max))
+        return value
+
+    def bool(self, key, default=_MISSING):
+        value = self._get(key, default)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, "true or false")
+        return value
+
+    def str_list(self, key, default=_MISSING, max_items=MAX_LIST, max_len=MAX_STRING):
+        value = self._get(key, default)
+        if value is _MISSING:
+            return default
+        if (not isinstance(value, list) or len(value) > max_items
+                or not all(isinstance(v, str) and len(v) <= max_len for v in value)):
+            raise self._bad(key, "a list of at most %d strings" % max_items)
+        return list(value)
+
+    def str_map(self, key, default=_MISSING, max_items=MAX_LIST, max_len=MAX_STRING):
+        value = self._get(key, default)
+        if value is _MISSING:
+            return default
+        if (not isinstance(value, dict) or len(value) > max_items
+                or not all(isinstance(v, str) and len(v) <= max_len and len(k) <= max_len
+                           for k, v in value.items())):
+            raise self._bad(key, "an object of at most %d string values" % max_items)
+        return dict(value)
+
+    def object(self, key, default=_MISSING):
+        value = self._get(key, default)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, dict):
+            raise self._bad(key, "an object")
+        return Fields(value, "%s.%s" % (self.where, key))
+
+
+# --- handshake ---------------------------------------------------------------------------------
+
+def encode_hello(info):
+    """HELLO: the agent announces itself. ``info`` is the dict described in docs/protocol.md."""
+    return encode_frame(FrameType.HELLO, dump_json(info))
+
+
+def parse_hello(payload):
+    """Validate a HELLO or SYNC_ACK's agent description; returns a clean dict."""
+    f = Fields(load_json_object(payload, "HELLO"), "HELLO")
+    return {
+        "agent": f.str("agent", max_len=MAX_NAME),
+        "agent_version": f.str("agent_version", max_len=MAX_NAME),
+        "protocol": f.int("protocol", min=0, max=0xFFFF),
+        "capabilities": f.str_list("capabilities", default=[], max_items=256, max_len=MAX_NAME),
+        "hostname": f.str("hostname", default="", max_len=MAX_NAME),
+        "boot_id": f.str("boot_id", default="", max_len=MAX_NAME),
+        "session": f.str("session", default="", max_len=MAX_NONCE),
+    }
+
+
+def encode_sync(nonce, protocol=PROTOCOL_VERSION):
+    return encode_frame(FrameType.SYNC, dump_json({"nonce": nonce, "protocol": protocol}))
+
+
+def parse_sync(payload):
+    f = Fields(load_json_object(payload, "SYNC"), "SYNC")
+    return f.str("nonce", max_len=MAX_NONCE), f.int("protocol", min=0, max=0xFFFF)
+
+
+def encode_sync_ack(nonce, info):
+    body = dict(info)
+    body["nonce"] = nonce
+    return encode_frame(FrameType.SYNC_ACK, dump_json(body))
+
+
+def parse_sync_ack(payload):
+    """Returns (nonce, agent description)."""
+    obj = load_json_object(payload, "SYNC_ACK")
+    nonce = Fields(obj, "SYNC_ACK").str("nonce", max_len=MAX_NONCE)
+    return nonce, parse_hello(payload)
+
+
+# --- requests and replies ----------------------------------------------------------------------
+
+def encode_request(id, op, args=None):
+    return encode_frame(FrameType.REQUEST, dump_json({"op": op, "args": args or {}}), id=id)
+
+
+def parse_request(payload):
+    """Returns (op, Fields of args)."""
+    f = Fields(load_json_object(payload, "REQUEST"), "REQUEST")
+    op = f.str("op", max_len=MAX_OP, pattern=OP_RE)
+    args = f.object("args", default=None)
+    return op, (args if args is not None else Fields({}, "REQUEST.args"))
+
+
+def encode_response(id, result=None):
+    return encode_frame(FrameType.RESPONSE, dump_json(result if result is not None else {}), id=id)
+
+
+def parse_response(payload):
+    return load_json_object(payload, "RESPONSE")
+
+
+def encode_event(id, event):
+    return encode_frame(FrameType.EVENT, dump_json(event), id=id)
+
+
+def parse_event(payload):
+    return load_json_object(payload, "EVENT")
+
+
+def encode_error(id, code, message, details=None):
+    body = {"code": code, "message": message[:MAX_STRING]}
+    if details:
+        body["details"] = details
+    return encode_frame(FrameType.ERROR, dump_json(body), id=id)
+
+
+def parse_error(payload):
+    """Returns (code, message, details). Unknown codes are kept: the host maps them to RemoteError."""
+    f = Fields(load_json_object(payload, "ERROR"), "ERROR")
+    details = f.object("details", default=None)
+    return (f.str("code", max_len=MAX_NAME), f.str("message", default="", max_len=MAX_STRING),
+            details.obj if details is not None else {})
+
+
+def encode_cancel(id):
+    return encode_frame(FrameType.CANCEL, id=id)
+
+
+# --- topic messages ----------------------------------------------------------------------------
+
+_TOPIC_LEN = struct.Struct("!B")
+
+
+def check_topic(topic):
+    if not isinstance(topic, str) or not TOPIC_RE.match(topic):
+        raise ProtocolViolation("invalid topic %r: 1-128 characters of A-Z a-z 0-9 . _ : / -, "
+                                "starting with a letter or digit" % (topic,))
+    return topic
+
+
+def encode_message(topic, data, id=0):
+    """MESSAGE: payload = topic length (1 byte), topic (ASCII), data (bytes)."""
+    check_topic(topic)
+    if len(data) > MAX_MESSAGE_DATA:
+        raise ValueError("message of %d bytes exceeds %d" % (len(data), MAX_MESSAGE_DATA))
+    raw = topic.encode("ascii")
+    return encode_frame(FrameType.MESSAGE, _TOPIC_LEN.pack(len(raw)) + raw + bytes(data), id=id)
+
+
+def parse_message(payload):
+    """Returns (topic, data)."""
+    if len(payload) < 1:
+        raise ProtocolViolation("MESSAGE without a topic")
+    n = payload[0]
+    if len(payload) < 1 + n:
+        raise ProtocolViolation("MESSAGE topic length beyond the payload")
+    try:
+        topic = bytes(payload[1:1 + n]).decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolViolation("MESSAGE topic is not ASCII")
+    check_topic(topic)
+    data = bytes(payload[1 + n:])
+    if len(data) > MAX_MESSAGE_DATA:
+        raise ProtocolViolation("MESSAGE data of %d bytes exceeds %d" % (len(data), MAX_MESSAGE_DATA),
+                                codes.TOO_LARGE)
+    return topic, data
+
+
+# --- streams -----------------------------------------------------------------------------------
+
+def encode_stream(id, stream, data, eof=False):
+    return encode_frame(FrameType.STREAM, data, flags=stream | (FLAG_EOF if eof else 0), id=id)
+
+
+def stream_flags(flags):
+    """Returns (stream number, eof)."""
+    return flags & 0xFF, bool(flags & FLAG_EOF)

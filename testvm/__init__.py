@@ -1,0 +1,11 @@
+"""Real-VM test bed for guestlink: a tiny Debian-based Linux guest under QEMU.
+
+    from testvm import TestVM, ensure_base
+
+See testvm/README.md.
+"""
+
+from .build import BaseImage, TestbedError, ensure_base, make_overlay
+from .vm import TestVM, QMPError
+
+__all__ = ["BaseImage", "TestbedError", "ensure_base", "make_overlay", "TestVM", "QMPError"]
