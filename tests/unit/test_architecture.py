@@ -1,0 +1,88 @@
+"""The architecture is enforced, not just described."""
+import ast
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+SRC = pathlib.Path(__file__).resolve().parents[2] / "src" / "guestlink"
+IO_MODULES = {"socket", "asyncio", "selectors", "select", "subprocess", "threading", "signal",
+              "fcntl", "termios", "mmap", "multiprocessing", "os", "io", "shutil", "tempfile"}
+
+
+def imported_modules(path):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name.split(".")[0], node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0], node.lineno
+
+
+def test_protocol_core_is_sans_io():
+    offenders = []
+    for path in sorted((SRC / "protocol").rglob("*.py")):
+        for name, line in imported_modules(path):
+            if name in IO_MODULES:
+                offenders.append("%s:%d imports %s" % (path.name, line, name))
+    assert offenders == []
+
+
+def test_guest_side_is_stdlib_only():
+    stdlib = set(sys.stdlib_module_names)
+    offenders = []
+    for package in ("protocol", "agent"):
+        for path in sorted((SRC / package).rglob("*.py")):
+            for name, line in imported_modules(path):
+                if name not in stdlib and name != "guestlink":
+                    offenders.append("%s:%d imports %s" % (path, line, name))
+    assert offenders == []
+
+
+def test_guest_side_imports_no_host_code():
+    host_only = ("guestlink.host", "guestlink.cli", "guestlink.sync", "guestlink.bundle")
+    offenders = []
+    for package in ("protocol", "agent"):
+        for path in sorted((SRC / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    if node.level:  # resolve "from ..host import x" against the package
+                        parts = ["guestlink"] + list(path.relative_to(SRC).parent.parts)
+                        base = parts[:len(parts) - (node.level - 1)]
+                        module = ".".join(base + ([node.module] if node.module else []))
+                    else:
+                        module = node.module or ""
+                    names = [module] + [module + "." + a.name for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                if any(n.startswith(host_only) for n in names):
+                    offenders.append("%s:%d imports %s" % (path, node.lineno, names[0]))
+    assert offenders == []
+
+
+def test_guest_side_runs_on_python_3_8():
+    """vermin reads the code statically; no 3.8 interpreter is needed."""
+    paths = [str(SRC / "protocol"), str(SRC / "agent"), str(SRC / "__init__.py"), str(SRC / "_version.py")]
+    vermin = shutil.which("vermin") or str(pathlib.Path(sys.executable).parent / "vermin")
+    proc = subprocess.run([vermin, "-q", "--no-tips", "--eval-annotations",
+                           "--backport", "typing", "-t=3.8-", "--violations"] + paths,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_agent_bundle_holds_only_guest_code(tmp_path):
+    from guestlink.bundle import write_bundle
+
+    target = tmp_path / "agent.pyz"
+    write_bundle(str(target))
+    names = zipfile.ZipFile(str(target)).namelist()
+    assert "__main__.py" in names
+    assert any(n.startswith("guestlink/protocol/") for n in names)
+    assert any(n.startswith("guestlink/agent/") for n in names)
+    assert not any(n.startswith(("guestlink/host/", "guestlink/cli")) for n in names)
+    assert target.read_bytes().startswith(b"#!/usr/bin/env python3\n")
