@@ -1,0 +1,178 @@
+"""Agent configuration: built-in defaults < INI config file < command-line flags.
+
+The file is read with configparser; every key is documented in ``agent/README.md``.
+"""
+import configparser
+import fnmatch
+import os
+import re
+import shlex
+
+DEFAULT_CONFIG_PATH = "/etc/guestlink/agent.conf"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_SIZE_RE = re.compile(r"\A\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+# section -> key -> (attribute, parser name)
+_KEYS = {
+    "agent": {
+        "ctl_name": "str", "data_name": "str", "ctl_device": "str", "socket": "str",
+        "handlers_dir": "str", "log_level": "log_level",
+    },
+    "policy": {"allow": "patterns", "deny": "patterns"},
+    "exec": {"max_concurrent": "count", "max_output": "size", "max_timeout": "seconds"},
+    "power": {"poweroff_command": "command", "reboot_command": "command"},
+}
+
+
+class ConfigError(Exception):
+    """The configuration file or a flag is invalid; the message is meant for the user."""
+
+
+class Config:
+    """Every setting of the agent. Attribute names equal the config-file keys."""
+
+    def __init__(self):
+        self.ctl_name = "org.guestlink.ctl"
+        self.data_name = "org.guestlink.data"
+        self.ctl_device = ""  # empty: find the port by name; "unix:PATH" for development
+        self.socket = "/run/guestlink/agent.sock"
+        self.handlers_dir = "/etc/guestlink/handlers.d"
+        self.log_level = "info"
+        self.allow = ["*"]
+        self.deny = []
+        self.max_concurrent = 32
+        self.max_output = 16 << 20
+        self.max_timeout = 0.0  # 0: no limit
+        self.poweroff_command = []  # empty: systemctl / poweroff / busybox poweroff -f
+        self.reboot_command = []
+        self.config_path = None  # the file that was read, if any
+
+    def __repr__(self):
+        return "Config(%s)" % ", ".join("%s=%r" % kv for kv in sorted(vars(self).items()))
+
+    # -- policy ------------------------------------------------------------------------------
+
+    def policy_allows(self, op):
+        """Deny wins over allow; both are fnmatch patterns of op names."""
+        if any(fnmatch.fnmatchcase(op, p) for p in self.deny):
+            return False
+        return any(fnmatch.fnmatchcase(op, p) for p in self.allow)
+
+    def denial_reason(self, op):
+        for p in self.deny:
+            if fnmatch.fnmatchcase(op, p):
+                return "operation %r is denied by the agent's policy (deny = %s)" % (op, p)
+        return "operation %r is denied by the agent's policy (not matched by allow = %s)" % (
+            op, " ".join(self.allow) or "(empty)")
+
+
+# -- value parsers ---------------------------------------------------------------------------
+
+def parse_patterns(text):
+    return [p for p in re.split(r"[\s,]+", text.strip()) if p]
+
+
+def parse_size(text):
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError("expected a size such as 1048576, 512K or 16M")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def _parse(kind, text):
+    text = text.strip()
+    if kind == "str":
+        return text
+    if kind == "log_level":
+        if text.lower() not in LOG_LEVELS:
+            raise ValueError("expected one of %s" % ", ".join(LOG_LEVELS))
+        return text.lower()
+    if kind == "patterns":
+        return parse_patterns(text)
+    if kind == "count":
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("expected a positive integer")
+        if value < 1:
+            raise ValueError("expected a positive integer")
+        return value
+    if kind == "size":
+        return parse_size(text)
+    if kind == "command":
+        try:
+            return shlex.split(text)
+        except ValueError as exc:
+            raise ValueError("not a valid command line: %s" % exc)
+    if kind == "seconds":
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("expected a number of seconds")
+        if not value >= 0 or value == float("inf"):
+            raise ValueError("expected a number of seconds >= 0")
+        return value
+    raise AssertionError(kind)
+
+
+def read_config_file(config, path, required):
+    """Apply the INI file at ``path`` to ``config``. A missing file is an error only if required."""
+    parser = configparser.ConfigParser(interpolation=None, empty_lines_in_values=False)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, path)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError("config file %s does not exist" % path)
+        return config
+    except OSError as exc:
+        raise ConfigError("cannot read config file %s: %s" % (path, exc.strerror or exc))
+    except UnicodeDecodeError:
+        raise ConfigError("config file %s is not UTF-8 text" % path)
+    except configparser.Error as exc:
+        raise ConfigError("config file %s is invalid: %s" % (path, " ".join(str(exc).split())))
+    for section in parser.sections():
+        keys = _KEYS.get(section)
+        if keys is None:
+            raise ConfigError("config file %s: unknown section [%s] (known: %s)" % (
+                path, section, ", ".join("[%s]" % s for s in _KEYS)))
+        for key, value in parser.items(section):
+            kind = keys.get(key)
+            if kind is None:
+                raise ConfigError("config file %s: unknown key %r in [%s] (known: %s)" % (
+                    path, key, section, ", ".join(sorted(keys))))
+            try:
+                setattr(config, key, _parse(kind, value))
+            except ValueError as exc:
+                raise ConfigError("config file %s: [%s] %s = %r: %s" % (path, section, key, value, exc))
+    config.config_path = path
+    return config
+
+
+def load_config(path=None, overrides=None):
+    """Build the configuration. ``path`` None reads the default file if it exists.
+
+    ``overrides`` maps key -> raw string from command-line flags (None values are ignored).
+    """
+    config = Config()
+    read_config_file(config, path or DEFAULT_CONFIG_PATH, required=path is not None)
+    kinds = {}
+    for keys in _KEYS.values():
+        kinds.update(keys)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        try:
+            setattr(config, key, _parse(kinds[key], value))
+        except ValueError as exc:
+            raise ConfigError("--%s %s: %s" % (key.replace("_", "-"), value, exc))
+    for key in ("ctl_name", "data_name", "socket"):
+        if not getattr(config, key):
+            raise ConfigError("%s must not be empty" % key)
+    if config.ctl_device.startswith("unix:") and len(config.ctl_device) == 5:
+        raise ConfigError("ctl_device unix: needs a socket path (unix:/path/to.sock)")
+    if not os.path.isabs(config.socket):
+        raise ConfigError("socket must be an absolute path, not %r" % config.socket)
+    return config

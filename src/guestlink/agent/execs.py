@@ -1,0 +1,332 @@
+"""The ``exec`` command: a child process in its own session, streamed through the agent's loop.
+
+Lifecycle and the decisions behind it:
+
+* The child runs in a new session (``start_new_session``), so its pid is its process group id and
+  the whole group can be signalled.
+* stdout/stderr are non-blocking pipes registered in the agent's selector; every read (at most
+  64 KiB) becomes one STREAM frame. Reading pauses while the port's outbound queue is above its
+  high-water mark (backpressure), so output is never buffered without bound.
+* Exit is noticed through SIGCHLD (the loop then ``poll()``s each child; never ``waitpid(-1)``),
+  independent of the pipes: a process that closes its stdout and keeps running is still timed out.
+* The reply is sent once the process has exited AND its pipes are at EOF. If a background
+  grandchild keeps a pipe open after the process exited, the agent keeps reading for
+  ``EXIT_GRACE`` seconds of unpaused time, then takes what is immediately readable, closes its
+  ends and replies; later output of the grandchild is lost (it gets EPIPE) and it is not killed.
+* Timeout: SIGTERM to the group, SIGKILL 2 s later; the reply says ``timed_out``. CANCEL and the
+  end of the host session: SIGKILL to the group at once.
+"""
+import errno
+import logging
+import os
+import signal
+import subprocess
+import time
+
+from ..protocol import FLAG_EOF, STREAM_STDERR, STREAM_STDOUT, FrameType, codes, encode_parts
+from ..protocol.messages import ProtocolViolation
+from .loop import ByteQueue
+
+log = logging.getLogger("guestlink.agent")
+
+KILL_AFTER = 2.0
+EXIT_GRACE = 0.5
+FINAL_DRAIN_MAX = 1 << 20
+MAX_ARG = 128 * 1024
+
+
+class OpError(Exception):
+    """A command failed in an expected way: becomes ERROR ``code`` with this message."""
+
+    def __init__(self, code, message, details=None):
+        Exception.__init__(self, message)
+        self.code = code
+        self.details = details
+
+
+def signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def parse_exec_args(args, config):
+    """Validate the request's args; returns a dict for Exec."""
+    argv = args.str_list("argv", default=None, max_len=MAX_ARG)
+    shell = args.str("shell", default=None, max_len=MAX_ARG)
+    if (argv is None) == (shell is None):
+        raise ProtocolViolation("exec: exactly one of 'argv' and 'shell' is required")
+    if argv is not None and not argv:
+        raise ProtocolViolation("exec: 'argv' must not be empty")
+    if shell is not None:
+        argv = ["/bin/sh", "-c", shell]
+    for a in argv:
+        if "\0" in a:
+            raise ProtocolViolation("exec: arguments must not contain NUL characters")
+    env_add = args.str_map("env", default={}, max_len=MAX_ARG)
+    for k, v in env_add.items():
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise ProtocolViolation("exec: invalid environment variable name or value %r" % k)
+    env = {} if args.bool("env_clear", default=False) else dict(os.environ)
+    env.update(env_add)
+    timeout = args.number("timeout", default=None, min=0)
+    if config.max_timeout:
+        timeout = config.max_timeout if timeout is None else min(timeout, config.max_timeout)
+    limit = args.int("output_limit", default=config.max_output, min=0)
+    return {
+        "argv": argv,
+        "env": env,
+        "cwd": args.str("cwd", default="/"),
+        "stdin": args.bool("stdin", default=False),
+        "timeout": timeout,
+        "output_limit": min(limit, config.max_output),
+    }
+
+
+class _Reader:
+    __slots__ = ("fd", "stream", "sent", "truncated", "closed")
+
+    def __init__(self, fd, stream):
+        self.fd = fd
+        self.stream = stream
+        self.sent = 0
+        self.truncated = False
+        self.closed = False
+
+
+class Exec:
+    """One running ``exec`` request. ``agent`` is the server (selector, timers, port queue)."""
+
+    def __init__(self, agent, session, req_id, spec):
+        self.agent = agent
+        self.session = session
+        self.id = req_id
+        self.spec = spec
+        self.proc = None
+        self.pgid = None
+        self.readers = []
+        self.stdin_fd = None
+        self.stdin_queue = ByteQueue()
+        self.stdin_eof = False
+        self.timed_out = False
+        self.done = False
+        self.started = None
+        self._timers = []
+        self._grace = None
+
+    # -- start --------------------------------------------------------------------------------
+
+    def start(self):
+        spec = self.spec
+        cwd = spec["cwd"]
+        if not os.path.isdir(cwd):
+            if os.path.exists(cwd):
+                raise OpError(codes.NOT_A_DIRECTORY, "working directory %s is not a directory" % cwd)
+            raise OpError(codes.NOT_FOUND, "working directory %s does not exist" % cwd)
+        program = spec["argv"][0]
+        try:
+            self.proc = subprocess.Popen(
+                spec["argv"], stdin=subprocess.PIPE if spec["stdin"] else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=spec["env"],
+                close_fds=True, start_new_session=True)
+        except FileNotFoundError:
+            raise OpError(codes.NOT_FOUND, "program not found: %s" % program)
+        except PermissionError as exc:
+            raise OpError(codes.PERMISSION_DENIED, "cannot execute %s: %s" % (program, exc.strerror))
+        except OSError as exc:
+            raise OpError(codes.errno_to_code(exc.errno), "cannot execute %s: %s" % (
+                program, exc.strerror or exc))
+        except (ValueError, TypeError) as exc:
+            raise OpError(codes.BAD_REQUEST, "cannot execute %s: %s" % (program, exc))
+        self.started = time.monotonic()
+        self.pgid = self.proc.pid
+        agent = self.agent
+        for pipe, stream in ((self.proc.stdout, STREAM_STDOUT), (self.proc.stderr, STREAM_STDERR)):
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            self.readers.append(_Reader(fd, stream))
+        if self.proc.stdin is not None:
+            self.stdin_fd = self.proc.stdin.fileno()
+            os.set_blocking(self.stdin_fd, False)
+        agent.send_frame(FrameType.EVENT, {"event": "started", "pid": self.proc.pid}, id=self.id)
+        self.resume_output()
+        if spec["timeout"] is not None:
+            self._timers.append(agent.timers.call_later(spec["timeout"], self._on_timeout))
+        log.debug("exec %d: started pid %d: %r", self.id, self.proc.pid, spec["argv"])
+
+    # -- output -------------------------------------------------------------------------------
+
+    def pause_output(self):
+        for r in self.readers:
+            if not r.closed:
+                self.agent.set_interest(r.fd, 0)
+
+    def resume_output(self):
+        for r in self.readers:
+            if not r.closed:
+                self.agent.set_interest(r.fd, self.agent.EV_READ, self._reader_callback(r))
+
+    def _reader_callback(self, reader):
+        return lambda mask: self._on_readable(reader)
+
+    def _on_readable(self, reader, final=False):
+        buf = self.agent.read_buf
+        try:
+            n = os.readv(reader.fd, [buf])
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            log.warning("exec %d: reading stream %d failed: %s", self.id, reader.stream, exc)
+            n = 0
+        if n == 0:
+            self._close_reader(reader)
+            self._maybe_finish()
+            return False
+        room = self.spec["output_limit"] - reader.sent
+        if room > 0:
+            k = min(n, room)
+            self.agent.send_parts(encode_parts(FrameType.STREAM, bytes(memoryview(buf)[:k]),
+                                               flags=reader.stream, id=self.id))
+            reader.sent += k
+        if n > room:
+            reader.truncated = True
+        return True
+
+    def _close_reader(self, reader):
+        if reader.closed:
+            return
+        reader.closed = True
+        self.agent.set_interest(reader.fd, 0)
+        pipe = self.proc.stdout if reader.stream == STREAM_STDOUT else self.proc.stderr
+        try:
+            pipe.close()
+        except OSError:
+            pass
+        if not self.done:
+            self.agent.send_parts(encode_parts(FrameType.STREAM, b"", flags=reader.stream | FLAG_EOF,
+                                               id=self.id))
+
+    # -- stdin --------------------------------------------------------------------------------
+
+    def feed_stdin(self, data, eof):
+        if self.stdin_fd is None:
+            log.debug("exec %d: stdin data ignored (stdin not requested or already closed)", self.id)
+            return
+        self.stdin_queue.push(bytes(data))
+        if eof:
+            self.stdin_eof = True
+        self._flush_stdin()
+
+    def _flush_stdin(self, mask=None):
+        if self.stdin_fd is None:
+            return
+        try:
+            self.stdin_queue.write_to(lambda bufs: os.writev(self.stdin_fd, bufs))
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                log.warning("exec %d: writing stdin failed: %s", self.id, exc)
+            self._close_stdin()
+            return
+        if self.stdin_queue.size:
+            self.agent.set_interest(self.stdin_fd, self.agent.EV_WRITE, self._flush_stdin)
+        else:
+            self.agent.set_interest(self.stdin_fd, 0)
+            if self.stdin_eof:
+                self._close_stdin()
+
+    def _close_stdin(self):
+        if self.stdin_fd is None:
+            return
+        self.agent.set_interest(self.stdin_fd, 0)
+        self.stdin_fd = None
+        self.stdin_queue.clear()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    # -- exit, timeout, cancel ----------------------------------------------------------------
+
+    def poll(self):
+        """Called when a child may have exited (SIGCHLD)."""
+        if self.proc is not None and self.proc.returncode is None and self.proc.poll() is not None:
+            log.debug("exec %d: pid %d exited with %s", self.id, self.proc.pid, self.proc.returncode)
+            self._maybe_finish()
+
+    def _maybe_finish(self):
+        if self.done or self.proc.returncode is None:
+            return
+        if any(not r.closed for r in self.readers):
+            if self._grace is None:
+                self._grace = self.agent.timers.call_later(EXIT_GRACE, self._on_grace)
+            return
+        self._finish()
+
+    def _on_grace(self):
+        self._grace = None
+        if self.done:
+            return
+        if self.agent.output_paused:
+            self._grace = self.agent.timers.call_later(EXIT_GRACE, self._on_grace)
+            return
+        for r in self.readers:
+            drained = 0
+            while not r.closed and drained < FINAL_DRAIN_MAX and self._on_readable(r, final=True):
+                drained += 1
+            if not r.closed:
+                log.debug("exec %d: pid %d exited but stream %d is still open (a background process "
+                          "holds it); closing it", self.id, self.proc.pid, r.stream)
+                self._close_reader(r)
+        self._maybe_finish()
+
+    def _on_timeout(self):
+        if self.done or self.proc.returncode is not None:
+            return
+        log.info("exec %d: timed out after %g s; terminating process group %d",
+                 self.id, self.spec["timeout"], self.pgid)
+        self.timed_out = True
+        signal_group(self.pgid, signal.SIGTERM)
+        pgid = self.pgid
+        # The follow-up KILL also catches group members that ignore SIGTERM after the leader died.
+        self.agent.timers.call_later(KILL_AFTER, lambda: signal_group(pgid, signal.SIGKILL))
+
+    def _finish(self):
+        self.done = True
+        self._cleanup()
+        rc = self.proc.returncode
+        result = {
+            "returncode": rc,
+            "signal": -rc if rc < 0 else None,
+            "timed_out": self.timed_out,
+            "stdout_truncated": self.readers[0].truncated,
+            "stderr_truncated": self.readers[1].truncated,
+            "duration": round(time.monotonic() - self.started, 6),
+        }
+        log.debug("exec %d: finished: %r", self.id, result)
+        self.agent.exec_finished(self, result)
+
+    def kill(self, reason):
+        """Cancel or session end: SIGKILL the group, stop streaming, forget about the process."""
+        if self.done:
+            return
+        self.done = True
+        if self.proc.returncode is None:
+            log.info("exec %d: killing process group %d (%s)", self.id, self.pgid, reason)
+        signal_group(self.pgid, signal.SIGKILL)
+        self._cleanup()
+        if self.proc.returncode is None:
+            self.agent.adopt_orphan(self.proc)
+
+    def _cleanup(self):
+        for t in self._timers:
+            t.cancel()
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        for r in self.readers:
+            self._close_reader(r)
+        self._close_stdin()

@@ -1,0 +1,149 @@
+"""Small building blocks of the agent's single-threaded loop: timers, a self-pipe, byte queues."""
+import collections
+import errno
+import heapq
+import itertools
+import os
+import time
+
+IOV_MAX = 64  # chunks per writev/sendmsg call; well below the kernel's 1024
+
+
+class Timer:
+    __slots__ = ("when", "callback", "active")
+
+    def __init__(self, when, callback):
+        self.when = when
+        self.callback = callback
+        self.active = True
+
+    def cancel(self):
+        self.active = False
+
+
+class Timers:
+    """A heap of one-shot timers on the monotonic clock."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._heap = []
+        self._seq = itertools.count()
+
+    def call_later(self, delay, callback):
+        timer = Timer(self.clock() + max(0.0, delay), callback)
+        heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
+        return timer
+
+    def timeout(self):
+        """Seconds until the next active timer, or None when there is none."""
+        heap = self._heap
+        while heap and not heap[0][2].active:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        return max(0.0, heap[0][0] - self.clock())
+
+    def run_due(self):
+        now = self.clock()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, timer = heapq.heappop(heap)
+            if timer.active:
+                timer.active = False
+                timer.callback()
+
+
+class Waker:
+    """A non-blocking self-pipe: signal handlers and worker threads write, the loop reads."""
+
+    def __init__(self):
+        self.rfd, self.wfd = os.pipe()
+        for fd in (self.rfd, self.wfd):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+
+    def wake(self):
+        try:
+            os.write(self.wfd, b"\0")
+        except OSError as exc:  # a full pipe already guarantees a wakeup
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+
+    def drain(self):
+        """Read everything; returns the bytes (signal numbers when used as a wakeup fd)."""
+        out = b""
+        while True:
+            try:
+                data = os.read(self.rfd, 4096)
+            except (BlockingIOError, InterruptedError):
+                return out
+            if not data:
+                return out
+            out += data
+
+    def close(self):
+        for fd in (self.rfd, self.wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class ByteQueue:
+    """An outbound byte queue of chunks, written with writev without joining or re-slicing.
+
+    ``size`` is the number of queued bytes. Partial writes keep a memoryview of the rest of the
+    first chunk, so every byte is copied at most once (no quadratic buffer handling).
+    """
+
+    def __init__(self):
+        self._chunks = collections.deque()
+        self.size = 0
+
+    def __len__(self):
+        return self.size
+
+    def push(self, data):
+        if data:
+            self._chunks.append(data)
+            self.size += len(data)
+
+    def extend(self, parts):
+        for part in parts:
+            self.push(part)
+
+    def clear(self):
+        self._chunks.clear()
+        self.size = 0
+
+    def write_to(self, writev):
+        """Write as much as ``writev(list_of_buffers) -> n`` takes; returns the bytes written.
+
+        Stops at the first short write. BlockingIOError propagates only when nothing at all was
+        written in this call; other OSErrors propagate.
+        """
+        total = 0
+        chunks = self._chunks
+        while chunks:
+            batch = list(itertools.islice(chunks, IOV_MAX))
+            want = sum(map(len, batch))
+            try:
+                n = writev(batch)
+            except BlockingIOError:
+                if total:
+                    return total
+                raise
+            total += n
+            self.size -= n
+            left = n
+            while left:
+                first = chunks[0]
+                if left >= len(first):
+                    left -= len(first)
+                    chunks.popleft()
+                else:
+                    chunks[0] = memoryview(first)[left:]
+                    left = 0
+            if n < want:
+                break
+        return total

@@ -1,0 +1,209 @@
+"""The control port behind one small interface, so the loop does not care what it is.
+
+* ``VirtioPort``: a virtio-serial character device found by its port name (the real thing). The
+  file stays open while no host is connected; the device then reports POLLHUP and read() returns 0.
+* ``UnixPort``: for development and unit tests, ``unix:/path`` — a unix stream socket the agent
+  connects to, playing the host side of the channel. EOF or ECONNREFUSED means "no host".
+"""
+import errno
+import glob
+import logging
+import os
+import select
+import shutil
+import socket
+import subprocess
+
+log = logging.getLogger("guestlink.agent")
+
+
+class PortAbsent(Exception):
+    """The port does not exist (yet) or nobody listens on it; try again later."""
+
+
+class PortBusy(Exception):
+    """Another process holds the port open."""
+
+
+class Port:
+    """Interface. ``open()`` sets ``fd``; the rest works on it."""
+
+    #: True when "no host" is detected by polling an open fd for POLLHUP (virtio);
+    #: False when it shows as EOF and the port must be reopened (unix socket).
+    polls_for_host = False
+    #: Seconds between attempts to open an absent port.
+    retry_interval = 1.0
+    fd = None
+
+    def open(self):
+        raise NotImplementedError
+
+    def read_into(self, buf):
+        """Read into ``buf``; returns the byte count, 0 when no host is connected / EOF.
+
+        Raises BlockingIOError when nothing is readable.
+        """
+        raise NotImplementedError
+
+    def writev(self, buffers):
+        raise NotImplementedError
+
+    def host_present(self):
+        """A zero-timeout check whether a host is connected (no POLLHUP)."""
+        return True
+
+    def close(self):
+        raise NotImplementedError
+
+
+class VirtioPort(Port):
+    polls_for_host = True
+    retry_interval = 3.0
+
+    def __init__(self, name, device=None, sys_root="/sys/class/virtio-ports", dev_root="/dev",
+                 modprobe=True):
+        self.name = name
+        self.device = device  # explicit path: skip the lookup by name
+        self.sys_root = sys_root
+        self.dev_root = dev_root
+        self._modprobe = modprobe
+        self._missing_logged = False
+        self.path = None
+
+    def __str__(self):
+        return "control port %s%s" % (self.name, " (%s)" % self.path if self.path else "")
+
+    def find(self):
+        """The device path of the port named ``self.name``, or None."""
+        if self.device:
+            return self.device if os.path.exists(self.device) else None
+        link = os.path.join(self.dev_root, "virtio-ports", self.name)
+        if os.path.exists(link):
+            return link
+        for name_file in sorted(glob.glob(os.path.join(self.sys_root, "*", "name"))):
+            try:
+                with open(name_file, encoding="utf-8", errors="replace") as f:
+                    if f.read().strip() != self.name:
+                        continue
+            except OSError:
+                continue
+            path = os.path.join(self.dev_root, os.path.basename(os.path.dirname(name_file)))
+            if os.path.exists(path):
+                return path
+        return None
+
+    def _load_modules(self):
+        modprobe = shutil.which("modprobe") or next(
+            (p for p in ("/sbin/modprobe", "/usr/sbin/modprobe") if os.path.exists(p)), None)
+        if not modprobe:
+            return
+        for module in ("virtio_pci", "virtio_console"):
+            try:
+                proc = subprocess.run([modprobe, module], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=10)
+                if proc.returncode:
+                    log.debug("modprobe %s failed: %s", module, proc.stderr.decode(errors="replace").strip())
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.debug("modprobe %s failed: %s", module, exc)
+
+    def open(self):
+        path = self.find()
+        if path is None and self._modprobe and not self.device:
+            self._modprobe = False  # only once per agent lifetime
+            self._load_modules()
+            path = self.find()
+        if path is None:
+            if self.device:
+                msg = "control port device %s does not exist" % self.device
+            else:
+                msg = ("control port %s not found: no %s/*/name says so; is the virtio-serial "
+                       "channel configured?" % (self.name, self.sys_root))
+            if not self._missing_logged:
+                log.error("%s (retrying every %g s)", msg, self.retry_interval)
+                self._missing_logged = True
+            else:
+                log.debug("%s", msg)
+            raise PortAbsent(msg)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise PortBusy("%s (%s) is busy: another process has it open (a second "
+                               "guestlink-agent, or qemu-guest-agent on the wrong port?)" % (self.name, path))
+            if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+                raise PortAbsent("%s: %s" % (path, exc.strerror))
+            raise
+        self._missing_logged = False
+        self.path = path
+        self.fd = fd
+        return fd
+
+    def read_into(self, buf):
+        return os.readv(self.fd, [buf])
+
+    def writev(self, buffers):
+        return os.writev(self.fd, buffers)
+
+    def host_present(self):
+        p = select.poll()
+        p.register(self.fd, select.POLLIN | select.POLLOUT)
+        for _, revents in p.poll(0):
+            if revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                return False
+        return True
+
+    def close(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            finally:
+                self.fd = None
+
+
+class UnixPort(Port):
+    polls_for_host = False
+    retry_interval = 1.0
+
+    def __init__(self, path):
+        self.path = path
+        self.sock = None
+
+    def __str__(self):
+        return "control port unix:%s" % self.path
+
+    def open(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(2.0)
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise PortAbsent("unix:%s: %s" % (self.path, exc.strerror or exc))
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        return self.fd
+
+    def read_into(self, buf):
+        try:
+            return self.sock.recv_into(buf)
+        except ConnectionResetError:
+            return 0
+
+    def writev(self, buffers):
+        return self.sock.sendmsg(buffers)
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = None
+                self.fd = None
+
+
+def make_port(config):
+    device = config.ctl_device
+    if device.startswith("unix:"):
+        return UnixPort(device[len("unix:"):])
+    return VirtioPort(config.ctl_name, device=device or None)
