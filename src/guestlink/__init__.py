@@ -5,7 +5,7 @@ the host API is loaded lazily so that importing this package inside the guest pu
 """
 from ._version import __version__
 
-__all__ = ["__version__", "connect", "errors"]
+__all__ = ["__version__", "connect", "errors", "sync"]
 
 
 def __getattr__(name):  # PEP 562: keep the guest's import of this package light
@@ -15,4 +15,7 @@ def __getattr__(name):  # PEP 562: keep the guest's import of this package light
     if name == "errors":
         from .host import errors
         return errors
+    if name == "sync":
+        import importlib
+        return importlib.import_module(__name__ + ".sync")
     raise AttributeError("module 'guestlink' has no attribute %r" % name)
