@@ -650,3 +650,22 @@ def test_shutdown_replies_then_runs_the_command(make_host):
     finally:
         if os.path.exists(marker):
             os.unlink(marker)
+
+
+def _rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+
+def test_backpressure_when_the_host_does_not_read(host):
+    total = 15 << 20
+    rid = host.request("exec", {"shell": "head -c %d /dev/zero" % total})
+    host.started_pid(rid)
+    baseline = _rss_kib(host.proc.pid)
+    time.sleep(1.0)  # the host does not read: the agent must stop reading the pipe, not buffer 15 MiB
+    assert _rss_kib(host.proc.pid) - baseline < 8 * 1024
+    assert host.call("ping", timeout=TIMEOUT).ok  # reading the reply drains the backlog as well
+    r = host.exec_frames(rid, timeout=30)
+    assert len(r.stdout) == total and r.reply.result["returncode"] == 0
