@@ -418,6 +418,14 @@ def test_output_truncation_is_flagged(host):
     assert r.reply.result["returncode"] == 0
 
 
+def test_max_timeout_bounds_every_exec(make_host):
+    h = make_host(config_text="[exec]\nmax_timeout = 0.3\n")
+    h.hello()
+    h.sync()
+    r = h.run(argv=["sleep", "30"])
+    assert r.reply.result["timed_out"] is True and r.reply.result["signal"] == signal.SIGTERM
+
+
 def test_busy_limit(make_host):
     h = make_host(config_text="[exec]\nmax_concurrent = 2\n")
     h.hello()
@@ -449,6 +457,8 @@ def handle(args, ctx):
     ctx.log.info("greeting %s", args.get("name"))
     if args.get("name") == "boom":
         raise RuntimeError("the handler exploded on purpose")
+    if args.get("name") == "notify":
+        ctx.send_message("handler.note", "from the handler")
     if args.get("name") == "slow":
         while not __import__("os").path.exists(args["flag"]):
             time.sleep(0.01)
@@ -486,6 +496,9 @@ def test_user_handlers(make_host):
     r = h.call("greet", {"name": "boom"})
     assert r.code == "handler_error" and "exploded on purpose" in r.message
     assert "Traceback" in h.log() and "exploded on purpose" in h.log()
+    assert h.call("greet", {"name": "notify"}).ok
+    note = h.next_frame(match=lambda f: f.type == FrameType.MESSAGE)
+    assert note.id == 0 and m.parse_message(note.payload) == ("handler.note", b"from the handler")
     slow = h.request("greet", {"name": "slow", "flag": flag})
     assert h.call("ping").ok  # the loop is not blocked by the slow handler
     open(flag, "w").close()

@@ -243,3 +243,21 @@ def test_no_host_backoff_at_most_one_wakeup_per_second(fake_agent):
     assert frames_from(port.host_end, dec, 1)[0].type == FrameType.HELLO
     port.host_end.sendall(m.encode_request(2, "ping"))
     assert m.parse_error(frames_from(port.host_end, dec, 1)[0].payload)[0] == "not_ready"
+
+
+def test_unexpected_exception_in_a_command_is_internal_and_the_agent_keeps_running(fake_agent):
+    agent, port = fake_agent
+
+    def broken(rid, args):
+        raise ZeroDivisionError("oops")
+
+    agent._op_info = broken
+    port.present = True
+    dec = FrameDecoder()
+    assert frames_from(port.host_end, dec, 1)[0].type == FrameType.HELLO
+    port.host_end.sendall(m.encode_sync("n-2") + m.encode_request(5, "info") + m.encode_request(6, "ping"))
+    ack, err, pong = frames_from(port.host_end, dec, 3)
+    assert (err.type, err.id) == (FrameType.ERROR, 5)
+    code, message, _ = m.parse_error(err.payload)
+    assert code == "internal" and "ZeroDivisionError" in message
+    assert (pong.type, pong.id) == (FrameType.RESPONSE, 6)
