@@ -43,14 +43,21 @@ class Timers:
             return None
         return max(0.0, heap[0][0] - self.clock())
 
-    def run_due(self):
+    def run_due(self, on_error=None):
+        """Run the due timers. ``on_error(exc)`` handles a callback's exception (re-raise to stop)."""
         now = self.clock()
         heap = self._heap
         while heap and heap[0][0] <= now:
             _, _, timer = heapq.heappop(heap)
             if timer.active:
                 timer.active = False
-                timer.callback()
+                if on_error is None:
+                    timer.callback()
+                    continue
+                try:
+                    timer.callback()
+                except Exception as exc:
+                    on_error(exc)
 
 
 class Waker:

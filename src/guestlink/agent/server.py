@@ -196,7 +196,12 @@ class Agent:
     # == the loop ================================================================================
 
     def _iterate(self):
-        self._after_io()
+        try:
+            self._after_io()
+        except FatalError:
+            raise
+        except Exception:
+            log.exception("unexpected error in the loop (the agent keeps running)")
         timeout = self.timers.timeout()
         events = self.sel.select(timeout)
         self.stats["wakeups"] += 1
@@ -209,7 +214,14 @@ class Agent:
                 raise
             except Exception:
                 log.exception("unexpected error in an event callback (the agent keeps running)")
-        self.timers.run_due()
+        self.timers.run_due(self._timer_error)
+
+    @staticmethod
+    def _timer_error(exc):
+        if isinstance(exc, FatalError):
+            raise exc
+        log.error("unexpected error in a timer (the agent keeps running):\n%s",
+                  "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
 
     def set_interest(self, fd, events, callback=None):
         """Register, modify or (events=0) unregister ``fd``."""
@@ -232,7 +244,10 @@ class Agent:
         with self._results_lock:
             results, self._results = self._results, []
         for item in results:
-            self._deliver_handler_result(*item)
+            try:
+                self._deliver_handler_result(*item)
+            except Exception:
+                log.exception("unexpected error delivering a handler result")
 
     def _after_io(self):
         if self.port_state == "active" and self.outq.size:
