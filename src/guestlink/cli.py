@@ -514,6 +514,9 @@ def main(argv=None):
         except OSError:
             pass
         return 128 + signal.SIGPIPE
+    except OSError as exc:  # a local I/O failure (reading stdin, writing output)
+        _fail("local I/O error: %s" % (exc.strerror or exc))
+        return EXIT_IOERR
 
 
 if __name__ == "__main__":  # pragma: no cover
