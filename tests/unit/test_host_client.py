@@ -700,3 +700,21 @@ def test_subscription_raises_connection_lost_without_reconnect(path):
                 return first
 
     assert run(main()).data == b"before"
+
+
+def test_incompatible_agent_after_restart_disconnects_for_good(path):
+    async def main():
+        async with FakeAgent(path) as agent:
+            async with connect(path) as vm:
+                sub = vm.subscribe("t")
+                agent.mismatch = True
+                agent.restart()
+                with pytest.raises(errors.ProtocolMismatch):  # the error that ended it
+                    await sub.__anext__()
+                with pytest.raises(errors.RequestNotSent) as exc:
+                    await vm.ping()
+                return vm.runstate, exc.value
+
+    state, exc = run(main())
+    assert state is Runstate.DISCONNECTED
+    assert isinstance(exc.__cause__, errors.ProtocolMismatch) and "protocol" in str(exc)

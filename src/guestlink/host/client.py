@@ -503,6 +503,12 @@ class Client:
         self._close_conn(conn)
         if self._state not in (Runstate.CLOSED, Runstate.CONNECTING):
             self._set_state(Runstate.DISCONNECTED)
+            self._end_subscriptions(exc)
+
+    def _end_subscriptions(self, error):
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub._finish(error)
 
     def _agent_restarted(self, conn, why):
         self.stats["agent_restarts"] += 1
@@ -542,9 +548,7 @@ class Client:
                     self._supervisor = asyncio.get_running_loop().create_task(self._reconnect_loop())
             else:
                 self._set_state(Runstate.DISCONNECTED)
-                for subs in list(self._subs.values()):
-                    for sub in list(subs):
-                        sub._finish(self._last_error)
+                self._end_subscriptions(self._last_error)
 
     def _fail_all(self, conn, sent_exc, unsent_exc):
         for id_, call in list(self._pending.items()):
@@ -983,8 +987,11 @@ class Subscription:
         self._finish(None)
 
     async def get(self, timeout=None):
-        """The next message. Raises ConnectionLost if the client disconnected for good,
-        EOFError after close(), asyncio.TimeoutError after ``timeout`` seconds."""
+        """The next message. Raises the error that ended the connection for good (ConnectionLost,
+        ProtocolMismatch; only with reconnect=False or an incompatible agent), EOFError after
+        close() or the client's close, asyncio.TimeoutError after ``timeout`` seconds.
+
+        Iterating (``async for``) ends quietly on close instead of raising EOFError."""
         msg = await asyncio.wait_for(self._next(), timeout) if timeout is not None else await self._next()
         if msg is None:
             raise EOFError("subscription to %r closed" % self.topic)
