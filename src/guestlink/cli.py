@@ -226,16 +226,10 @@ def _exec_status(result):
 
 
 async def cmd_exec(vm, args):
-    command = list(args.argv)
-    if command and command[0] == "--":
-        command = command[1:]
-    if not command:
-        raise UsageError("exec needs a command: guestlink exec [OPTIONS] -- CMD [ARG...]")
-    cmd = " ".join(command) if args.shell else command
-    env = _parse_pairs(args.env, "--env")
+    cmd, env = args.cmd, args.env_map
     forward = _forward_stdin(args)
     pump_task = None
-    async with vm.exec(cmd, stdin=forward, timeout=args.timeout, env=env or None, cwd=args.cwd,
+    async with vm.exec(cmd, stdin=forward, timeout=args.timeout, env=env, cwd=args.cwd,
                        call_timeout=args.connect_timeout) as proc:
         if forward:
             pump_task = asyncio.ensure_future(_StdinPump(asyncio.get_running_loop()).pump(proc))
@@ -299,17 +293,8 @@ async def cmd_listen(vm, args):
 
 
 async def cmd_call(vm, args):
-    call_args = {}
-    if args.json_args:
-        try:
-            call_args = json.loads(args.json_args)
-        except ValueError as exc:
-            raise UsageError("--json-args is not valid JSON: %s" % exc)
-        if not isinstance(call_args, dict):
-            raise UsageError("--json-args must be a JSON object")
-    call_args.update(_parse_pairs(args.arg, "--arg"))
     try:
-        result = await vm.call(args.op, call_args, timeout=args.timeout)
+        result = await vm.call(args.op, args.call_args, timeout=args.timeout)
     except ValueError as exc:
         raise UsageError(str(exc))
     _print_json(result, pretty=not args.json)
@@ -444,6 +429,30 @@ COMMANDS = {
 }
 
 
+def _check_args(args):
+    """Refuse bad command lines before connecting (UsageError); normalise a few options."""
+    resolve_target(args)
+    if args.command == "exec":
+        command = list(args.argv)
+        if command and command[0] == "--":
+            command = command[1:]
+        if not command:
+            raise UsageError("exec needs a command: guestlink exec [OPTIONS] -- CMD [ARG...]")
+        args.cmd = " ".join(command) if args.shell else command
+        args.env_map = _parse_pairs(args.env, "--env") or None
+    elif args.command == "call":
+        call_args = {}
+        if args.json_args:
+            try:
+                call_args = json.loads(args.json_args)
+            except ValueError as exc:
+                raise UsageError("--json-args is not valid JSON: %s" % exc)
+            if not isinstance(call_args, dict):
+                raise UsageError("--json-args must be a JSON object")
+        call_args.update(_parse_pairs(args.arg, "--arg"))
+        args.call_args = call_args
+
+
 async def _run_vm_command(args):
     from .host.client import connect
 
@@ -498,6 +507,7 @@ def main(argv=None):
     from .host import errors as E
 
     try:
+        _check_args(args)
         return asyncio.run(_main_async(args))
     except UsageError as exc:
         _fail(str(exc))

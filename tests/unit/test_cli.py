@@ -96,11 +96,16 @@ def test_usage_errors_exit_2(capsys, path):
         cli.main(["frobnicate"])
     assert exc.value.code == 2
     assert cli.main([]) == 2
+    # refused before connecting: no socket needed
+    assert gl(capsys, "exec", "--ctl", path, "--env", "NOEQUALS", "--", "true")[0] == 2
+    assert gl(capsys, "exec", "--ctl", path)[0] == 2
+    assert gl(capsys, "exec", "--ctl", path, "--")[0] == 2
+    assert gl(capsys, "call", "x", "--ctl", path, "--json-args", "[1]")[0] == 2
+    code, out, err = gl(capsys, "call", "x", "--ctl", path, "--arg", "novalue")
+    assert code == 2 and "KEY=VALUE" in one_line(err)
     with ThreadedAgent(path):
-        assert gl(capsys, "exec", "--ctl", path, "--env", "NOEQUALS", "--", "true")[0] == 2
-        assert gl(capsys, "exec", "--ctl", path)[0] == 2
-        assert gl(capsys, "call", "x", "--ctl", path, "--json-args", "[1]")[0] == 2
         assert gl(capsys, "send", "bad topic!", "x", "--ctl", path)[0] == 2
+        assert gl(capsys, "call", "Bad Op", "--ctl", path)[0] == 2
     capsys.readouterr()
 
 
