@@ -178,7 +178,13 @@ def test_exec_json(capsys, path):
 def test_exec_connection_lost_exits_74(capsys, path):
     helper = ThreadedAgent(path)
     with helper as agent:
-        timer = threading.Timer(0.3, lambda: helper.call(agent.drop))
+        def drop_once_running():
+            deadline = time.monotonic() + 10
+            while not agent.execs and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)
+            helper.call(agent.drop)
+        timer = threading.Thread(target=drop_once_running)
         timer.start()
         code, out, err = gl(capsys, "exec", "-n", "--ctl", path, "--", "sleep", "9")
         timer.join()

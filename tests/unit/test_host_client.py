@@ -284,7 +284,10 @@ def test_exec_streams_output_and_stdin(path):
                         reader_done.set()
                     reader = asyncio.ensure_future(read())
                     await proc.write(b"one ")
-                    await asyncio.sleep(0.05)
+                    for _ in range(200):
+                        if chunks:
+                            break
+                        await asyncio.sleep(0.01)
                     first = list(chunks)
                     await proc.write("two")
                     await proc.close_stdin()
