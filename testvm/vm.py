@@ -1,0 +1,366 @@
+"""Boot the guestlink test VM under QEMU (TCG) and talk to it from the host.
+
+    with TestVM(tmpdir, agent_pyz="guestlink-agent.pyz") as vm:
+        sock = socket.socket(socket.AF_UNIX); sock.connect(vm.ctl_path)
+        ...
+
+Ports (virtio-serial-pci controller, QEMU side = unix socket server, wait=off):
+  nr=1 org.guestlink.ctl   -> vm.ctl_path
+  nr=2 org.guestlink.data  -> vm.data_path
+  nr=3.. extra_ports       -> vm.port_path(name)
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from .build import TestbedError, ensure_base, make_overlay
+
+QEMU = os.environ.get("GUESTLINK_TESTVM_QEMU", "qemu-system-x86_64")
+CTL_PORT = "org.guestlink.ctl"
+DATA_PORT = "org.guestlink.data"
+AGENT_GUEST_PATH = "/opt/guestlink/guestlink-agent.pyz"
+READY_LINE = "guestlink-testvm: ready"
+# Kernel command line: quiet serial console; skip slow legacy probing under TCG.
+BASE_APPEND = ("console=ttyS0 quiet panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd "
+               "tsc=reliable no_timer_check cryptomgr.notests random.trust_cpu=on")
+
+_live: "weakref.WeakSet[TestVM]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for vm in list(_live):
+        try:
+            vm.stop(timeout=2)
+        except Exception:
+            pass
+
+
+def _pdeathsig() -> None:  # pragma: no cover - runs in the child
+    # QEMU dies with the process that started it (e.g. a killed pytest).
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+class QMPError(RuntimeError):
+    pass
+
+
+class TestVM:
+    """One QEMU guest: Debian cloud kernel + busybox + python3 initramfs + the agent."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, workdir: Union[str, os.PathLike],
+                 agent_pyz: Union[str, os.PathLike, None] = None,
+                 extra_files: Optional[Mapping[str, Union[bytes, str, os.PathLike]]] = None,
+                 extra_ports: Sequence[str] = (),
+                 memory: int = 512,
+                 append: str = "",
+                 agent_args: Sequence[str] = (),
+                 smp: int = 2,
+                 no_reboot: bool = False,
+                 cache_dir: Union[str, os.PathLike, None] = None):
+        """
+        workdir     -- directory for the initrd, console log, QEMU log and sockets
+        agent_pyz   -- host path of the agent zipapp (None: boot without an agent)
+        extra_files -- {guest_path: bytes | host_path} added to the guest (per boot)
+        extra_ports -- names of additional virtserialports (nr=3, 4, ...)
+        append      -- extra kernel command line (e.g. "guestlink.noagent=1")
+        agent_args  -- extra arguments for `guestlink-agent.pyz run` (one per element)
+        no_reboot   -- a guest `reboot` makes QEMU exit (default: the guest reboots)
+        """
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.agent_pyz = Path(agent_pyz) if agent_pyz else None
+        self.extra_files = dict(extra_files or {})
+        self.extra_ports = list(extra_ports)
+        self.memory = memory
+        self.append = append
+        self.agent_args = list(agent_args)
+        self.smp = smp
+        self.no_reboot = no_reboot
+        self.cache_dir = cache_dir
+        self.proc: Optional[subprocess.Popen] = None
+        self.boot_seconds: Optional[float] = None
+        self._t_start = 0.0
+        self._qemu_log = None
+        # AF_UNIX paths are limited to 107 bytes: use a short dir if needed.
+        self._sockdir_tmp = None
+        if len(str(self.workdir)) > 60:
+            self._sockdir_tmp = tempfile.mkdtemp(prefix="glvm-", dir="/tmp")
+            self.sockdir = Path(self._sockdir_tmp)
+        else:
+            self.sockdir = self.workdir
+        names = [CTL_PORT, DATA_PORT] + self.extra_ports
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate port names: {names}")
+        self._ports: Dict[str, Path] = {}
+        for i, name in enumerate(names):
+            short = {CTL_PORT: "ctl", DATA_PORT: "data"}.get(name) or f"port{i + 1}"
+            self._ports[name] = self.sockdir / f"{short}.sock"
+        self.qmp_path = self.sockdir / "qmp.sock"
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def ctl_path(self) -> str:
+        return str(self._ports[CTL_PORT])
+
+    @property
+    def data_path(self) -> str:
+        return str(self._ports[DATA_PORT])
+
+    def port_path(self, name: str) -> str:
+        try:
+            return str(self._ports[name])
+        except KeyError:
+            raise KeyError(f"no virtserialport named {name!r} (have {list(self._ports)})") from None
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.workdir / "qemu.log"
+
+    # ---------------------------------------------------------------- lifecycle
+    def _overlay_files(self) -> dict:
+        files: dict = {}
+        if self.agent_pyz:
+            if not self.agent_pyz.is_file():
+                raise TestbedError(f"agent zipapp not found: {self.agent_pyz}")
+            files[AGENT_GUEST_PATH] = self.agent_pyz
+        if self.agent_args:
+            files["/etc/guestlink/agent-args"] = "".join(a + "\n" for a in self.agent_args).encode()
+        for k, v in self.extra_files.items():
+            files["/" + k.lstrip("/")] = v
+        return files
+
+    def qemu_command(self, kernel: Path, initrd: Path) -> List[str]:
+        append = " ".join(x for x in (BASE_APPEND, f"guestlink.nports={len(self._ports)}",
+                                      self.append) if x)
+        cmd = [QEMU, "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none",
+               "-machine", "pc", "-cpu", "qemu64,+rdrand", "-smp", str(self.smp), "-m", str(self.memory),
+               "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
+               "-chardev", f"file,id=con0,path={self.console_log}",
+               "-serial", "chardev:con0",
+               "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+               "-device", "virtio-serial-pci,id=vser0"]
+        for nr, (name, path) in enumerate(self._ports.items(), start=1):
+            cmd += ["-chardev", f"socket,id=port{nr},path={path},server=on,wait=off",
+                    "-device", f"virtserialport,bus=vser0.0,nr={nr},chardev=port{nr},name={name}"]
+        if self.no_reboot:
+            cmd.append("-no-reboot")
+        return cmd
+
+    def start(self, wait: bool = True, timeout: float = 120) -> "TestVM":
+        """Boot the VM. With wait=True, return once init printed its ready line
+        (virtio ports set up; the agent is being started)."""
+        if self.proc is not None:
+            raise RuntimeError("VM already started")
+        if not shutil.which(QEMU):
+            raise TestbedError(f"{QEMU} not found: install Debian package qemu-system-x86")
+        base = ensure_base(self.cache_dir)
+        initrd = self.workdir / "initrd.img"
+        with open(initrd, "wb") as f:
+            with open(base.initramfs, "rb") as b:
+                shutil.copyfileobj(b, f)
+            f.write(make_overlay(self._overlay_files()))
+        for p in list(self._ports.values()) + [self.qmp_path]:
+            if p.exists() or p.is_symlink():
+                p.unlink()
+        self.console_log.write_bytes(b"")
+        cmd = self.qemu_command(base.kernel, initrd)
+        (self.workdir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
+        self._qemu_log = open(self.qemu_log, "wb")
+        self._t_start = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._qemu_log,
+                                     stderr=subprocess.STDOUT, preexec_fn=_pdeathsig,
+                                     cwd=self.workdir)
+        _live.add(self)
+        # QEMU is up once its QMP socket accepts connections.
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                self._cleanup()
+                raise TestbedError(f"QEMU exited at startup (status {self.proc.returncode}):\n"
+                                   f"{self._tail(self.qemu_log)}\ncommand: {' '.join(cmd)}")
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(self.qmp_path))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TestbedError("QEMU did not open its QMP socket within 30 s")
+                time.sleep(0.02)
+        if wait:
+            try:
+                self.wait_ready(timeout)
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def wait_ready(self, timeout: float = 120, start: int = 0) -> float:
+        """Wait for init's ready line; return seconds since start()."""
+        self.wait_for_console(re.escape(READY_LINE), timeout, start=start)
+        t = time.monotonic() - self._t_start
+        if self.boot_seconds is None:
+            self.boot_seconds = t
+        return t
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self.proc is None else self.proc.poll()
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        """Wait for QEMU to exit by itself (e.g. guest poweroff); return its status."""
+        if self.proc is None:
+            raise RuntimeError("VM not started")
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"QEMU still running after {timeout} s; console tail:\n"
+                               f"{self._tail(self.console_log)}") from None
+        self._cleanup()
+        return rc
+
+    def stop(self, timeout: float = 10) -> None:
+        """Quit QEMU (QMP quit, then SIGTERM, then SIGKILL) and reap it. Idempotent."""
+        p = self.proc
+        if p is not None and p.poll() is None:
+            try:
+                self.qmp("quit", timeout=min(3.0, timeout))
+            except Exception:
+                pass
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                try:
+                    p.wait(3)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        _live.discard(self)
+        if self._qemu_log:
+            self._qemu_log.close()
+            self._qemu_log = None
+        if self._sockdir_tmp:
+            shutil.rmtree(self._sockdir_tmp, ignore_errors=True)
+            self._sockdir_tmp = None
+
+    def __enter__(self) -> "TestVM":
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        try:
+            if self.is_running():
+                self.proc.kill()
+                self.proc.wait()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ console
+    def console_text(self) -> str:
+        """Serial console output so far (\\r removed)."""
+        try:
+            data = self.console_log.read_bytes()
+        except FileNotFoundError:
+            return ""
+        return data.decode("utf-8", "replace").replace("\r", "")
+
+    def wait_for_console(self, pattern: str, timeout: float = 60, start: int = 0) -> "re.Match":
+        """Wait until regex `pattern` appears in console_text()[start:]; return the match.
+        Use start=len(vm.console_text()) to only look at output from now on."""
+        rx = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.console_text()
+            m = rx.search(text, start)
+            if m:
+                return m
+            if not self.is_running():
+                raise TestbedError(f"QEMU exited (status {self.returncode}) while waiting for "
+                                   f"{pattern!r}; console tail:\n{self._tail(self.console_log)}\n"
+                                   f"qemu log:\n{self._tail(self.qemu_log)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{pattern!r} not seen on the console within {timeout} s; "
+                                   f"console tail:\n{self._tail(self.console_log)}")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _tail(path: Path, n: int = 4000) -> str:
+        try:
+            data = path.read_bytes()[-n:]
+        except FileNotFoundError:
+            return "(none)"
+        return data.decode("utf-8", "replace").replace("\r", "")
+
+    # ---------------------------------------------------------------------- QMP
+    def qmp(self, cmd: str, timeout: float = 10, **arguments):
+        """Run one QMP command on a fresh connection; return its "return" value."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.qmp_path))
+            f = s.makefile("rwb", buffering=0)
+
+            def recv() -> dict:
+                while True:
+                    line = f.readline()
+                    if not line:
+                        raise EOFError("QMP connection closed")
+                    msg = json.loads(line)
+                    if "event" not in msg:
+                        return msg
+
+            def send(c: str, args: dict) -> dict:
+                req = {"execute": c}
+                if args:
+                    req["arguments"] = args
+                f.write(json.dumps(req).encode() + b"\n")
+                return recv()
+
+            recv()  # greeting
+            send("qmp_capabilities", {})
+            try:
+                resp = send(cmd, arguments)
+            except (EOFError, ConnectionResetError):
+                if cmd == "quit":
+                    return {}
+                raise
+            if "error" in resp:
+                raise QMPError(f"{cmd}: {resp['error'].get('desc', resp['error'])}")
+            return resp.get("return")
