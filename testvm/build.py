@@ -538,6 +538,14 @@ def _assemble(stage: Path, root: Path, kver: str) -> dict:
         os.chmod(root / "sbin" / name, 0o755)
         os.symlink(f"/sbin/{name}", root / "usr/sbin" / name)
 
+    # missing from Debian's busybox-static: pgrep/pkill (python), nohup
+    shutil.copyfile(HERE / "pgrep.py", root / "usr/bin/pgrep")
+    os.chmod(root / "usr/bin/pgrep", 0o755)
+    os.symlink("pgrep", root / "usr/bin/pkill")
+    if not (root / "usr/bin/nohup").exists():
+        (root / "usr/bin/nohup").write_text("#!/bin/sh\ntrap '' HUP\nexec \"$@\"\n")
+        os.chmod(root / "usr/bin/nohup", 0o755)
+
     # python
     pybin = stage / "usr/bin" / f"python{PYVER}"
     shutil.copy2(pybin, root / "usr/bin" / f"python{PYVER}")
@@ -607,7 +615,7 @@ class BaseImage:
 
 def _inputs_hash(versions: Mapping[str, str]) -> str:
     h = hashlib.sha256()
-    for f in ("build.py", "init.sh", "power.sh"):
+    for f in ("build.py", "init.sh", "power.sh", "pgrep.py"):
         h.update((HERE / f).read_bytes())
     h.update(json.dumps(sorted(versions.items())).encode())
     h.update(os.environ.get("GUESTLINK_TESTVM_COMPRESS", "none").encode())

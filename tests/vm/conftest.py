@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "src"):  # testvm, and guestlink for the tests (if not installed)
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from testvm import TestVM, TestbedError, ensure_base  # noqa: E402
 from testvm.vm import QEMU  # noqa: E402
@@ -78,12 +79,14 @@ def vm(testvm_base, agent_pyz, tmp_path_factory):
     v.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def make_vm(testvm_base, request, tmp_path_factory):
-    """Factory for tests that need a VM of their own: make_vm(**TestVM kwargs).
+    """Factory for tests that need a VM of their own: make_vm(**TestVM kwargs) -> started TestVM.
 
     agent_pyz defaults to the real agent (pass agent_pyz=None for no agent).
-    start=False returns it unstarted. Every VM is stopped at teardown."""
+    start=False returns it unstarted. Module-scoped, so module-scoped fixtures can
+    use it too: its VMs are stopped at the end of the test module (call vm.stop()
+    earlier if a test is done with its VM)."""
     vms = []
 
     def make(agent_pyz=_DEFAULT, start=True, **kwargs):

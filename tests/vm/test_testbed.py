@@ -114,6 +114,7 @@ def test_echo_over_ctl_with_args_and_files(make_vm, echo_pyz):
     vm.wait_for_console(r"echo-agent: argv=\['run', '--log-level', 'debug', '--flag', 'two words'\]",
                         timeout=10)
     port.close()
+    vm.stop()
 
 
 def test_respawn_reboot_poweroff(make_vm, echo_pyz):
