@@ -512,6 +512,30 @@ def test_hello_mid_session_fails_pending_and_resyncs(path):
     assert len(set(nonces)) == 2 and nonces[-1] != nonces[0]
 
 
+def test_agent_dying_mid_frame_does_not_swallow_the_restarted_agent(path):
+    """A frame cut off by a dying agent would eat the new HELLO; the stalled frame is abandoned."""
+    async def hang(conn, id_, args):
+        await asyncio.sleep(30)
+
+    async def main():
+        async with FakeAgent(path, handlers={"hang": hang}) as agent:
+            async with connect(path) as vm:
+                pending = asyncio.ensure_future(vm.call("hang", timeout=20))
+                await asyncio.sleep(0.05)
+                cut = m.encode_stream(999, 1, b"o" * 60000)[:3000]
+                agent.description = dict(DESCRIPTION, session="s2")
+                started = asyncio.get_running_loop().time()
+                agent.restart(cut_frame=cut)
+                with pytest.raises(errors.ConnectionLost):
+                    await pending
+                elapsed = asyncio.get_running_loop().time() - started
+                pong = await vm.ping()
+                return elapsed, pong, vm.stats["corrupt_frames"]
+
+    elapsed, pong, corrupt = run(main())
+    assert elapsed < 10 and pong > 0 and corrupt >= 1
+
+
 def test_not_ready_reply_triggers_resync(path):
     async def main():
         async with FakeAgent(path) as agent:

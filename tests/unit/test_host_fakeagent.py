@@ -274,9 +274,13 @@ class FakeAgent:
         for conn in self.conns:
             conn.send(m.encode_message(topic, data))
 
-    def restart(self):
-        """Simulate an agent restart: forget the session and say HELLO again."""
+    def restart(self, cut_frame=b""):
+        """Simulate an agent restart: forget the session and say HELLO again.
+
+        ``cut_frame``: bytes of a frame the dying agent only half wrote, sent before the HELLO.
+        """
         for conn in self.conns:
+            conn.send(cut_frame)
             conn.synced = False
             for task in list(conn.tasks.values()):
                 task.cancel()

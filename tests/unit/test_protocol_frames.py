@@ -204,3 +204,16 @@ def test_fuzz_never_crashes_and_stays_bounded(blob, data):
     assert decoder.buffered <= HEADER_SIZE + 512 + 4
     whole, _ = decode_all(salted, max_payload=512)
     assert frames_only(events) == frames_only(whole)
+
+
+def test_truncated_frame_swallows_what_follows_until_abandoned():
+    truncated = encode_frame(FrameType.STREAM, b"x" * 5000, flags=1, id=3)[:1000]
+    hello = encode_frame(FrameType.HELLO, b'{"agent":"restarted"}')
+    decoder = FrameDecoder()
+    assert decoder.feed(truncated + hello) == []
+    assert decoder.partial
+    events = decoder.abandon_partial()
+    assert [(e.id, e.reason) for e in events if isinstance(e, CorruptFrame)] == [(3, "truncated")]
+    assert frames_only(events) == [Frame(FrameType.HELLO, 0, 0, b'{"agent":"restarted"}')]
+    assert not decoder.partial and decoder.buffered == 0
+    assert decoder.abandon_partial() == []

@@ -100,3 +100,22 @@ def make_vm(testvm_base, request, tmp_path_factory):
     yield make
     for v in vms:
         v.stop()
+
+
+@pytest.fixture
+def run_cli(vm):
+    """Run the real `guestlink` CLI against a VM (the session VM unless vm= is given)."""
+    default_vm = vm
+
+    def run(*args, vm=None, timeout=120):
+        target = vm or default_vm
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["GUESTLINK_CTL"] = target.ctl_path
+        env["GUESTLINK_DATA"] = target.data_path
+        return subprocess.run([sys.executable, "-m", "guestlink"] + list(args), env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=timeout)
+
+    return run

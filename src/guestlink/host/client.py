@@ -57,6 +57,8 @@ log = logging.getLogger("guestlink.host")
 #: Default per-call timeout in seconds (connect(timeout=...) overrides it).
 DEFAULT_TIMEOUT = 10.0
 #: SYNC is resent this often until the agent answers.
+#: Seconds an incomplete frame may stall before it is taken as cut off (docs/protocol.md).
+PARTIAL_FRAME_STALL = 2.0
 SYNC_INTERVAL = 1.0
 #: Reconnection backoff: first delay, factor, ceiling (seconds).
 BACKOFF_FIRST, BACKOFF_FACTOR, BACKOFF_MAX = 0.1, 2.0, 5.0
@@ -359,12 +361,30 @@ class Client:
     async def _read_loop(self, conn):
         reason = None
         try:
+            loop = asyncio.get_running_loop()
+            partial_since = None
             while True:
-                data = await conn.reader.read(65536)
-                if not data:
+                if partial_since is None:
+                    data = await conn.reader.read(65536)
+                else:
+                    # The reader never pauses, so a frame that stalls this long was cut off by an
+                    # agent that died mid-write; what follows must not be eaten as its payload.
+                    try:
+                        data = await asyncio.wait_for(conn.reader.read(65536), PARTIAL_FRAME_STALL)
+                    except asyncio.TimeoutError:
+                        data = None
+                if data is not None and not data:
                     reason = "the control socket was closed by the other end"
                     break
-                for event in conn.decoder.feed(data):
+                events = conn.decoder.feed(data) if data else []
+                if not conn.decoder.partial:
+                    partial_since = None
+                elif partial_since is None or partial_since[0] != conn.decoder.frames_started:
+                    partial_since = (conn.decoder.frames_started, loop.time())
+                elif loop.time() - partial_since[1] >= PARTIAL_FRAME_STALL:
+                    events += conn.decoder.abandon_partial()
+                    partial_since = None
+                for event in events:
                     if conn.closed:
                         return
                     self._handle(conn, event)

@@ -189,6 +189,9 @@ class FrameDecoder:
         # When a valid header announced a frame, remember it so we don't re-parse the header
         # while waiting for the rest of the payload.
         self._pending = None
+        #: Counts accepted headers, so the I/O layer can tell whether a partial frame is the same
+        #: one it saw before (a stall) or a new one (a stream in progress).
+        self.frames_started = 0
 
     @property
     def buffered(self):
@@ -268,6 +271,7 @@ class FrameDecoder:
                 pos += HEADER_SIZE
                 continue
             self._pending = (type_, flags, id_, length)
+            self.frames_started += 1
         if pos:
             del buf[:pos]
         self._pos = 0
@@ -280,6 +284,29 @@ class FrameDecoder:
             if MAGIC.startswith(bytes(buf[i:end])):
                 return i
         return end
+
+    @property
+    def partial(self):
+        """True while a frame's header has been accepted but its payload is incomplete."""
+        return self._pending is not None
+
+    def abandon_partial(self):
+        """Give up on an incomplete frame (its writer died mid-frame) and rescan after its magic.
+
+        Whatever followed such a frame would otherwise be taken as the rest of its payload. The
+        I/O layer calls this when a partial frame has stalled (see docs/protocol.md, *Truncated
+        frames*); returns the events this produces, starting with CorruptFrame(reason="truncated").
+        """
+        if self._pending is None:
+            return []
+        type_, flags, id_, length = self._pending
+        self._pending = None
+        events = []
+        self._flush_skipped(events)
+        events.append(CorruptFrame(type_, flags, id_, length, "truncated"))
+        del self._buf[:1]
+        self._skipped += 1
+        return events + self.feed(b"")
 
     def _flush_skipped(self, events):
         if self._skipped:
