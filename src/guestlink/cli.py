@@ -22,13 +22,16 @@ from ._version import __version__
 
 EXIT_OK = 0
 EXIT_USAGE = 2             # bad command line (EX_USAGE is 64, but argparse uses 2)
-EXIT_UNAVAILABLE = 69      # EX_UNAVAILABLE: control socket missing, nobody listening on it
+EXIT_NOHOST = 68           # EX_NOHOST: no libvirt domain of that name or UUID
+EXIT_UNAVAILABLE = 69      # EX_UNAVAILABLE: control socket missing, nobody listening on it;
+                           # libvirt domain not running; libvirt not reachable
 EXIT_SOFTWARE = 70         # EX_SOFTWARE: any other error reported by the agent
 EXIT_CANTCREAT = 73        # EX_CANTCREAT: a local output file cannot be written
 EXIT_IOERR = 74            # EX_IOERR: connection lost, request not sent
 EXIT_TEMPFAIL = 75         # EX_TEMPFAIL: the agent does not answer (handshake or request timeout)
 EXIT_PROTOCOL = 76         # EX_PROTOCOL: protocol mismatch or malformed answer
 EXIT_NOPERM = 77           # EX_NOPERM: denied by the agent's policy, or permission denied
+EXIT_CONFIG = 78           # EX_CONFIG: the libvirt domain has no guestlink channels
 EXIT_TIMEOUT = 124         # exec: the command ran past --timeout (as timeout(1))
 EXIT_CANNOT_RUN = 126      # exec: the program exists but cannot be run (as the shell/env(1))
 EXIT_NOT_FOUND = 127       # exec: the program does not exist (as the shell/env(1))
@@ -38,13 +41,16 @@ EPILOG = """\
 exit status:
     0  success (exec: the command's own exit status; killed by signal N: 128+N)
     2  usage error
-   69  control socket missing, or nobody listening on it (is the VM running?)
+   68  no libvirt domain of that name or UUID
+   69  control socket missing, or nobody listening on it (is the VM running?);
+       libvirt domain not running; libvirt not reachable
    70  other error reported by the agent
    73  local output file cannot be written
    74  connection lost (outcome unknown) or request not sent
    75  the agent did not answer in time
    76  protocol mismatch or malformed answer from the agent
    77  denied by the agent's policy, or permission denied
+   78  the libvirt domain has no guestlink channels (guestlink libvirt attach DOMAIN)
   124  exec: the command timed out (--timeout)
   126  exec: the program cannot be run in the guest
   127  exec: the program does not exist in the guest
@@ -52,12 +58,15 @@ exit status:
 
 environment:
   GUESTLINK_CTL, GUESTLINK_DATA   defaults for --ctl and --data
+  GUESTLINK_DOMAIN                default libvirt domain (when no --ctl/$GUESTLINK_CTL)
+  LIBVIRT_DEFAULT_URI             default for --connect (else qemu:///system)
 """
 
 
 def exit_code_for(exc, command=None):
     """The exit status for an exception (one table, first match wins)."""
     from .host import errors as E
+    from . import libvirt as LV
 
     if command == "exec":
         if isinstance(exc, E.RemoteNotFound):
@@ -65,6 +74,11 @@ def exit_code_for(exc, command=None):
         if isinstance(exc, E.RemotePermissionDenied):
             return EXIT_CANNOT_RUN
     table = [
+        (LV.DomainNotFound, EXIT_NOHOST),
+        (LV.NoChannels, EXIT_CONFIG),
+        (LV.LibvirtPermissionDenied, EXIT_NOPERM),
+        (LV.AttachError, EXIT_SOFTWARE),
+        (LV.LibvirtError, EXIT_UNAVAILABLE),
         (E.PermissionDenied, EXIT_NOPERM),
         (E.ConnectError, EXIT_UNAVAILABLE),
         (E.AgentNotResponding, EXIT_TEMPFAIL),
@@ -99,18 +113,42 @@ class Target:
 
     ctl: str
     data: Optional[str] = None
+    domain: Optional[str] = None   # the libvirt domain the paths were read from
+    uri: Optional[str] = None      # its libvirt URI (--connect; None: the default)
 
 
-def resolve_target(args):
+def resolve_target(args, domain=None):
     """Turn the VM-addressing options into a Target.
 
-    Today: ``--ctl``/``--data`` or $GUESTLINK_CTL/$GUESTLINK_DATA. A libvirt resolver (domain name
-    positional or ``--domain``) slots in here and fills the same Target.
+    A libvirt domain (``guestlink COMMAND DOMAIN``, ``--domain``, or ``domain=`` from a ``VM:PATH``
+    argument; URI from ``--connect``) is resolved through its live XML
+    (:func:`guestlink.libvirt.resolve_domain`); else ``--ctl``/``--data``, else
+    $GUESTLINK_CTL/$GUESTLINK_DATA, else $GUESTLINK_DOMAIN.
     """
-    ctl = args.ctl or os.environ.get("GUESTLINK_CTL")
-    data = args.data or os.environ.get("GUESTLINK_DATA") or None
+    uri = getattr(args, "libvirt_uri", None)
+    ctl, data = getattr(args, "ctl", None), getattr(args, "data", None)
+    if domain is None:
+        named = {d for d in (getattr(args, "domain", None), getattr(args, "domain_arg", None)) if d}
+        if len(named) > 1:
+            raise UsageError("two libvirt domains given: %s" % " and ".join(sorted(named)))
+        domain = named.pop() if named else None
+    if domain and (ctl or data):
+        raise UsageError("give either a libvirt domain or --ctl/--data, not both")
+    if not domain and not ctl and not os.environ.get("GUESTLINK_CTL"):
+        domain = os.environ.get("GUESTLINK_DOMAIN") or None
+    if domain:
+        cache = args.__dict__.setdefault("_libvirt_targets", {})
+        if (domain, uri) not in cache:
+            from .libvirt import resolve_domain
+
+            c, d = resolve_domain(domain, uri)
+            cache[(domain, uri)] = Target(ctl=c, data=d, domain=domain, uri=uri)
+        return cache[(domain, uri)]
+    ctl = ctl or os.environ.get("GUESTLINK_CTL")
+    data = data or os.environ.get("GUESTLINK_DATA") or None
     if not ctl:
-        raise UsageError("no VM given: use --ctl PATH (or set GUESTLINK_CTL)")
+        raise UsageError("no VM given: name a libvirt domain (guestlink COMMAND DOMAIN or "
+                         "--domain DOMAIN) or use --ctl PATH (or set GUESTLINK_CTL)")
     return Target(ctl=ctl, data=data)
 
 
@@ -364,6 +402,17 @@ def build_parser():
                        help="the VM's control channel socket (default: $GUESTLINK_CTL)")
     group.add_argument("--data", metavar="PATH",
                        help="the VM's data channel socket (default: $GUESTLINK_DATA)")
+    group.add_argument("--domain", metavar="DOMAIN",
+                       help="a libvirt domain (name or UUID) instead of --ctl/--data "
+                            "(default: $GUESTLINK_DOMAIN)")
+    group.add_argument("--connect", metavar="URI", dest="libvirt_uri",
+                       help="libvirt URI for --domain, as for virsh (default: "
+                            "$LIBVIRT_DEFAULT_URI, else qemu:///system)")
+
+    def domain_arg(p):
+        p.add_argument("domain_arg", nargs="?", metavar="DOMAIN",
+                       help="libvirt domain name or UUID (same as --domain)")
+        return p
 
     def vm_command(name, help, timeout_help="seconds to connect and get an answer (default 10)",
                    json=True):
@@ -375,8 +424,8 @@ def build_parser():
             p.add_argument("--json", action="store_true", help="print JSON")
         return p
 
-    vm_command("ping", "check that the agent answers; print the round-trip time")
-    vm_command("info", "describe the guest (OS, kernel, addresses, agent)")
+    domain_arg(vm_command("ping", "check that the agent answers; print the round-trip time"))
+    domain_arg(vm_command("info", "describe the guest (OS, kernel, addresses, agent)"))
 
     p = vm_command("exec", "run a command in the guest, streaming its output",
                    timeout_help="kill the command after S seconds (exit status 124)")
@@ -393,8 +442,9 @@ def build_parser():
     mode.add_argument("-n", "--no-stdin", dest="stdin_mode", action="store_const", const="never",
                       help="do not forward local stdin (the command reads /dev/null)")
     p.set_defaults(stdin_mode="auto")
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
-                   help="the command; local stdin is forwarded when it is not a terminal")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="[DOMAIN] -- CMD [ARG...]",
+                   help="the command; local stdin is forwarded when it is not a terminal; one "
+                        "word before -- names a libvirt domain (options go before it)")
 
     p = vm_command("send", "send a topic message to the guest's subscribers")
     p.add_argument("topic")
@@ -410,8 +460,8 @@ def build_parser():
     p.add_argument("--arg", action="append", metavar="K=V", help="a string argument")
     p.add_argument("--json-args", metavar="JSON", help="arguments as one JSON object")
 
-    vm_command("shutdown", "power the guest off", json=False)
-    vm_command("reboot", "reboot the guest", json=False)
+    domain_arg(vm_command("shutdown", "power the guest off", json=False))
+    domain_arg(vm_command("reboot", "reboot the guest", json=False))
 
     p = sub.add_parser("agent-bundle", help="write the guest agent as one executable file",
                        description="write the guest agent as one executable file (a zipapp "
@@ -420,6 +470,9 @@ def build_parser():
 
     sub.add_parser("agent", help="run the guest agent (inside the guest): guestlink agent [ARGS]",
                    add_help=False)
+    from . import libvirt_cli
+
+    libvirt_cli.add_parsers(sub, EPILOG)
     return parser
 
 
@@ -431,6 +484,11 @@ COMMANDS = {
 
 def _check_args(args):
     """Refuse bad command lines before connecting (UsageError); normalise a few options."""
+    if args.command == "exec" and "--" in args.argv[1:] and args.argv[0] != "--":
+        if args.argv.index("--") != 1:
+            raise UsageError("exec: only a libvirt domain may stand before --: guestlink exec "
+                             "[OPTIONS] [DOMAIN] -- CMD [ARG...]")
+        args.domain_arg, args.argv = args.argv[0], args.argv[1:]
     resolve_target(args)
     if args.command == "exec":
         command = list(args.argv)
@@ -454,6 +512,7 @@ def _check_args(args):
 
 
 async def _run_vm_command(args):
+    from .host import errors as E
     from .host.client import connect
 
     target = resolve_target(args)
@@ -461,9 +520,18 @@ async def _run_vm_command(args):
     connect_timeout = args.connect_timeout if args.command == "exec" else args.timeout
     # one-shot commands must not silently wait for a VM that went away; listen keeps listening
     reconnect = args.command == "listen"
-    async with connect(ctl=target.ctl, data=target.data, timeout=connect_timeout,
-                       reconnect=reconnect) as vm:
-        return await func(vm, args)
+    where = (dict(domain=target.domain, uri=target.uri) if target.domain  # follows restarts
+             else dict(ctl=target.ctl, data=target.data))
+    try:
+        async with connect(timeout=connect_timeout, reconnect=reconnect, **where) as vm:
+            return await func(vm, args)
+    except E.PermissionDenied as exc:
+        if not target.domain:
+            raise
+        raise E.PermissionDenied(
+            "%s (libvirt domain %s: libvirt made the socket for its qemu user; run as root, or "
+            "attach the channels with --socket-dir DIR you can reach)" % (exc, target.domain),
+            exc.path, exc.errno) from None
 
 
 async def _main_async(args):
@@ -503,6 +571,10 @@ def main(argv=None):
         return EXIT_USAGE
     if args.command == "agent-bundle":
         return cmd_agent_bundle(args)
+    from . import libvirt_cli
+
+    if args.command in libvirt_cli.COMMANDS:
+        return libvirt_cli.run(args)
 
     from .host import errors as E
 

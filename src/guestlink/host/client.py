@@ -207,20 +207,30 @@ def _violation(what, exc):
     return E.ProtocolError("malformed %s from the agent: %s" % (what, exc))
 
 
-def connect(ctl=None, data=None, *, timeout=DEFAULT_TIMEOUT, reconnect=True,
+def connect(ctl=None, data=None, *, domain=None, uri=None, timeout=DEFAULT_TIMEOUT, reconnect=True,
             max_payload=None, queue_size=DEFAULT_QUEUE_SIZE):
     """Connect to the agent of one VM.
 
     ``ctl`` is the control channel's unix socket, ``data`` the data channel's (kept for file
-    transfer; not opened yet). ``timeout`` is the handshake timeout and every verb's default
+    transfer; not opened yet). Or ``domain``: a libvirt domain name or UUID (``uri`` as virsh's
+    ``--connect``; default $LIBVIRT_DEFAULT_URI, else qemu:///system) whose live XML gives both
+    paths, read again before every (re)connection (see :mod:`guestlink.libvirt`; its errors are
+    ConnectErrors). ``timeout`` is the handshake timeout and every verb's default
     timeout (None: no limit). With ``reconnect=True`` the client re-opens the socket with backoff
     after it breaks and calls made meanwhile wait for it up to their timeout.
 
     Use as ``async with connect(...) as vm:`` or ``vm = await connect(...)`` (then ``await
     vm.close()``).
     """
+    resolver = None
+    if domain is not None:
+        if ctl or data:
+            raise ValueError("connect(): give either domain= or ctl=/data=, not both")
+        from ..libvirt import resolver as _libvirt_resolver
+
+        resolver = _libvirt_resolver(domain, uri)
     client = Client(ctl, data, timeout=timeout, reconnect=reconnect, max_payload=max_payload,
-                    queue_size=queue_size)
+                    queue_size=queue_size, resolver=resolver)
     return _Connector(client)
 
 
@@ -242,10 +252,12 @@ class Client:
     """A connection to one guest agent. Create it with :func:`connect`."""
 
     def __init__(self, ctl, data=None, *, timeout=DEFAULT_TIMEOUT, reconnect=True,
-                 max_payload=None, queue_size=DEFAULT_QUEUE_SIZE):
-        if not ctl:
+                 max_payload=None, queue_size=DEFAULT_QUEUE_SIZE, resolver=None):
+        if not ctl and resolver is None:
             raise ValueError("connect() needs the control socket path (ctl=...)")
-        self.ctl = str(ctl)
+        # resolver: () -> (ctl, data), called before every socket open (libvirt domains)
+        self._resolver = resolver
+        self.ctl = str(ctl) if ctl else None
         self.data = str(data) if data else None
         self.timeout = timeout
         self.reconnect = reconnect
@@ -324,6 +336,9 @@ class Client:
         return conn
 
     async def _open_socket(self):
+        if self._resolver is not None:
+            loop = asyncio.get_running_loop()
+            self.ctl, self.data = await loop.run_in_executor(None, self._resolver)
         path = self.ctl
         try:
             return await asyncio.open_unix_connection(path, limit=1 << 20)

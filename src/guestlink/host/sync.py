@@ -54,13 +54,15 @@ class _LoopThread:
             self.loop.close()
 
 
-def connect(ctl=None, data=None, *, timeout=DEFAULT_TIMEOUT, reconnect=True, max_payload=None,
-            queue_size=DEFAULT_QUEUE_SIZE):
-    """Connect (blocking) and return a :class:`SyncClient`; use it as a context manager."""
+def connect(ctl=None, data=None, *, domain=None, uri=None, timeout=DEFAULT_TIMEOUT,
+            reconnect=True, max_payload=None, queue_size=DEFAULT_QUEUE_SIZE):
+    """Connect (blocking) and return a :class:`SyncClient`; use it as a context manager.
+    ``domain``/``uri``: a libvirt domain instead of socket paths (as the asyncio connect())."""
     lt = _LoopThread()
     try:
-        client = _client.Client(ctl, data, timeout=timeout, reconnect=reconnect,
-                                max_payload=max_payload, queue_size=queue_size)
+        client = _client.connect(ctl, data, domain=domain, uri=uri, timeout=timeout,
+                                 reconnect=reconnect, max_payload=max_payload,
+                                 queue_size=queue_size)._client
         lt.run(client.connect())
     except BaseException:
         lt.close()

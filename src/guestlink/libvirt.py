@@ -1,0 +1,637 @@
+"""libvirt integration: channel XML, attaching channels to domains, addressing VMs by domain name.
+
+The one entry point other code needs is :func:`resolve_domain`::
+
+    ctl, data = resolve_domain("vm1")                    # name or UUID; URI as virsh
+    ctl, data = resolve_domain("vm1", "qemu:///system")
+
+It reads the domain's *live* XML, finds the two ``<channel type='unix'>`` elements by their target
+names (``org.guestlink.ctl`` / ``org.guestlink.data`` by default) and returns the socket paths libvirt
+reports (never constructed: their location moved between libvirt versions). Failures raise a
+:class:`LibvirtError` subclass with a one-line message.
+
+libvirt is reached through libvirt-python when it is importable, else through the ``virsh``
+command (``dumpxml``, ``list``, ``attach-device``...). Only XML is parsed, never virsh's tables.
+``GUESTLINK_LIBVIRT_BACKEND=python|virsh`` forces one.
+
+This module is host-only and imported lazily (the guest agent never imports it).
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from .host.errors import ConnectError, GuestlinkError
+
+CTL_NAME = "org.guestlink.ctl"
+DATA_NAME = "org.guestlink.data"
+DEFAULT_PORTS = 16
+#: user alias marking the virtio-serial controller that ``attach`` added (``detach`` removes only it)
+CONTROLLER_ALIAS = "ua-guestlink-vser"
+FALLBACK_URI = "qemu:///system"
+#: longest AF_UNIX path (sun_path is 108 bytes, NUL-terminated)
+MAX_SOCKET_PATH = 107
+
+ATTACH_HINT = "guestlink libvirt attach DOMAIN --config (then restart the domain)"
+
+
+# --- errors (each one line; the CLI maps them to exit codes) ---------------------------------
+
+class LibvirtError(ConnectError):
+    """Base: the VM could not be located through libvirt. A ConnectError, so a reconnecting client
+    keeps retrying (e.g. while the domain restarts)."""
+
+
+class LibvirtUnavailable(LibvirtError):
+    """libvirt cannot be reached (no libvirt-python and no virsh, or the daemon does not answer)."""
+
+
+class LibvirtPermissionDenied(LibvirtError):
+    """libvirt refused access (authentication or ACL)."""
+
+
+class DomainNotFound(LibvirtError):
+    """No domain of that name or UUID."""
+
+
+class DomainNotRunning(LibvirtError):
+    """The domain exists but is not running (its channel sockets do not exist)."""
+
+
+class NoChannels(LibvirtError):
+    """The domain has no guestlink channels (or they are not unix sockets)."""
+
+
+class AttachError(LibvirtError):
+    """libvirt refused to add or remove a device."""
+
+
+def default_uri(uri=None):
+    """``uri``, else $LIBVIRT_DEFAULT_URI, else ``qemu:///system`` (as virsh does)."""
+    return uri or os.environ.get("LIBVIRT_DEFAULT_URI") or FALLBACK_URI
+
+
+# --- XML generation ----------------------------------------------------------------------------
+
+def controller_element(index=0, ports=DEFAULT_PORTS, alias=None):
+    el = ET.Element("controller", type="virtio-serial", index=str(index), ports=str(ports))
+    if alias:
+        ET.SubElement(el, "alias", name=alias)
+    return el
+
+
+def channel_element(name, port, controller=0, path=None):
+    """``<channel type='unix'>`` for virtio-serial port ``port`` (>= 1) named ``name``; without
+    ``path`` libvirt picks the socket's place (``<source mode='bind'/>``)."""
+    if port < 1:
+        raise ValueError("virtio-serial port 0 is reserved for a console; ports start at 1")
+    el = ET.Element("channel", type="unix")
+    src = ET.SubElement(el, "source", mode="bind")
+    if path:
+        src.set("path", path)
+    ET.SubElement(el, "target", type="virtio", name=name)
+    ET.SubElement(el, "address", type="virtio-serial", controller=str(controller), bus="0",
+                  port=str(port))
+    return el
+
+
+def to_string(el, indent=""):
+    """``el`` as indented XML text (libvirt's single-quote style), each line prefixed by ``indent``."""
+    el = ET.fromstring(ET.tostring(el))
+    ET.indent(el, space="  ")
+    el.tail = None
+    text = ET.tostring(el, encoding="unicode")
+    text = re.sub(r'(\s[\w:-]+)="([^"\']*)"', r"\1='\2'", text)  # libvirt's style
+    text = text.replace(" />", "/>")
+    return "\n".join(indent + line for line in text.splitlines())
+
+
+def _socket_path(socket_dir, name):
+    path = os.path.join(os.path.abspath(socket_dir), name)
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise ValueError("socket path %s is longer than %d bytes (AF_UNIX limit): use a shorter "
+                         "--socket-dir" % (path, MAX_SOCKET_PATH))
+    return path
+
+
+def _check_names(ctl_name, data_name):
+    for n in (ctl_name, data_name):
+        if not n or any(c.isspace() or c in "'\"<>&/" for c in n) or len(n) > 255:
+            raise ValueError("invalid virtio-serial port name %r" % (n,))
+    if ctl_name == data_name:
+        raise ValueError("the control and data channels need different names")
+
+
+def channel_elements(ctl_name=CTL_NAME, data_name=DATA_NAME, socket_dir=None, ports=DEFAULT_PORTS,
+                     index=0, alias=None):
+    """[controller, ctl channel, data channel] elements, the channels on ports 1 and 2."""
+    _check_names(ctl_name, data_name)
+    if not 3 <= ports <= 31:
+        raise ValueError("--ports must be between 3 and 31 (port 0 is a console's, 1 and 2 ours)")
+    paths = [_socket_path(socket_dir, n) if socket_dir else None for n in (ctl_name, data_name)]
+    return [controller_element(index, ports, alias),
+            channel_element(ctl_name, 1, index, paths[0]),
+            channel_element(data_name, 2, index, paths[1])]
+
+
+def channels_xml(ctl_name=CTL_NAME, data_name=DATA_NAME, socket_dir=None, ports=DEFAULT_PORTS,
+                 index=0, indent=""):
+    """The text ``guestlink libvirt xml`` prints: paste it into the domain's ``<devices>``."""
+    els = channel_elements(ctl_name, data_name, socket_dir, ports, index)
+    return "\n".join(to_string(el, indent) for el in els) + "\n"
+
+
+# --- XML parsing -------------------------------------------------------------------------------
+
+@dataclass
+class Channel:
+    name: str
+    type: str                      # the channel's type attribute ("unix" for ours)
+    path: Optional[str]            # socket path (live XML: where libvirt placed it)
+    state: Optional[str]           # "connected" / "disconnected" (live XML only), else None
+    controller: Optional[int]
+    port: Optional[int]
+    element: ET.Element = field(repr=False, compare=False, default=None)
+
+
+@dataclass
+class DomainXML:
+    name: str
+    uuid: str
+    id: Optional[int]              # set only in the XML of a running domain
+    channels: Dict[str, Channel]   # virtio channels by target name
+    #: virtio-serial controllers: index -> (ports, alias)
+    controllers: Dict[int, Tuple[int, Optional[str]]]
+    used_ports: Dict[int, set]     # virtio-serial controller index -> port numbers taken
+    root: ET.Element = field(repr=False, compare=False, default=None)
+
+    @property
+    def running(self):
+        return self.id is not None and self.id >= 0
+
+
+def _int(value, default=None):
+    try:
+        return int(value, 0) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def parse_domain_xml(text):
+    """Parse a domain's XML (``virsh dumpxml``) into a :class:`DomainXML`."""
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise LibvirtError("libvirt returned malformed domain XML: %s" % exc)
+    if root.tag != "domain":
+        raise LibvirtError("libvirt returned XML that is not a domain (<%s>)" % root.tag)
+    devices = root.find("devices")
+    channels, controllers, used = {}, {}, {}
+    if devices is not None:
+        for ctl in devices.findall("controller"):
+            if ctl.get("type") == "virtio-serial":
+                index = _int(ctl.get("index"), 0)
+                alias = ctl.find("alias")
+                controllers[index] = (_int(ctl.get("ports"), 31),
+                                      alias.get("name") if alias is not None else None)
+                used.setdefault(index, set())
+        for dev in devices:
+            addr = dev.find("address")
+            if addr is not None and addr.get("type") == "virtio-serial":
+                index = _int(addr.get("controller"), 0)
+                port = _int(addr.get("port"))
+                if port is not None:
+                    used.setdefault(index, set()).add(port)
+        for ch in devices.findall("channel"):
+            target = ch.find("target")
+            if target is None or target.get("type") != "virtio" or not target.get("name"):
+                continue
+            src = ch.find("source")
+            addr = ch.find("address")
+            controller = port = None
+            if addr is not None and addr.get("type") == "virtio-serial":
+                controller, port = _int(addr.get("controller"), 0), _int(addr.get("port"))
+            channels.setdefault(target.get("name"), Channel(
+                name=target.get("name"), type=ch.get("type"),
+                path=src.get("path") if src is not None else None, state=target.get("state"),
+                controller=controller, port=port, element=ch))
+    dom_id = _int(root.get("id"))
+    return DomainXML(name=root.findtext("name", ""), uuid=root.findtext("uuid", ""), id=dom_id,
+                     channels=channels, controllers=controllers, used_ports=used, root=root)
+
+
+def find_sockets(dom, ctl_name=CTL_NAME, data_name=DATA_NAME):
+    """(ctl_path, data_path or None) from a running domain's live XML, or raise."""
+    if not dom.running:
+        raise DomainNotRunning("libvirt domain %s is not running (start it: virsh start %s)"
+                               % (dom.name, dom.name))
+    ctl = dom.channels.get(ctl_name)
+    if ctl is None:
+        raise NoChannels("libvirt domain %s has no guestlink channel %s; add them with: %s"
+                         % (dom.name, ctl_name, ATTACH_HINT.replace("DOMAIN", dom.name)))
+    if ctl.type != "unix" or not ctl.path:
+        raise NoChannels("libvirt domain %s: channel %s is not a unix socket (type %r); guestlink "
+                         "needs <channel type='unix'> (see guestlink libvirt xml)"
+                         % (dom.name, ctl_name, ctl.type))
+    data = dom.channels.get(data_name)
+    data_path = data.path if data is not None and data.type == "unix" and data.path else None
+    return ctl.path, data_path
+
+
+# --- attach / detach plans (pure: XML in, device XML out) --------------------------------------
+
+def plan_attach(dom, ctl_name=CTL_NAME, data_name=DATA_NAME, socket_dir=None,
+                ports=DEFAULT_PORTS):
+    """Device elements to add so that ``dom`` has both channels; [] if it already has them.
+
+    Missing channels go on free ports (>= 1) of an existing virtio-serial controller; when none has
+    room, a controller of our own (alias ``ua-guestlink-vser``) is added at the next free index."""
+    _check_names(ctl_name, data_name)
+    missing = [n for n in (ctl_name, data_name) if n not in dom.channels]
+    if not missing:
+        return []
+    out = []
+    slot = None
+    for index in sorted(dom.controllers):
+        nports = dom.controllers[index][0]
+        free = [p for p in range(1, nports) if p not in dom.used_ports.get(index, ())]
+        if len(free) >= len(missing):
+            slot = (index, free)
+            break
+    if slot is None:
+        taken = set(dom.controllers) | set(dom.used_ports)
+        index = max(taken) + 1 if taken else 0
+        out.append(controller_element(index, ports, CONTROLLER_ALIAS))
+        slot = (index, list(range(1, ports)))
+    index, free = slot
+    for name, port in zip(missing, free):
+        path = _socket_path(socket_dir, name) if socket_dir else None
+        out.append(channel_element(name, port, index, path))
+    return out
+
+
+def plan_detach(dom, ctl_name=CTL_NAME, data_name=DATA_NAME):
+    """Device elements to remove: our channels, and our controller if nothing else is on it."""
+    out = []
+    removed = set()
+    for name in (ctl_name, data_name):
+        ch = dom.channels.get(name)
+        if ch is not None:
+            out.append(_device_copy(ch.element))
+            if ch.controller is not None and ch.port is not None:
+                removed.add((ch.controller, ch.port))
+    for index, (nports, alias) in sorted(dom.controllers.items()):
+        if alias != CONTROLLER_ALIAS:
+            continue
+        others = {p for p in dom.used_ports.get(index, ()) if (index, p) not in removed}
+        if not others:
+            el = controller_element(index, nports, alias)
+            out.append(el)
+    return out
+
+
+def _device_copy(el):
+    """A channel element as libvirt wants it for detach (without live-only attributes)."""
+    copy = ET.fromstring(ET.tostring(el))
+    for sub in copy.iter():
+        if sub.tag == "target":
+            sub.attrib.pop("state", None)
+    for alias in copy.findall("alias"):
+        copy.remove(alias)
+    copy.tail = None
+    return copy
+
+
+# --- backends ----------------------------------------------------------------------------------
+
+class _Backend:
+    name = "?"
+
+    def __init__(self, uri):
+        self.uri = default_uri(uri)
+
+
+class VirshBackend(_Backend):
+    """Talks to libvirt through the ``virsh`` command (libvirt-clients)."""
+
+    name = "virsh"
+
+    def __init__(self, uri, virsh="virsh"):
+        _Backend.__init__(self, uri)
+        self.virsh = shutil.which(virsh)
+        if not self.virsh:
+            raise LibvirtUnavailable("neither libvirt-python nor virsh is installed (install "
+                                     "libvirt-clients, or python3-libvirt)")
+
+    def _run(self, *args, domain=None, timeout=60):
+        cmd = [self.virsh, "-q", "-c", self.uri] + list(args)
+        try:
+            r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise LibvirtUnavailable("libvirt at %s did not answer within %d s (virsh %s)"
+                                     % (self.uri, timeout, args[0]))
+        except OSError as exc:
+            raise LibvirtUnavailable("cannot run virsh: %s" % (exc.strerror or exc))
+        if r.returncode != 0:
+            raise self._error(r.stderr.decode("utf-8", "replace"), domain)
+        return r.stdout.decode("utf-8", "replace")
+
+    def _error(self, stderr, domain):
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+        text = " ".join(lines)
+        low = text.lower()
+        detail = lines[-1] if lines else "virsh failed"
+        if detail.startswith("error: "):
+            detail = detail[len("error: "):]
+        if "domain not found" in low or "failed to get domain" in low:
+            return DomainNotFound("no libvirt domain %r at %s" % (domain, self.uri))
+        if "failed to connect to the hypervisor" in low or "failed to connect socket" in low:
+            if "permission denied" in low:
+                return LibvirtPermissionDenied("permission denied connecting to libvirt at %s: %s"
+                                               % (self.uri, detail))
+            return LibvirtUnavailable("libvirt is not reachable at %s: %s" % (self.uri, detail))
+        if ("authentication" in low or "access denied" in low or "permission denied" in low
+                or "read-only" in low):
+            return LibvirtPermissionDenied("libvirt at %s refused access: %s" % (self.uri, detail))
+        return LibvirtError("libvirt (%s): %s" % (self.uri, detail))
+
+    def dumpxml(self, domain, inactive=False):
+        args = ["dumpxml", "--domain", domain] + (["--inactive"] if inactive else [])
+        return self._run(*args, domain=domain)
+
+    def list_uuids(self):
+        out = self._run("list", "--all", "--uuid")
+        return [ln.strip() for ln in out.splitlines() if ln.strip()]
+
+    def state(self, domain):
+        return self._run("domstate", "--domain", domain, domain=domain).strip()
+
+    def _device(self, verb, domain, xml, live, config):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".xml", prefix="guestlink-") as f:
+            f.write(xml)
+            f.flush()
+            flags = (["--live"] if live else []) + (["--config"] if config else [])
+            try:
+                self._run(verb, "--domain", domain, "--file", f.name, *flags, domain=domain)
+            except (DomainNotFound, LibvirtUnavailable, LibvirtPermissionDenied):
+                raise
+            except LibvirtError as exc:
+                raise AttachError(str(exc))
+
+    def attach(self, domain, xml, live, config):
+        self._device("attach-device", domain, xml, live, config)
+
+    def detach(self, domain, xml, live, config):
+        self._device("detach-device", domain, xml, live, config)
+
+
+class PythonBackend(_Backend):
+    """Talks to libvirt through libvirt-python (``import libvirt``)."""
+
+    name = "libvirt-python"
+
+    def __init__(self, uri, module=None):
+        _Backend.__init__(self, uri)
+        if module is None:
+            import importlib
+
+            module = importlib.import_module("libvirt")
+        self.lv = module
+        self._conn = None
+
+    def _error(self, exc, domain=None):
+        lv = self.lv
+        code = exc.get_error_code()
+        msg = exc.get_error_message() or str(exc)
+        if code == lv.VIR_ERR_NO_DOMAIN:
+            return DomainNotFound("no libvirt domain %r at %s" % (domain, self.uri))
+        if code in (lv.VIR_ERR_AUTH_FAILED, lv.VIR_ERR_ACCESS_DENIED,
+                    getattr(lv, "VIR_ERR_AUTH_CANCELLED", -1)):
+            return LibvirtPermissionDenied("libvirt at %s refused access: %s" % (self.uri, msg))
+        if code in (lv.VIR_ERR_NO_CONNECT, lv.VIR_ERR_SYSTEM_ERROR, lv.VIR_ERR_RPC):
+            return LibvirtUnavailable("libvirt is not reachable at %s: %s" % (self.uri, msg))
+        return LibvirtError("libvirt (%s): %s" % (self.uri, msg))
+
+    def conn(self):
+        if self._conn is None:
+            try:
+                self._conn = self.lv.open(self.uri)
+            except self.lv.libvirtError as exc:
+                err = self._error(exc)
+                if type(err) is LibvirtError:
+                    err = LibvirtUnavailable("libvirt is not reachable at %s: %s"
+                                             % (self.uri, exc.get_error_message() or exc))
+                raise err from None
+        return self._conn
+
+    def _lookup(self, domain):
+        conn = self.conn()
+        try:
+            return conn.lookupByName(domain)
+        except self.lv.libvirtError as exc:
+            if exc.get_error_code() != self.lv.VIR_ERR_NO_DOMAIN:
+                raise self._error(exc, domain) from None
+        try:
+            return conn.lookupByUUIDString(domain)
+        except self.lv.libvirtError:
+            raise DomainNotFound("no libvirt domain %r at %s" % (domain, self.uri)) from None
+
+    def dumpxml(self, domain, inactive=False):
+        dom = self._lookup(domain)
+        try:
+            return dom.XMLDesc(self.lv.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
+        except self.lv.libvirtError as exc:
+            raise self._error(exc, domain) from None
+
+    def list_uuids(self):
+        try:
+            return [d.UUIDString() for d in self.conn().listAllDomains(0)]
+        except self.lv.libvirtError as exc:
+            raise self._error(exc) from None
+
+    def state(self, domain):
+        names = {1: "running", 2: "idle", 3: "paused", 4: "in shutdown", 5: "shut off",
+                 6: "crashed", 7: "pmsuspended"}
+        try:
+            st = self._lookup(domain).state()[0]
+        except self.lv.libvirtError as exc:
+            raise self._error(exc, domain) from None
+        return names.get(st, "no state")
+
+    def _device(self, verb, domain, xml, live, config):
+        lv = self.lv
+        flags = (lv.VIR_DOMAIN_AFFECT_LIVE if live else 0) | (
+            lv.VIR_DOMAIN_AFFECT_CONFIG if config else 0)
+        dom = self._lookup(domain)
+        try:
+            getattr(dom, verb)(xml, flags)
+        except lv.libvirtError as exc:
+            err = self._error(exc, domain)
+            raise (AttachError(str(err)) if type(err) is LibvirtError else err) from None
+
+    def attach(self, domain, xml, live, config):
+        self._device("attachDeviceFlags", domain, xml, live, config)
+
+    def detach(self, domain, xml, live, config):
+        self._device("detachDeviceFlags", domain, xml, live, config)
+
+
+def backend(uri=None):
+    """The backend for ``uri``: libvirt-python if importable, else virsh
+    ($GUESTLINK_LIBVIRT_BACKEND=python|virsh forces one)."""
+    forced = os.environ.get("GUESTLINK_LIBVIRT_BACKEND", "").strip().lower()
+    if forced not in ("", "python", "virsh", "libvirt-python"):
+        raise LibvirtUnavailable("GUESTLINK_LIBVIRT_BACKEND must be python or virsh, not %r" % forced)
+    if forced != "virsh":
+        try:
+            return PythonBackend(uri)
+        except ImportError:
+            if forced:
+                raise LibvirtUnavailable("GUESTLINK_LIBVIRT_BACKEND=python but libvirt-python is "
+                                         "not importable") from None
+    return VirshBackend(uri)
+
+
+# --- the resolver ----------------------------------------------------------------------------
+
+def resolve_domain(name, uri=None, ctl_name=CTL_NAME, data_name=DATA_NAME, *, backend_=None):
+    """(ctl_path, data_path) of a running libvirt domain, by name or UUID, from its live XML.
+
+    ``data_path`` is None when the domain has only the control channel. Raises DomainNotFound,
+    DomainNotRunning, NoChannels, LibvirtUnavailable or LibvirtPermissionDenied (all
+    :class:`LibvirtError`, a ConnectError)."""
+    if not name:
+        raise ValueError("resolve_domain() needs a domain name or UUID")
+    be = backend_ or backend(uri)
+    dom = parse_domain_xml(be.dumpxml(name))
+    return find_sockets(dom, ctl_name, data_name)
+
+
+def resolver(name, uri=None, ctl_name=CTL_NAME, data_name=DATA_NAME):
+    """A zero-argument callable returning (ctl, data) afresh for ``name``; the host client calls it
+    before every (re)connection, so it follows the domain across restarts (new socket paths)."""
+    def resolve():
+        return resolve_domain(name, uri, ctl_name, data_name)
+    resolve.domain = name
+    return resolve
+
+
+# --- attach / detach / list ------------------------------------------------------------------
+
+def _affected(be, domain, live, config):
+    """Which XMLs to change: [(label, inactive?)] and whether live was implied. Without flags: the
+    persistent config, plus the running domain when it runs."""
+    running = parse_domain_xml(be.dumpxml(domain)).running
+    implied = not live and not config
+    if implied:
+        live, config = running, True
+    if live and not running:
+        raise DomainNotRunning("libvirt domain %s is not running: --live needs a running domain"
+                               % domain)
+    out = []
+    if config:
+        out.append(("config", True))
+    if live:
+        out.append(("live", False))
+    return out, implied
+
+
+def attach(domain, uri=None, *, live=False, config=False, ctl_name=CTL_NAME, data_name=DATA_NAME,
+           socket_dir=None, ports=DEFAULT_PORTS, backend_=None):
+    """Add the controller/channels to ``domain`` where missing. Idempotent.
+
+    Returns {"config"|"live": [what was added] ([] = already there), "notes": [str]}. libvirt
+    cannot hot-plug a virtio-serial controller: a running domain without one gets the channels
+    at its next start (an error with an explicit ``live=True``, a note otherwise)."""
+    be = backend_ or backend(uri)
+    result = {"notes": []}
+    targets, implied = _affected(be, domain, live, config)
+    for label, inactive in targets:
+        dom = parse_domain_xml(be.dumpxml(domain, inactive=inactive))
+        plan = plan_attach(dom, ctl_name, data_name, socket_dir, ports)
+        if not inactive and any(el.tag == "controller" for el in plan):
+            msg = ("libvirt cannot hot-plug a virtio-serial controller into the running domain %s"
+                   % domain)
+            if not implied:
+                raise AttachError(msg + ": use --config, then shut the domain down and start it")
+            result["notes"].append(msg + "; the channels appear after it is shut down and started "
+                                         "again (a guest reboot is not enough)")
+            continue
+        added = []
+        for el in plan:
+            be.attach(domain, to_string(el), live=not inactive, config=inactive)
+            added.append(_describe(el))
+        result[label] = added
+    return result
+
+
+def detach(domain, uri=None, *, live=False, config=False, ctl_name=CTL_NAME, data_name=DATA_NAME,
+           backend_=None):
+    """Remove the channels (and the controller ``attach`` added, if nothing else uses it)."""
+    be = backend_ or backend(uri)
+    result = {"notes": []}
+    targets, _ = _affected(be, domain, live, config)
+    for label, inactive in targets:
+        dom = parse_domain_xml(be.dumpxml(domain, inactive=inactive))
+        removed = []
+        for el in plan_detach(dom, ctl_name, data_name):
+            if el.tag == "controller" and not inactive:
+                continue  # libvirt cannot hot-unplug a virtio-serial controller; --config does it
+            be.detach(domain, to_string(el), live=not inactive, config=inactive)
+            removed.append(_describe(el))
+        result[label] = removed
+    return result
+
+
+def _describe(el):
+    if el.tag == "controller":
+        return "controller virtio-serial index %s" % el.get("index")
+    target = el.find("target")
+    addr = el.find("address")
+    return "channel %s (controller %s port %s)" % (
+        target.get("name") if target is not None else "?",
+        addr.get("controller") if addr is not None else "?",
+        addr.get("port") if addr is not None else "?")
+
+
+@dataclass
+class DomainEntry:
+    """One row of ``guestlink list``."""
+
+    name: str
+    uuid: str
+    id: Optional[int]
+    state: str
+    ctl: Optional[Channel]
+    data: Optional[Channel]
+
+
+def list_domains(uri=None, ctl_name=CTL_NAME, data_name=DATA_NAME, *, backend_=None):
+    """Every domain (running first, by id; then the others by name) with its guestlink channels."""
+    be = backend_ or backend(uri)
+    rows = []
+    for uuid in be.list_uuids():
+        try:
+            dom = parse_domain_xml(be.dumpxml(uuid))
+            state = be.state(uuid)
+        except DomainNotFound:  # undefined meanwhile
+            continue
+        rows.append(DomainEntry(name=dom.name, uuid=dom.uuid, id=dom.id if dom.running else None,
+                                state=state, ctl=dom.channels.get(ctl_name),
+                                data=dom.channels.get(data_name)))
+    rows.sort(key=lambda r: (r.id is None, r.id or 0, r.name))
+    return rows
+
+
+__all__ = ["CTL_NAME", "DATA_NAME", "LibvirtError", "LibvirtUnavailable", "LibvirtPermissionDenied",
+           "DomainNotFound", "DomainNotRunning", "NoChannels", "AttachError", "default_uri",
+           "channels_xml", "channel_elements", "parse_domain_xml", "find_sockets", "plan_attach",
+           "plan_detach", "backend", "resolve_domain", "resolver", "attach", "detach",
+           "list_domains", "DomainEntry"]

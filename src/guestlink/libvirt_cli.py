@@ -1,0 +1,209 @@
+"""``guestlink libvirt xml|attach|detach`` and ``guestlink list`` (see :mod:`guestlink.libvirt`).
+
+cli.py adds these parsers with :func:`add_parsers` and dispatches to :func:`run`.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+
+from . import libvirt as L
+
+COMMANDS = ("libvirt", "list")
+
+
+def _add_connect(p):
+    p.add_argument("-c", "--connect", metavar="URI", dest="libvirt_uri",
+                   help="libvirt URI, as for virsh (default: $LIBVIRT_DEFAULT_URI, else "
+                        "qemu:///system)")
+
+
+def _add_names(p):
+    p.add_argument("--ctl-name", default=L.CTL_NAME, metavar="N",
+                   help="control channel's port name (default %s)" % L.CTL_NAME)
+    p.add_argument("--data-name", default=L.DATA_NAME, metavar="N",
+                   help="data channel's port name (default %s)" % L.DATA_NAME)
+
+
+def add_parsers(sub, epilog=None):
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("libvirt", help="libvirt integration: channel XML, attach/detach channels",
+                       description="libvirt integration: print the channel XML, add or remove the "
+                                   "guestlink channels of a domain", epilog=epilog,
+                       formatter_class=fmt)
+    lsub = p.add_subparsers(dest="libvirt_command", metavar="SUBCOMMAND")
+    lsub.required = True
+
+    x = lsub.add_parser("xml", help="print the virtio-serial controller and channel XML",
+                        description="print a <controller type='virtio-serial'> and two "
+                                    "<channel type='unix'> elements to paste into a domain's "
+                                    "<devices> (virsh edit DOMAIN)")
+    _add_names(x)
+    x.add_argument("--socket-dir", metavar="DIR",
+                   help="put the host sockets in DIR (default: libvirt places them)")
+    x.add_argument("--ports", type=int, default=L.DEFAULT_PORTS, metavar="N",
+                   help="ports on the controller (default %d)" % L.DEFAULT_PORTS)
+    x.add_argument("--index", type=int, default=0, metavar="N",
+                   help="the controller's index (default 0; use a free one if the domain already "
+                        "has a virtio-serial controller, or use `guestlink libvirt attach`)")
+
+    for name, text in (("attach", "add the guestlink controller/channels to a domain "
+                                  "(idempotent)"),
+                       ("detach", "remove the guestlink channels (and the controller attach added)")):
+        a = lsub.add_parser(name, help=text, description=text + ". Without --live/--config: the "
+                            "persistent config, plus the running domain if it runs.",
+                            epilog=epilog, formatter_class=fmt)
+        a.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+        _add_connect(a)
+        _add_names(a)
+        a.add_argument("--config", action="store_true", help="change the persistent config")
+        a.add_argument("--live", action="store_true", help="change the running domain")
+        if name == "attach":
+            a.add_argument("--socket-dir", metavar="DIR",
+                           help="put the host sockets in DIR (default: libvirt places them)")
+            a.add_argument("--ports", type=int, default=L.DEFAULT_PORTS, metavar="N",
+                           help="ports of a controller that has to be added (default %d)"
+                                % L.DEFAULT_PORTS)
+        a.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("list", help="list libvirt domains, their guestlink channels and agents",
+                       description="list libvirt domains (like virsh list) with the state of "
+                                   "their guestlink control channel and, where the agent "
+                                   "answers, its version and hostname", epilog=epilog,
+                       formatter_class=fmt)
+    _add_connect(p)
+    _add_names(p)
+    p.add_argument("--all", action="store_true", help="also list domains that are not running")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="S",
+                   help="seconds to wait for each agent (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print the socket paths and how libvirt is reached")
+
+
+def run(args):
+    """Run ``libvirt ...`` or ``list``; return the exit status."""
+    from . import cli
+
+    try:
+        if args.command == "list":
+            return asyncio.run(_list(args))
+        if args.libvirt_command == "xml":
+            return _xml(args)
+        return _attach_detach(args)
+    except ValueError as exc:
+        cli._fail(str(exc))
+        return cli.EXIT_USAGE
+    except L.LibvirtError as exc:
+        cli._fail(str(exc))
+        return cli.exit_code_for(exc)
+
+
+def _xml(args):
+    sys.stdout.write(L.channels_xml(args.ctl_name, args.data_name, args.socket_dir, args.ports,
+                                    args.index))
+    return 0
+
+
+def _attach_detach(args):
+    be = L.backend(args.libvirt_uri)
+    kw = dict(live=args.live, config=args.config, ctl_name=args.ctl_name,
+              data_name=args.data_name, backend_=be)
+    verb = args.libvirt_command
+    if verb == "attach":
+        result = L.attach(args.domain, socket_dir=args.socket_dir, ports=args.ports, **kw)
+    else:
+        result = L.detach(args.domain, **kw)
+    if args.json:
+        out = dict(result)
+        out["backend"] = be.name
+        sys.stdout.write(json.dumps(out, sort_keys=True) + "\n")
+    else:
+        for label in ("config", "live"):
+            if label not in result:
+                continue
+            done = result[label]
+            what = "added" if verb == "attach" else "removed"
+            if done:
+                for d in done:
+                    print("%s (%s): %s %s" % (args.domain, label, what, d))
+            else:
+                print("%s (%s): nothing to do (%s)" % (
+                    args.domain, label, "already attached" if verb == "attach" else "not attached"))
+        for note in result.get("notes", ()):
+            sys.stderr.write("guestlink: note: %s\n" % note)
+    return 0
+
+
+async def _probe(entry, ctl_name, data_name, uri, timeout):
+    """Ask a running domain's agent for its description; fills agent fields, never raises."""
+    from .host import errors as E
+    from .host.client import connect
+
+    if entry.ctl is None or not entry.ctl.path:
+        return {"agent": None, "error": None}
+    try:
+        async with connect(ctl=entry.ctl.path, data=entry.data.path if entry.data else None,
+                           timeout=timeout, reconnect=False) as vm:
+            return {"agent": {"version": vm.agent.version, "hostname": vm.agent.hostname,
+                              "protocol": vm.agent.protocol}, "error": None}
+    except E.GuestlinkError as exc:
+        return {"agent": None, "error": str(exc)}
+    except OSError as exc:
+        return {"agent": None, "error": str(exc)}
+
+
+async def _list(args):
+    be = L.backend(args.libvirt_uri)
+    loop = asyncio.get_running_loop()
+    rows = await loop.run_in_executor(None, lambda: L.list_domains(
+        args.libvirt_uri, args.ctl_name, args.data_name, backend_=be))
+    if not args.all:
+        rows = [r for r in rows if r.id is not None]
+    probes = await asyncio.gather(*[
+        _probe(r, args.ctl_name, args.data_name, be.uri, args.timeout) if r.id is not None
+        else _none() for r in rows])
+    out = []
+    for r, probe in zip(rows, probes):
+        if r.ctl is None:
+            channel = "none"
+        elif r.id is None:
+            channel = "-"
+        else:
+            channel = r.ctl.state or "unknown"
+        out.append({
+            "id": r.id, "name": r.name, "uuid": r.uuid, "state": r.state,
+            "channel": channel,
+            "ctl": r.ctl.path if r.ctl else None, "data": r.data.path if r.data else None,
+            "data_channel": (r.data.state or "unknown") if r.data and r.id is not None else None,
+            "agent_version": probe["agent"]["version"] if probe["agent"] else None,
+            "hostname": probe["agent"]["hostname"] if probe["agent"] else None,
+            "error": probe["error"],
+        })
+    if args.json:
+        sys.stdout.write(json.dumps({"uri": be.uri, "backend": be.name, "domains": out},
+                                    sort_keys=True) + "\n")
+        return 0
+    header = ("Id", "Name", "State", "Channel", "Agent", "Hostname")
+    table = [header]
+    for d in out:
+        table.append((str(d["id"]) if d["id"] is not None else "-", d["name"], d["state"],
+                      d["channel"], d["agent_version"] or "-", d["hostname"] or "-"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print(" " + "   ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("-" * (sum(widths) + 3 * (len(widths) - 1) + 2))
+    if args.verbose:
+        print("\nlibvirt: %s via %s" % (be.uri, be.name))
+        for d in out:
+            if d["ctl"]:
+                print("%s: ctl %s, data %s" % (d["name"], d["ctl"], d["data"] or "-"))
+            if d["error"]:
+                print("%s: agent: %s" % (d["name"], d["error"]))
+    return 0
+
+
+async def _none():
+    return {"agent": None, "error": None}
