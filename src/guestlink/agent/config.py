@@ -17,12 +17,14 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # section -> key -> (attribute, parser name)
 _KEYS = {
     "agent": {
-        "ctl_name": "str", "data_name": "str", "ctl_device": "str", "socket": "str",
+        "ctl_name": "str", "data_name": "str", "ctl_device": "str", "data_device": "str",
+        "socket": "str",
         "handlers_dir": "str", "log_level": "log_level",
     },
     "policy": {"allow": "patterns", "deny": "patterns"},
     "exec": {"max_concurrent": "count", "max_output": "size", "max_timeout": "seconds"},
     "power": {"poweroff_command": "command", "reboot_command": "command"},
+    "files": {"read_roots": "paths", "write_roots": "paths", "test_hooks": "bool"},
 }
 
 
@@ -37,6 +39,7 @@ class Config:
         self.ctl_name = "org.guestlink.ctl"
         self.data_name = "org.guestlink.data"
         self.ctl_device = ""  # empty: find the port by name; "unix:PATH" for development
+        self.data_device = ""  # the same for the data port
         self.socket = "/run/guestlink/agent.sock"
         self.handlers_dir = "/etc/guestlink/handlers.d"
         self.log_level = "info"
@@ -47,6 +50,9 @@ class Config:
         self.max_timeout = 0.0  # 0: no limit
         self.poweroff_command = []  # empty: systemctl / poweroff / busybox poweroff -f
         self.reboot_command = []
+        self.read_roots = ["/"]  # file transfers: where the host may read (pull, stat, list)
+        self.write_roots = ["/"]  # ... and write (push, mkdir, symlink, setattr, remove)
+        self.test_hooks = False  # honour test-only request fields (e.g. corrupt a chunk)
         self.config_path = None  # the file that was read, if any
 
     def __repr__(self):
@@ -101,6 +107,18 @@ def _parse(kind, text):
         return value
     if kind == "size":
         return parse_size(text)
+    if kind == "paths":
+        paths = parse_patterns(text)
+        for p in paths:
+            if not os.path.isabs(p):
+                raise ValueError("expected absolute paths, not %r" % p)
+        return [os.path.normpath(p) for p in paths]
+    if kind == "bool":
+        if text.lower() in ("1", "yes", "true", "on"):
+            return True
+        if text.lower() in ("0", "no", "false", "off"):
+            return False
+        raise ValueError("expected true or false")
     if kind == "command":
         try:
             return shlex.split(text)

@@ -34,10 +34,11 @@ from .handlers import HandlerContext, WorkerPool, load_handlers
 from .local import LocalServer
 from .loop import ByteQueue, Timers, Waker
 from .ports import PortAbsent, PortBusy, make_port
+from .transfers import FILE_OPS, FileOps
 
 log = logging.getLogger("guestlink.agent")
 
-BUILTIN_OPS = ("ping", "info", "exec", "shutdown", "reboot")
+BUILTIN_OPS = ("ping", "info", "exec", "shutdown", "reboot") + FILE_OPS
 READ_SIZE = 64 * 1024
 OUT_HIGH = 1 << 20  # above: stop reading exec output (backpressure)
 OUT_LOW = 256 << 10  # below: resume it
@@ -62,9 +63,10 @@ class Session:
         self.nonce = nonce
         self.execs = {}  # request id -> Exec
         self.calls = {}  # request id -> handler op in flight
+        self.transfers = {}  # request id -> transfers.Transfer
 
     def in_flight(self, req_id):
-        return req_id in self.execs or req_id in self.calls
+        return req_id in self.execs or req_id in self.calls or req_id in self.transfers
 
 
 class Agent:
@@ -90,6 +92,7 @@ class Agent:
         self.local = LocalServer(self, config.socket) if config.socket else None
         self.handlers = {}
         self.pool = WorkerPool(HANDLER_WORKERS, self._handler_done)
+        self.files = FileOps(self)
         self._results = []  # handler results posted by worker threads
         self._results_lock = threading.Lock()
         self._stop = False
@@ -417,6 +420,21 @@ class Agent:
     def send_frame(self, type_, obj, id=0):
         self.outq.push(m.encode_frame(type_, m.dump_json(obj), id=id))
 
+    def post_result(self, token, value):
+        """Thread-safe: hand a worker's outcome to the loop (delivered in _on_wake)."""
+        with self._results_lock:
+            self._results.append((token, True, value, None))
+        self.waker.wake()
+
+    def send_event(self, req_id, event):
+        self.outq.push(m.encode_event(req_id, event))
+
+    def reply(self, req_id, result):
+        self._reply(req_id, result)
+
+    def error(self, req_id, code, message, details=None):
+        self._error(req_id, code, message, details)
+
     def _reply(self, req_id, result):
         try:
             data = m.encode_response(req_id, result)
@@ -545,6 +563,9 @@ class Agent:
             ex.kill(reason)
         session.execs.clear()
         session.calls.clear()
+        for tr in list(session.transfers.values()):
+            self.files.cancel(tr, reason, keep_partial=True)  # the host may --resume
+        session.transfers.clear()
         log.info("host session ended (%s)", reason)
 
     # -- requests -------------------------------------------------------------------------------
@@ -576,7 +597,9 @@ class Agent:
             return
         log.debug("request %d: %s", rid, op)
         try:
-            if op in BUILTIN_OPS:
+            if op in FILE_OPS:
+                result = self.files.handle(rid, op, args)
+            elif op in BUILTIN_OPS:
                 result = getattr(self, "_op_" + op)(rid, args)
             else:
                 result = self._call_handler(rid, op, args)
@@ -637,6 +660,12 @@ class Agent:
         if session.calls.pop(rid, None) is not None:
             self._error(rid, codes.CANCELLED, "cancelled by the host (the handler's result will "
                         "be discarded)")
+            return
+        tr = session.transfers.pop(rid, None)
+        if tr is not None:
+            self.files.cancel(tr, "cancelled by the host", keep_partial=False)
+            self._error(rid, codes.CANCELLED, "cancelled by the host; the transfer was stopped "
+                        "and its temporary file removed")
             return
         log.debug("CANCEL for id %d ignored (not in flight)", rid)
 
@@ -724,6 +753,9 @@ class Agent:
     def _deliver_handler_result(self, token, ok, value, tb):
         if token == ("message",):
             self.message_to_host(*value)
+            return
+        if token == ("transfer",):
+            self.files.finished(*value)
             return
         self.pool.pending -= 1
         session, rid, op = token

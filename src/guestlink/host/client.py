@@ -893,6 +893,27 @@ class Client:
             raise E.CommandFailed(result)
         return result
 
+    # --- files (guestlink.host.transfer) ---------------------------------------------------
+
+    async def push(self, local, remote, *, recursive=False, preserve=False, resume=False,
+                   checksum="sha256", progress=None, timeout=None):
+        """Copy ``local`` (a file, ``-`` for stdin, or a directory with ``recursive``) to the
+        guest path ``remote`` over the data channel -> TransferResult. ``progress(done, total)``
+        is called in the event loop (total is None for a stream)."""
+        from . import transfer
+        return await transfer.push(self, str(local), str(remote), recursive=recursive,
+                                   preserve=preserve, resume=resume, checksum=checksum,
+                                   progress=progress, timeout=timeout)
+
+    async def pull(self, remote, local, *, recursive=False, preserve=False, resume=False,
+                   checksum="sha256", progress=None, timeout=None):
+        """Copy the guest path ``remote`` to ``local`` (a path, an existing directory, or ``-``
+        for stdout) -> TransferResult. Same options as :meth:`push`."""
+        from . import transfer
+        return await transfer.pull(self, str(remote), str(local), recursive=recursive,
+                                   preserve=preserve, resume=resume, checksum=checksum,
+                                   progress=progress, timeout=timeout)
+
     # --- closing --------------------------------------------------------------------------
 
     async def close(self):
@@ -906,6 +927,9 @@ class Client:
 
     async def _shutdown(self):
         self._set_state(Runstate.CLOSED)
+        link = getattr(self, "_datalink", None)
+        if link is not None:
+            link.reset()
         sup, self._supervisor = self._supervisor, None
         if sup is not None and sup is not asyncio.current_task():
             sup.cancel()

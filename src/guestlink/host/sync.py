@@ -127,6 +127,14 @@ class SyncClient:
     def run(self, cmd, **kwargs):
         return self._lt.run(self._client.run(cmd, **kwargs))
 
+    def push(self, local, remote, **kwargs):
+        """Blocking :meth:`guestlink.host.client.Client.push` (progress runs in the loop thread)."""
+        return self._lt.run(self._client.push(local, remote, **kwargs))
+
+    def pull(self, remote, local, **kwargs):
+        """Blocking :meth:`guestlink.host.client.Client.pull`."""
+        return self._lt.run(self._client.pull(remote, local, **kwargs))
+
     def exec(self, cmd, *, stdin=False, timeout=None, env=None, env_clear=False, cwd=None,
              shell=None, output_limit=DEFAULT_OUTPUT_LIMIT, call_timeout=None):
         proc = self._client.exec(cmd, stdin=stdin, timeout=timeout, env=env, env_clear=env_clear,

@@ -1,0 +1,437 @@
+"""The copy engine: one implementation of "send a file over the data channel" and "receive one",
+used by the guest agent (in a worker thread) and by the host library (in a thread of its own).
+
+Blocking-style code on a non-blocking fd (a virtio port or a unix socket) that polls with a short
+timeout so a cancel flag is seen within ~0.2 s. The work is pipelined over threads, joined by
+bounded buffer pools, so the port I/O, the chunk CRC / file I/O and the whole-file digest run at
+the same time (zlib.crc32, hashlib and os.read/os.write release the GIL on big buffers):
+
+* sending:   [caller: file readinto + chunk CRC] -> [port writev] -> [digest]
+* receiving: [caller: port readinto]             -> [CRC check + file write] -> [digest]
+
+Buffers are preallocated (``NBUFS`` of one frame each) and reused: no per-chunk allocation. The
+framing itself is ``guestlink.protocol.transfer`` (sans-I/O). Stdlib-only, CPython >= 3.8.
+"""
+
+import errno
+import os
+import queue
+import select
+import threading
+
+from ..protocol import codes
+from ..protocol import transfer as T
+from ..protocol.frames import HEADER_SIZE, TRAILER_SIZE, FrameType
+from ..protocol.messages import ProtocolViolation
+
+NBUFS = 4
+POLL_INTERVAL = 0.2
+#: No progress on the port for this long fails the transfer (the peer stalled).
+IDLE_TIMEOUT = 60.0
+
+
+class TransferError(Exception):
+    """A transfer failed. ``code`` is a protocol error code; ``interrupted`` means the peer went
+    away (the partial data is kept for --resume)."""
+
+    def __init__(self, code, message, interrupted=False):
+        Exception.__init__(self, message)
+        self.code = code
+        self.interrupted = interrupted
+
+
+def cancelled():
+    return TransferError(codes.CANCELLED, "the transfer was cancelled")
+
+
+class Channel:
+    """A non-blocking fd with cancellable blocking reads and writes."""
+
+    def __init__(self, fd, cancel, idle_timeout=IDLE_TIMEOUT, what="the data port"):
+        self.fd = fd
+        self.cancel = cancel  # threading.Event
+        self.idle_timeout = idle_timeout
+        self.what = what
+        self.pending = bytearray()  # bytes read ahead while scanning for the peer's hello
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    def _wait(self, events):
+        waited = 0.0
+        self._poll.modify(self.fd, events)
+        while True:
+            if self.cancel.is_set():
+                raise cancelled()
+            ready = self._poll.poll(int(POLL_INTERVAL * 1000))
+            if ready:
+                return ready[0][1]
+            waited += POLL_INTERVAL
+            if self.idle_timeout and waited >= self.idle_timeout:
+                raise TransferError(codes.TIMEOUT, "no progress on %s for %g s" % (
+                    self.what, self.idle_timeout), interrupted=True)
+
+    def _gone(self, why):
+        return TransferError(codes.IO_ERROR, "the peer went away from %s (%s)" % (self.what, why),
+                             interrupted=True)
+
+    def read_into(self, mv):
+        """Read at least one byte into ``mv``; returns the count."""
+        if self.pending:
+            n = min(len(mv), len(self.pending))
+            mv[:n] = self.pending[:n]
+            del self.pending[:n]
+            return n
+        while True:
+            try:
+                n = os.readv(self.fd, [mv])
+            except BlockingIOError:
+                revents = self._wait(select.POLLIN)
+                if revents & (select.POLLHUP | select.POLLERR) and not revents & select.POLLIN:
+                    raise self._gone("hangup")
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                    raise self._gone(exc.strerror)
+                raise TransferError(codes.IO_ERROR, "reading %s: %s" % (self.what, exc.strerror or exc),
+                                    interrupted=True)
+            if n == 0:
+                raise self._gone("end of stream")
+            if self.cancel.is_set():
+                raise cancelled()
+            return n
+
+    def read_exact(self, mv):
+        got = 0
+        total = len(mv)
+        while got < total:
+            got += self.read_into(mv[got:])
+
+    def write_all(self, parts):
+        parts = [memoryview(p).cast("B") for p in parts if len(p)]
+        while parts:
+            try:
+                n = os.writev(self.fd, parts[:64])
+            except BlockingIOError:
+                revents = self._wait(select.POLLOUT)
+                if revents & (select.POLLHUP | select.POLLERR) and not revents & select.POLLOUT:
+                    raise self._gone("hangup")
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                    raise self._gone(exc.strerror)
+                raise TransferError(codes.IO_ERROR, "writing %s: %s" % (self.what, exc.strerror or exc),
+                                    interrupted=True)
+            while n and parts:
+                if n >= len(parts[0]):
+                    n -= len(parts[0])
+                    parts.pop(0)
+                else:
+                    parts[0] = parts[0][n:]
+                    n = 0
+            if self.cancel.is_set():
+                raise cancelled()
+
+    def wait_hello(self, tid, nonce, sender, limit=64 << 20):
+        """Skip everything until the peer's DATA_HELLO (tid, nonce); keep what follows it."""
+        buf = bytearray()
+        chunk = bytearray(65536)
+        mv = memoryview(chunk)
+        skipped = 0
+        while True:
+            n = self.read_into(mv)
+            buf += mv[:n]
+            end, keep = T.scan_hello(buf, tid, nonce, sender)
+            if end is not None:
+                self.pending = buf[end:] + self.pending
+                return skipped + end
+            skipped += keep
+            del buf[:keep]
+            if skipped > limit:
+                raise TransferError(codes.PROTOCOL_MISMATCH, "no DATA_HELLO on %s" % self.what)
+
+
+class _Chunk:
+    __slots__ = ("buf", "data", "offset", "crc", "trailer", "payload")
+
+
+class Pipeline:
+    """Stages in threads connected by queues; the last stage returns buffers to the pool."""
+
+    def __init__(self, stages, bufsize, cancel, nbufs=NBUFS):
+        self.cancel = cancel
+        self.error = None
+        self.pool = queue.Queue()
+        for _ in range(nbufs):
+            self.pool.put(bytearray(bufsize))
+        self.queues = [queue.Queue() for _ in stages]
+        self.threads = []
+        for i, fn in enumerate(stages):
+            nxt = self.queues[i + 1] if i + 1 < len(stages) else None
+            t = threading.Thread(target=self._run, args=(fn, self.queues[i], nxt),
+                                 name="guestlink-copy-%d" % i, daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _run(self, fn, q, nxt):
+        while True:
+            item = q.get()
+            if item is None:
+                if nxt is not None:
+                    nxt.put(None)
+                return
+            if self.error is None:
+                try:
+                    fn(item)
+                except BaseException as exc:  # noqa: B902 - re-raised in the caller's thread
+                    if self.error is None:
+                        self.error = exc
+            if nxt is not None and self.error is None:
+                nxt.put(item)
+            else:
+                self.pool.put(item.buf)
+
+    def get_buffer(self):
+        while True:
+            self.check()
+            try:
+                return self.pool.get(timeout=POLL_INTERVAL)
+            except queue.Empty:
+                continue
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+        if self.cancel.is_set():
+            raise cancelled()
+
+    def submit(self, chunk):
+        self.queues[0].put(chunk)
+
+    def finish(self, check=True):
+        self.queues[0].put(None)
+        for t in self.threads:
+            t.join()
+        if check and self.error is not None:
+            raise self.error
+
+
+def _hash_prefix(fd, digest, length, cancel):
+    """Feed the first ``length`` bytes of ``fd`` to ``digest`` (a resumed transfer's prefix)."""
+    buf = bytearray(1 << 20)
+    mv = memoryview(buf)
+    pos = 0
+    while pos < length:
+        if cancel.is_set():
+            raise cancelled()
+        n = os.preadv(fd, [mv[:min(len(buf), length - pos)]], pos)
+        if n == 0:
+            raise TransferError(codes.CHANGED, "the file shrank while its prefix was being read")
+        digest.update(mv[:n])
+        pos += n
+
+
+def _fill(fd, mv):
+    got = 0
+    while got < len(mv):
+        try:
+            n = os.readv(fd, [mv[got:]])
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            select.select([fd], [], [], POLL_INTERVAL)
+            continue
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHUNK,
+              progress=None, check=None, corrupt_at=None):
+    """Stream ``fd`` (positioned at ``offset``; or a pipe) as DATA frames, then DATA_END.
+
+    ``size`` (if known) must match what is read; ``check()`` may raise TransferError(changed)
+    after the last chunk (e.g. the file's mtime moved). ``corrupt_at`` (a test hook) flips the
+    byte at that file offset after its CRC was computed. Returns (bytes, hex digest).
+    """
+    cancel = chan.cancel
+    digest = T.new_digest(algorithm)
+    if offset:
+        _hash_prefix(fd, digest, offset, cancel)
+
+    def write(c):
+        chan.write_all(T.data_parts(tid, c.offset, c.data, c.crc))
+
+    def hash_(c):
+        digest.update(c.data)
+
+    pipe = Pipeline([write, hash_], chunk, cancel)
+    pos = offset
+    try:
+        while True:
+            buf = pipe.get_buffer()
+            mv = memoryview(buf)
+            n = _fill(fd, mv)
+            if n == 0:
+                pipe.pool.put(buf)
+                break
+            c = _Chunk()
+            c.buf, c.data, c.offset = buf, mv[:n], pos
+            c.crc = T.chunk_crc(pos, c.data)
+            if corrupt_at is not None and pos <= corrupt_at < pos + n:
+                buf[corrupt_at - pos] ^= 0xFF
+            pipe.submit(c)
+            pos += n
+            if size is not None and pos > size:
+                raise TransferError(codes.CHANGED, "the file grew while it was being sent")
+            if progress is not None:
+                progress(pos)
+        pipe.finish()
+    except BaseException:
+        pipe.finish(check=False)
+        raise
+    if size is not None and pos != size:
+        raise TransferError(codes.CHANGED, "the file changed while it was being sent (%d bytes "
+                            "read, %d expected)" % (pos, size))
+    if check is not None:
+        check()
+    hexd = digest.hexdigest()
+    chan.write_all([T.encode_end(tid, pos, algorithm, hexd)])
+    return pos, hexd
+
+
+def _write_all_fd(fd, mv):
+    while len(mv):
+        try:
+            n = os.write(fd, mv)
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            select.select([], [fd], [], POLL_INTERVAL)
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+                raise TransferError(codes.NO_SPACE, "no space left on the device")
+            if exc.errno == errno.EPIPE:
+                raise TransferError(codes.IO_ERROR, "the output was closed")
+            raise TransferError(codes.IO_ERROR, "writing the file: %s" % (exc.strerror or exc))
+        mv = mv[n:]
+
+
+def recv_file(chan, fd, tid, algorithm, offset=0, size=None, progress=None, corrupt_at=None,
+              max_payload=1 << 20):
+    """Receive DATA frames into ``fd`` (positioned at ``offset``, holding the verified prefix) up
+    to DATA_END; verify every chunk's CRC, the size and the whole-file digest.
+
+    Only verified chunks are written, so after any failure the file holds a verified prefix.
+    Returns (bytes, hex digest). Raises TransferError (checksum_mismatch, changed, the sender's
+    error code, cancelled, or interrupted ones when the peer went away).
+    """
+    cancel = chan.cancel
+    digest = T.new_digest(algorithm)
+    if offset:
+        _hash_prefix(fd, digest, offset, cancel)
+    state = {"written": offset}
+
+    def verify_write(c):
+        if not T.check_payload(c.payload, c.trailer):
+            raise TransferError(codes.CHECKSUM_MISMATCH, "a data chunk at offset %d arrived "
+                                "corrupted (CRC mismatch)" % c.offset)
+        _write_all_fd(fd, c.data)
+        state["written"] = c.offset + len(c.data)
+
+    def hash_(c):
+        digest.update(c.data)
+
+    pipe = Pipeline([verify_write, hash_], max_payload + TRAILER_SIZE, cancel)
+    hdr = bytearray(HEADER_SIZE)
+    hmv = memoryview(hdr)
+    pos = offset
+    try:
+        while True:
+            chan.read_exact(hmv)
+            try:
+                h = T.parse_header(hdr, max_payload)
+            except ProtocolViolation as exc:
+                raise TransferError(exc.code, str(exc))
+            if h.id != tid or h.type not in (FrameType.DATA, FrameType.DATA_END):
+                raise TransferError(codes.CHECKSUM_MISMATCH, "unexpected %s frame (id %d) in "
+                                    "transfer %d" % (FrameType.name(h.type), h.id, tid))
+            if h.type == FrameType.DATA_END:
+                body = bytearray(h.length + TRAILER_SIZE)
+                chan.read_exact(memoryview(body))
+                if not T.check_payload(body[:h.length], body[h.length:]):
+                    raise TransferError(codes.CHECKSUM_MISMATCH, "the end frame arrived corrupted")
+                try:
+                    end = T.parse_end(body[:h.length])
+                except ProtocolViolation as exc:
+                    raise TransferError(codes.CHECKSUM_MISMATCH, str(exc))
+                break
+            if h.length < T.OFFSET_SIZE:
+                raise TransferError(codes.CHECKSUM_MISMATCH, "short DATA frame")
+            buf = pipe.get_buffer()
+            mv = memoryview(buf)[:h.length + TRAILER_SIZE]
+            chan.read_exact(mv)
+            c = _Chunk()
+            c.buf = buf
+            c.payload = mv[:h.length]
+            c.trailer = mv[h.length:]
+            c.offset = T.OFFSET.unpack_from(buf, 0)[0]
+            c.data = mv[T.OFFSET_SIZE:h.length]
+            if corrupt_at is not None and pos <= corrupt_at < pos + len(c.data):
+                buf[T.OFFSET_SIZE + corrupt_at - pos] ^= 0xFF
+            if c.offset != pos:
+                pipe.pool.put(buf)
+                raise TransferError(codes.CHECKSUM_MISMATCH, "data chunk at offset %d, expected %d"
+                                    % (c.offset, pos))
+            pos += len(c.data)
+            if size is not None and pos > size:
+                pipe.pool.put(buf)
+                raise TransferError(codes.CHANGED, "more data than the announced %d bytes" % size)
+            pipe.submit(c)
+            if progress is not None:
+                progress(pos)
+        pipe.finish()
+    except BaseException:
+        pipe.finish(check=False)
+        # a CRC failure found by the writer stage explains a later error better
+        if isinstance(pipe.error, TransferError):
+            raise pipe.error
+        raise
+    if "error" in end:
+        code = end["error"] if end["error"] in codes.ERROR_CODES else codes.IO_ERROR
+        raise TransferError(code, "the sender gave up: %s" % end["message"])
+    if "ok" in end:
+        raise TransferError(codes.CHECKSUM_MISMATCH, "unexpected acknowledgement")
+    if end["size"] != pos or state["written"] != pos:
+        raise TransferError(codes.CHECKSUM_MISMATCH, "size mismatch: the sender sent %d bytes, "
+                            "%d arrived" % (end["size"], pos))
+    if size is not None and pos != size:
+        raise TransferError(codes.CHANGED, "the file changed during the transfer (%d bytes "
+                            "announced, %d sent)" % (size, pos))
+    hexd = digest.hexdigest()
+    if end["algorithm"] != algorithm or end["digest"] != hexd:
+        raise TransferError(codes.CHECKSUM_MISMATCH, "%s mismatch: the sender computed %s, the "
+                            "received data has %s" % (algorithm, end["digest"], hexd))
+    return pos, hexd
+
+
+def wait_ack(chan, tid):
+    """The sender of a pull waits for the receiver's DATA_END {"ok": true} (or its error)."""
+    hdr = bytearray(HEADER_SIZE)
+    chan.read_exact(memoryview(hdr))
+    try:
+        h = T.parse_header(hdr)
+    except ProtocolViolation as exc:
+        raise TransferError(exc.code, str(exc))
+    body = bytearray(h.length + TRAILER_SIZE)
+    chan.read_exact(memoryview(body))
+    if h.type != FrameType.DATA_END or h.id != tid or not T.check_payload(body[:h.length], body[h.length:]):
+        raise TransferError(codes.CHECKSUM_MISMATCH, "bad acknowledgement frame")
+    try:
+        end = T.parse_end(body[:h.length])
+    except ProtocolViolation as exc:
+        raise TransferError(codes.CHECKSUM_MISMATCH, str(exc))
+    if "error" in end:
+        code = end["error"] if end["error"] in codes.ERROR_CODES else codes.IO_ERROR
+        raise TransferError(code, "the receiver refused the data: %s" % end["message"])

@@ -1,0 +1,558 @@
+"""Host side of file transfer: ``Client.push`` / ``Client.pull`` (and ``-r`` trees).
+
+One engine for both directions: :func:`_transfer_one` asks the agent over control
+(``transfer.open``), waits for its EVENT ``ready``, then runs the shared copy engine
+(``guestlink.agent.copyengine``: send_file for a push, recv_file for a pull) in a thread on the
+data socket while the asyncio loop keeps serving the control channel; the agent's final reply
+and the engine's own verification must agree. Transfers of one client are serialised by a lock
+(queued per VM); the data socket is connected lazily, kept across transfers, and dropped after a
+failed transfer (its stale bytes die with it; the DATA_HELLO nonce protects the next transfer
+from whatever is still in flight).
+
+Paths received from the guest (recursive pull) are untrusted: every name is checked with
+``safe_relpath`` before anything is written, parents are verified with lstat (never a symlink),
+files are created with O_NOFOLLOW and renamed into place.
+"""
+
+import asyncio
+import errno
+import os
+import secrets
+import socket
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from ..agent import copyengine as CE
+from ..protocol import Fields, ProtocolViolation, codes
+from ..protocol import messages as m
+from ..protocol import transfer as T
+from . import errors as E
+
+BUSY_RETRY = 15.0  # seconds to retry while the agent's data port is still busy
+PROGRESS_INTERVAL = 0.1
+
+
+@dataclass
+class TransferResult:
+    """Outcome of a push or pull (for a tree: totals over its files)."""
+
+    source: str
+    destination: str
+    bytes: int = 0
+    seconds: float = 0.0
+    algorithm: str = T.DEFAULT_ALGORITHM
+    digest: Optional[str] = None  # the last (or only) file's whole-file digest
+    files: int = 0
+    resumed_from: int = 0
+
+    @property
+    def rate(self):
+        """MB/s (10**6 bytes per second)."""
+        return self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+class _DataLink:
+    """The data socket of one client and the lock that queues its transfers."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lock = asyncio.Lock()
+        self.sock = None
+
+    def connect(self):
+        if self.sock is None:
+            if not self.path:
+                raise E.ConnectError("file transfer needs the data channel socket (data=... / --data)")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                s.connect(self.path)
+            except FileNotFoundError as exc:
+                s.close()
+                raise E.SocketNotFound("data socket %s does not exist" % self.path, self.path,
+                                       exc.errno) from None
+            except OSError as exc:
+                s.close()
+                raise E.ConnectError("cannot connect to data socket %s: %s" % (
+                    self.path, exc.strerror or exc), self.path, exc.errno) from None
+            s.setblocking(False)
+            self.sock = s
+        return self.sock
+
+    def reset(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def _link(client):
+    link = getattr(client, "_datalink", None)
+    if link is None:
+        link = client._datalink = _DataLink(client.data)
+    return link
+
+
+def _engine_error(exc):
+    """A copy-engine TransferError raised on the host -> a guestlink exception."""
+    if exc.code == codes.NO_SPACE:
+        return OSError(errno.ENOSPC, "local disk full: %s" % exc)
+    if exc.interrupted:
+        return E.ConnectionLost("connection lost during the transfer: %s" % exc)
+    return E.remote_error(exc.code, str(exc))
+
+
+class _Progress:
+    def __init__(self, loop, cb, total, base):
+        self.loop, self.cb, self.total, self.last = loop, cb, total, 0.0
+        self.base = base
+
+    def __call__(self, pos):
+        now = time.monotonic()
+        if self.cb is not None and (now - self.last >= PROGRESS_INTERVAL or pos == self.total):
+            self.last = now
+            self.loop.call_soon_threadsafe(self.cb, pos, self.total)
+
+
+async def _transfer_one(client, direction, args, engine, progress, total, timeout):
+    """The one engine for both directions.
+
+    ``args``: transfer.open arguments (without transfer/direction). ``engine(chan, ready)`` runs in
+    a thread once the agent is ready and returns (bytes, digest). Returns (reply, ready, bytes,
+    digest, seconds).
+    """
+    from .client import _Call  # the client's request plumbing
+
+    link = _link(client)
+    loop = asyncio.get_running_loop()
+    async with link.lock:
+        deadline_busy = loop.time() + BUSY_RETRY
+        while True:
+            sock = link.connect()
+            tid = secrets.randbelow(T.MAX_TID) + 1
+            ready_fut = loop.create_future()
+
+            def on_event(payload, fut=ready_fut):
+                try:
+                    ev = m.parse_event(payload)
+                except ProtocolViolation as exc:
+                    ev = exc
+                if not fut.done():
+                    fut.set_result(ev)
+
+            call = _Call("transfer.open", on_event)
+            req = dict(args, transfer=tid, direction=direction)
+            deadline = client._deadline(timeout)
+            await client._send_call(call, lambda id_: m.encode_request(id_, "transfer.open", req),
+                                    deadline)
+            try:
+                await asyncio.wait_for(asyncio.wait([ready_fut, call.future],
+                                                    return_when=asyncio.FIRST_COMPLETED),
+                                       client._remaining(deadline))
+            except asyncio.TimeoutError:
+                client._forget(call, cancel=True)
+                raise E.RequestTimeout("the agent did not get ready for the transfer in time") from None
+            except asyncio.CancelledError:
+                client._forget(call, cancel=True)
+                raise
+            if call.future.done() and not ready_fut.done():
+                exc = call.future.exception()
+                if isinstance(exc, E.Busy) and loop.time() < deadline_busy:
+                    await asyncio.sleep(0.1)  # the previous transfer is still winding down
+                    continue
+                if exc is not None:
+                    raise exc
+                raise E.ProtocolError("the agent finished transfer.open without getting ready")
+            ev = ready_fut.result()
+            if isinstance(ev, Exception) or ev.get("event") != "ready":
+                client._forget(call, cancel=True)
+                raise E.ProtocolError("unexpected transfer event from the agent")
+            break
+        try:
+            f = Fields(ev, "ready event")
+            ready = {"nonce": f.str("nonce", max_len=m.MAX_NONCE),
+                     "offset": f.int("offset", min=0),
+                     "size": f.int("size", default=None, min=0),
+                     "mode": f.int("mode", default=None, min=0, max=0o7777),
+                     "mtime_ns": f.int("mtime_ns", default=None),
+                     "uid": f.int("uid", default=None, min=0), "gid": f.int("gid", default=None, min=0),
+                     "path": f.str("path", default="")}
+        except ProtocolViolation as exc:
+            client._forget(call, cancel=True)
+            raise E.ProtocolError("bad ready event: %s" % exc) from None
+        cancel = threading.Event()
+        chan = CE.Channel(sock.fileno(), cancel, what="the data socket")
+        chan.idle_timeout = max(CE.IDLE_TIMEOUT, client.timeout or 0)
+        prog = _Progress(loop, progress, total if total is not None else ready["size"], ready["offset"])
+        started = time.monotonic()
+
+        def run():
+            chan.wait_hello(tid, ready["nonce"], "agent")
+            return engine(chan, tid, ready, prog)
+
+        engine_fut = asyncio.ensure_future(loop.run_in_executor(None, run))
+        ok = False
+        try:
+            done, _ = await asyncio.wait([engine_fut, call.future], return_when=asyncio.FIRST_COMPLETED)
+            if engine_fut not in done:
+                # the agent answered first: normally an error (it stopped); stop our side too
+                exc = call.future.exception() if not call.future.cancelled() else None
+                if exc is not None:
+                    cancel.set()
+                    await asyncio.wait([engine_fut])
+                    raise exc
+                await asyncio.wait([engine_fut])
+            try:
+                nbytes, digest = engine_fut.result()
+            except CE.TransferError as exc:
+                if call.future.done() and call.future.exception() is not None:
+                    raise call.future.exception()  # the agent's explanation is better
+                # a sender error (e.g. the agent refused) may still be on its way on control
+                try:
+                    await asyncio.wait_for(asyncio.shield(call.future), 0.5)
+                except E.GuestlinkError as exc2:
+                    raise exc2 from None
+                except (asyncio.TimeoutError, asyncio.CancelledError):
+                    pass
+                raise _engine_error(exc) from None
+            payload = await client._await_reply(call, client._deadline(max(client.timeout or 0, 30.0)),
+                                                "transfer.open")
+            reply = m.parse_response(payload)
+            if reply.get("digest") != digest or reply.get("size") != nbytes:
+                raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "the agent reports %s %s (%s "
+                                         "bytes), this side %s (%d bytes)" % (
+                                             args.get("checksum"), reply.get("digest"),
+                                             reply.get("size"), digest, nbytes))
+            ok = True
+            return reply, ready, nbytes, digest, time.monotonic() - started
+        except BaseException:
+            cancel.set()
+            if not call.future.done():
+                client._forget(call, cancel=True)
+            if not engine_fut.done():
+                try:
+                    await asyncio.shield(asyncio.wait([engine_fut]))
+                except asyncio.CancelledError:
+                    pass
+            raise
+        finally:
+            if not ok:
+                link.reset()
+
+
+# --- single files --------------------------------------------------------------------------------
+
+def _local_meta(fd):
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory (use -r)")
+    regular = stat.S_ISREG(st.st_mode)
+    return st, (st.st_size if regular else None)
+
+
+async def push_file(client, local, remote, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
+                    progress=None, timeout=None, name=None, _test_corrupt=None):
+    """Push one local file (or ``-`` = stdin) to the guest path ``remote``."""
+    if checksum not in T.ALGORITHMS:
+        raise ValueError("checksum must be one of %s" % ", ".join(T.ALGORITHMS))
+    if local == "-":
+        fd, own = sys.stdin.fileno(), False
+    else:
+        fd, own = os.open(local, os.O_RDONLY | os.O_CLOEXEC), True
+    try:
+        st, size = _local_meta(fd)
+        args = {"path": remote, "checksum": checksum, "resume": bool(resume and size is not None),
+                "preserve": preserve, "mode": stat.S_IMODE(st.st_mode) if size is not None else None,
+                "name": name if name is not None else (os.path.basename(local) if local != "-" else None)}
+        if size is not None:
+            args.update(size=size, mtime_ns=st.st_mtime_ns)
+            if preserve:
+                args.update(uid=st.st_uid, gid=st.st_gid)
+        if _test_corrupt is not None:
+            args["test_corrupt"] = _test_corrupt
+        args = {k: v for k, v in args.items() if v is not None}
+
+        def engine(chan, tid, ready, prog):
+            offset = ready["offset"]
+            if offset:
+                os.lseek(fd, offset, os.SEEK_SET)
+            chan.write_all([T.encode_hello(tid, ready["nonce"], "host")])
+
+            def check():
+                if size is None:
+                    return
+                now = os.fstat(fd)
+                if now.st_size != st.st_size or now.st_mtime_ns != st.st_mtime_ns:
+                    raise CE.TransferError(codes.CHANGED, "%s changed during the transfer" % local)
+            try:
+                return CE.send_file(chan, fd, tid, checksum, offset, size, progress=prog, check=check)
+            except CE.TransferError as exc:
+                if exc.code == codes.CHANGED:  # tell the agent why (it drops its temp file)
+                    try:
+                        chan.write_all([T.encode_end_error(tid, exc.code, str(exc))])
+                    except CE.TransferError:
+                        pass
+                raise
+
+        reply, ready, nbytes, digest, seconds = await _transfer_one(
+            client, "push", args, engine, progress, size, timeout)
+        return TransferResult(local, reply.get("path", remote), nbytes, seconds, checksum, digest, 1,
+                              ready["offset"])
+    finally:
+        if own:
+            os.close(fd)
+
+
+def _open_partial(parent, name, offset):
+    fd = os.open(os.path.join(parent, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
+    os.ftruncate(fd, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return fd
+
+
+async def pull_file(client, remote, local, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
+                    progress=None, timeout=None, remote_stat=None, _test_corrupt=None):
+    """Pull one guest file to ``local`` (a file path, an existing directory, or ``-`` = stdout)."""
+    if checksum not in T.ALGORITHMS:
+        raise ValueError("checksum must be one of %s" % ", ".join(T.ALGORITHMS))
+    rst = remote_stat or await client.call("fs.stat", {"path": remote}, timeout=timeout)
+    if rst.get("type") == "dir":
+        raise E.RemoteIsADirectory(codes.IS_A_DIRECTORY, "%s is a directory in the guest (use -r)" % remote)
+    size, mtime_ns = rst.get("size"), rst.get("mtime_ns")
+    to_stdout = local == "-"
+    if to_stdout:
+        fd, dest, partial, offset = sys.stdout.fileno(), "-", None, 0
+        parent = None
+    else:
+        dest = os.path.abspath(local)
+        if os.path.isdir(dest):
+            dest = os.path.join(dest, os.path.basename(remote.rstrip("/")) or "file")
+            if os.path.isdir(dest) and not os.path.islink(dest):
+                raise IsADirectoryError(errno.EISDIR, "%s is a directory" % dest)
+        parent = os.path.dirname(dest)
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(errno.ENOENT, "local directory %s does not exist" % parent)
+        partial = T.partial_name(dest, size, mtime_ns, checksum)
+        offset = 0
+        if resume:
+            try:
+                pst = os.lstat(os.path.join(parent, partial))
+                if stat.S_ISREG(pst.st_mode):
+                    offset = T.resume_offset(pst.st_size, size)
+            except FileNotFoundError:
+                pass
+        fd = _open_partial(parent, partial, offset)
+    args = {"path": remote, "checksum": checksum, "offset": offset, "size": size, "mtime_ns": mtime_ns}
+    if _test_corrupt is not None:
+        args["test_corrupt"] = _test_corrupt
+    keep = False
+
+    def engine(chan, tid, ready, prog):
+        nbytes, digest = CE.recv_file(chan, fd, tid, checksum, ready["offset"], ready["size"],
+                                      progress=prog)
+        if not to_stdout:
+            os.fsync(fd)
+        chan.write_all([T.encode_ack(tid)])
+        return nbytes, digest
+
+    try:
+        try:
+            reply, ready, nbytes, digest, seconds = await _transfer_one(
+                client, "pull", args, engine, progress, size, timeout)
+        except (E.ConnectionLost, E.RequestTimeout):
+            keep = True  # interrupted: the verified prefix stays for --resume
+            raise
+        if not to_stdout:
+            final = os.path.join(parent, partial)
+            if preserve:
+                if ready["uid"] is not None and os.geteuid() == 0:
+                    os.fchown(fd, ready["uid"], ready["gid"] if ready["gid"] is not None else -1)
+                if ready["mode"] is not None:
+                    os.fchmod(fd, ready["mode"])
+                if ready["mtime_ns"] is not None:
+                    os.utime(fd, ns=(ready["mtime_ns"], ready["mtime_ns"]))
+            else:
+                try:
+                    os.fchmod(fd, stat.S_IMODE(os.stat(dest).st_mode))
+                except OSError:
+                    mask = os.umask(0o022)
+                    os.umask(mask)
+                    os.fchmod(fd, 0o666 & ~mask)
+            os.replace(final, dest)
+            partial = None
+        return TransferResult(remote, dest, nbytes, seconds, checksum, digest, 1, ready["offset"])
+    finally:
+        if not to_stdout:
+            os.close(fd)
+            if partial is not None and not keep:
+                try:
+                    os.unlink(os.path.join(parent, partial))
+                except OSError:
+                    pass
+
+
+# --- trees ---------------------------------------------------------------------------------------
+
+def _join_remote(root, rel):
+    return root.rstrip("/") + "/" + rel if root != "/" else "/" + rel
+
+
+async def push_tree(client, local, remote, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
+                    progress=None, timeout=None):
+    """``cp -r``: the directory ``local`` becomes ``remote`` (or ``remote/NAME`` if that is an
+    existing directory). Symlinks are sent as symlinks (targets verbatim)."""
+    local = os.path.abspath(local)
+    try:
+        rst = await client.call("fs.stat", {"path": remote}, timeout=timeout)
+    except E.RemoteNotFound:
+        rst = None
+    root = _join_remote(remote, os.path.basename(local)) if rst and rst.get("type") == "dir" else remote
+    total = TransferResult(local, root, algorithm=checksum)
+    t0 = time.monotonic()
+    dirs = []
+
+    async def mkdir(path, st):
+        await client.call("fs.mkdir", {"path": path, "mode": 0o700 | stat.S_IMODE(st.st_mode)},
+                          timeout=timeout)
+        dirs.append((path, st))
+
+    await mkdir(root, os.stat(local))
+    for dirpath, dirnames, filenames in os.walk(local):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, local)
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            rel = name if rel_dir == "." else rel_dir + "/" + name
+            target = _join_remote(root, rel)
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                await client.call("fs.symlink", {"path": target, "target": os.readlink(full)},
+                                  timeout=timeout)
+                if name in dirnames:
+                    dirnames.remove(name)
+            elif stat.S_ISDIR(st.st_mode):
+                await mkdir(target, st)
+            elif stat.S_ISREG(st.st_mode):
+                r = await push_file(client, full, target, preserve=preserve, resume=resume,
+                                    checksum=checksum, progress=progress, timeout=timeout)
+                total.bytes += r.bytes
+                total.files += 1
+                total.digest = r.digest
+    for path, st in reversed(dirs):
+        attrs = {"path": path, "mode": stat.S_IMODE(st.st_mode)}
+        if preserve:
+            attrs["mtime_ns"] = st.st_mtime_ns
+        await client.call("fs.setattr", attrs, timeout=timeout)
+    total.seconds = time.monotonic() - t0
+    return total
+
+
+def _safe_parent(root, parts):
+    """Verify every directory from ``root`` down to the entry's parent is a real directory (lstat,
+    no symlinks): writing there cannot leave ``root``."""
+    path = root
+    for part in parts[:-1]:
+        path = os.path.join(path, part)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise E.ProtocolError("refusing to write below %s: not a real directory" % path)
+    return os.path.join(path, parts[-1])
+
+
+async def list_tree(client, remote, timeout=None, op="fs.list"):
+    entries = []
+    start = 0
+    while start is not None:
+        page = await client.call(op, {"path": remote, "start": start}, timeout=timeout)
+        items = page.get("entries")
+        if not isinstance(items, list):
+            raise E.ProtocolError("%s reply without entries" % op)
+        entries.extend(items)
+        nxt = page.get("next")
+        start = nxt if isinstance(nxt, int) and not isinstance(nxt, bool) and nxt > start else None
+    return entries
+
+
+async def pull_tree(client, remote, local, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
+                    progress=None, timeout=None, _list_op="fs.list"):
+    """``cp -r`` from the guest. Every name in the guest's listing is validated before anything
+    is written; a listing naming ``..``, absolute paths or anything unsafe is refused whole."""
+    local = os.path.abspath(local)
+    root = os.path.join(local, os.path.basename(remote.rstrip("/")) or "root") \
+        if os.path.isdir(local) else local
+    entries = await list_tree(client, remote, timeout, _list_op)
+    plan = []
+    seen = set()
+    for e in entries:
+        if not isinstance(e, dict):
+            raise E.ProtocolError("bad listing entry from the guest")
+        try:
+            parts = T.safe_relpath(e.get("path"))
+        except ProtocolViolation as exc:
+            raise E.ProtocolError("the guest's listing is unsafe: %s" % exc) from None
+        rel = "/".join(parts)
+        if rel in seen:
+            raise E.ProtocolError("the guest's listing names %r twice" % rel)
+        seen.add(rel)
+        kind = e.get("type")
+        if kind == "symlink" and not isinstance(e.get("target"), str):
+            raise E.ProtocolError("symlink %r without a target" % rel)
+        plan.append((parts, rel, kind, e))
+    total = TransferResult(remote, root, algorithm=checksum)
+    t0 = time.monotonic()
+    os.makedirs(root, exist_ok=True)
+    if os.path.islink(root) or not os.path.isdir(root):
+        raise E.ProtocolError("%s is not a directory" % root)
+    dirs = []
+    for parts, rel, kind, e in plan:
+        dest = _safe_parent(root, parts)
+        if kind == "dir":
+            try:
+                os.mkdir(dest, 0o700)
+            except FileExistsError:
+                if os.path.islink(dest) or not os.path.isdir(dest):
+                    raise E.ProtocolError("%s exists and is not a directory" % dest)
+            dirs.append((dest, e))
+        elif kind == "symlink":
+            if os.path.lexists(dest):
+                os.unlink(dest)
+            os.symlink(e["target"], dest)
+        elif kind == "file":
+            if os.path.islink(dest):
+                os.unlink(dest)  # never write through a link
+            r = await pull_file(client, _join_remote(remote, rel), dest, preserve=preserve,
+                                resume=resume, checksum=checksum, progress=progress, timeout=timeout,
+                                remote_stat={"type": "file", "size": e.get("size"),
+                                             "mtime_ns": e.get("mtime_ns")})
+            total.bytes += r.bytes
+            total.files += 1
+            total.digest = r.digest
+    for dest, e in reversed(dirs):
+        mode = e.get("mode")
+        if isinstance(mode, int):
+            os.chmod(dest, mode & 0o7777)
+        if preserve and isinstance(e.get("mtime_ns"), int):
+            os.utime(dest, ns=(e["mtime_ns"], e["mtime_ns"]), follow_symlinks=False)
+    total.seconds = time.monotonic() - t0
+    return total
+
+
+async def push(client, local, remote, *, recursive=False, **kw):
+    if recursive and local != "-" and os.path.isdir(local):
+        return await push_tree(client, local, remote, **kw)
+    if local != "-" and os.path.isdir(local):
+        raise IsADirectoryError(errno.EISDIR, "%s is a directory (use -r)" % local)
+    return await push_file(client, local, remote, **kw)
+
+
+async def pull(client, remote, local, *, recursive=False, _list_op="fs.list", **kw):
+    rst = await client.call("fs.stat", {"path": remote}, timeout=kw.get("timeout"))
+    if rst.get("type") == "dir" or _list_op != "fs.list":
+        if not recursive:
+            raise E.RemoteIsADirectory(codes.IS_A_DIRECTORY, "%s is a directory in the guest "
+                                       "(use -r)" % remote)
+        return await pull_tree(client, remote, local, _list_op=_list_op, **kw)
+    return await pull_file(client, remote, local, remote_stat=rst, **kw)
