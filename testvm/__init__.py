@@ -6,6 +6,7 @@ See testvm/README.md.
 """
 
 from .build import BaseImage, TestbedError, ensure_base, make_overlay
-from .vm import TestVM, QMPError
+from .vm import TestVM, QMPError, guest_files, kernel_cmdline, write_initrd
 
-__all__ = ["BaseImage", "TestbedError", "ensure_base", "make_overlay", "TestVM", "QMPError"]
+__all__ = ["BaseImage", "TestbedError", "ensure_base", "make_overlay", "TestVM", "QMPError",
+           "guest_files", "kernel_cmdline", "write_initrd"]

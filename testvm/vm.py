@@ -39,7 +39,42 @@ READY_LINE = "guestlink-testvm: ready"
 BASE_APPEND = ("console=ttyS0 quiet panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd "
                "tsc=reliable no_timer_check cryptomgr.notests random.trust_cpu=on")
 
+#: -cpu for the guest: RDRAND (with random.trust_cpu=on) avoids an entropy stall at boot
+QEMU_CPU = "qemu64,+rdrand"
+
 _live: "weakref.WeakSet[TestVM]" = weakref.WeakSet()
+
+
+def kernel_cmdline(nports: int, append: str = "") -> str:
+    """The guest's kernel command line (BASE_APPEND, the number of named ports init waits for)."""
+    return " ".join(x for x in (BASE_APPEND, f"guestlink.nports={nports}", append) if x)
+
+
+def guest_files(agent_pyz: Union[str, os.PathLike, None] = None, agent_args: Sequence[str] = (),
+                extra_files: Optional[Mapping[str, Union[bytes, str, os.PathLike]]] = None) -> dict:
+    """{guest_path: bytes | host_path} for make_overlay: the agent, its args file, extra files."""
+    files: dict = {}
+    if agent_pyz:
+        if not Path(agent_pyz).is_file():
+            raise TestbedError(f"agent zipapp not found: {agent_pyz}")
+        files[AGENT_GUEST_PATH] = Path(agent_pyz)
+    if agent_args:
+        files["/etc/guestlink/agent-args"] = "".join(a + "\n" for a in agent_args).encode()
+    for k, v in (extra_files or {}).items():
+        files["/" + k.lstrip("/")] = v
+    return files
+
+
+def write_initrd(dest: Union[str, os.PathLike], files: Mapping, cache_dir=None):
+    """Write the base initramfs plus an overlay of ``files`` (see guest_files) to ``dest``;
+    return the BaseImage (``.kernel`` is the matching kernel). Used by TestVM and by tests that
+    boot the guest some other way (e.g. under libvirt)."""
+    base = ensure_base(cache_dir)
+    with open(dest, "wb") as f:
+        with open(base.initramfs, "rb") as b:
+            shutil.copyfileobj(b, f)
+        f.write(make_overlay(files))
+    return base
 
 
 @atexit.register
@@ -143,22 +178,12 @@ class TestVM:
 
     # ---------------------------------------------------------------- lifecycle
     def _overlay_files(self) -> dict:
-        files: dict = {}
-        if self.agent_pyz:
-            if not self.agent_pyz.is_file():
-                raise TestbedError(f"agent zipapp not found: {self.agent_pyz}")
-            files[AGENT_GUEST_PATH] = self.agent_pyz
-        if self.agent_args:
-            files["/etc/guestlink/agent-args"] = "".join(a + "\n" for a in self.agent_args).encode()
-        for k, v in self.extra_files.items():
-            files["/" + k.lstrip("/")] = v
-        return files
+        return guest_files(self.agent_pyz, self.agent_args, self.extra_files)
 
     def qemu_command(self, kernel: Path, initrd: Path) -> List[str]:
-        append = " ".join(x for x in (BASE_APPEND, f"guestlink.nports={len(self._ports)}",
-                                      self.append) if x)
+        append = kernel_cmdline(len(self._ports), self.append)
         cmd = [QEMU, "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none",
-               "-machine", "pc", "-cpu", "qemu64,+rdrand", "-smp", str(self.smp), "-m", str(self.memory),
+               "-machine", "pc", "-cpu", QEMU_CPU, "-smp", str(self.smp), "-m", str(self.memory),
                "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
                "-chardev", f"file,id=con0,path={self.console_log}",
                "-serial", "chardev:con0",
@@ -178,12 +203,8 @@ class TestVM:
             raise RuntimeError("VM already started")
         if not shutil.which(QEMU):
             raise TestbedError(f"{QEMU} not found: install Debian package qemu-system-x86")
-        base = ensure_base(self.cache_dir)
         initrd = self.workdir / "initrd.img"
-        with open(initrd, "wb") as f:
-            with open(base.initramfs, "rb") as b:
-                shutil.copyfileobj(b, f)
-            f.write(make_overlay(self._overlay_files()))
+        base = write_initrd(initrd, self._overlay_files(), self.cache_dir)
         for p in list(self._ports.values()) + [self.qmp_path]:
             if p.exists() or p.is_symlink():
                 p.unlink()
