@@ -463,6 +463,9 @@ def build_parser():
     domain_arg(vm_command("shutdown", "power the guest off", json=False))
     domain_arg(vm_command("reboot", "reboot the guest", json=False))
 
+    from . import cli_files
+    cli_files.add_parsers(sub, vm_command)
+
     p = sub.add_parser("agent-bundle", help="write the guest agent as one executable file",
                        description="write the guest agent as one executable file (a zipapp "
                                    "needing only python3 >= 3.8 in the guest)")
@@ -479,11 +482,20 @@ def build_parser():
 COMMANDS = {
     "ping": cmd_ping, "info": cmd_info, "exec": cmd_exec, "send": cmd_send, "listen": cmd_listen,
     "call": cmd_call, "shutdown": cmd_shutdown, "reboot": cmd_reboot,
+    "cp": lambda vm, args: _files().cmd_cp(vm, args, _print_json),
+    "run": lambda vm, args: _files().cmd_run(vm, args, cmd_exec),
 }
+
+
+def _files():
+    from . import cli_files
+    return cli_files
 
 
 def _check_args(args):
     """Refuse bad command lines before connecting (UsageError); normalise a few options."""
+    if args.command in ("cp", "run"):
+        _files().check_args(args, UsageError, _parse_pairs)
     if args.command == "exec" and "--" in args.argv[1:] and args.argv[0] != "--":
         if args.argv.index("--") != 1:
             raise UsageError("exec: only a libvirt domain may stand before --: guestlink exec "
@@ -517,7 +529,7 @@ async def _run_vm_command(args):
 
     target = resolve_target(args)
     func = COMMANDS[args.command]
-    connect_timeout = args.connect_timeout if args.command == "exec" else args.timeout
+    connect_timeout = args.connect_timeout if args.command in ("exec", "run") else args.timeout
     # one-shot commands must not silently wait for a VM that went away; listen keeps listening
     reconnect = args.command == "listen"
     where = (dict(domain=target.domain, uri=target.uri) if target.domain  # follows restarts

@@ -306,7 +306,7 @@ class FileOps:
                 raise OpError(codes.NO_SPACE, "not enough space in %s: %d bytes needed, %d free"
                               % (parent, size - tr.offset, free))
         try:
-            fd = os.open(tr.partial, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = os.open(tr.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             if tr.offset:
                 os.ftruncate(fd, tr.offset)
                 os.lseek(fd, tr.offset, os.SEEK_SET)

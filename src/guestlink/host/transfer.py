@@ -193,6 +193,7 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
             return engine(chan, tid, ready, prog)
 
         engine_fut = asyncio.ensure_future(loop.run_in_executor(None, run))
+        engine_fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         ok = False
         try:
             done, _ = await asyncio.wait([engine_fut, call.future], return_when=asyncio.FIRST_COMPLETED)
@@ -306,7 +307,7 @@ async def push_file(client, local, remote, *, preserve=False, resume=False, chec
 
 
 def _open_partial(parent, name, offset):
-    fd = os.open(os.path.join(parent, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+    fd = os.open(os.path.join(parent, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                  0o600)
     os.ftruncate(fd, offset)
     os.lseek(fd, offset, os.SEEK_SET)

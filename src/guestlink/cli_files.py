@@ -1,0 +1,170 @@
+"""``guestlink cp`` and ``guestlink run`` (file transfer commands of the CLI; see cli.py).
+
+``cp SRC DST``: exactly one side names the guest, scp-style: ``:PATH`` (the VM comes from
+--ctl/--data, $GUESTLINK_CTL/DATA or --domain) or ``VM:PATH`` (a libvirt domain, resolved by
+cli.resolve_target). ``-`` is stdin (push) or stdout (pull). A colon after a slash is part of a
+local path (``./a:b``).
+"""
+
+import asyncio
+import os
+import secrets
+import sys
+import time
+
+CHECKSUMS = ("sha256", "blake2b", "crc32")
+
+
+class Spec:
+    def __init__(self, text, remote, path, domain=None):
+        self.text, self.remote, self.path, self.domain = text, remote, path, domain
+
+
+def parse_spec(text):
+    if text == "-" or not text:
+        return Spec(text, False, text)
+    idx = text.find(":")
+    if idx == 0:
+        return Spec(text, True, text[1:])
+    if idx > 0 and "/" not in text[:idx]:
+        return Spec(text, True, text[idx + 1:], text[:idx])
+    return Spec(text, False, text)
+
+
+def add_parsers(sub, vm_command):
+    p = vm_command("cp", "copy files between the host and the guest (scp-like: :PATH or VM:PATH "
+                         "names the guest side)")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("-r", "--recursive", action="store_true", help="copy directories recursively "
+                   "(symlinks are copied as symlinks)")
+    p.add_argument("-p", "--preserve", action="store_true", help="preserve mode and mtime (and "
+                   "owner when the receiving side runs as root)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted copy from its "
+                   "last verified byte")
+    p.add_argument("--checksum", choices=CHECKSUMS, default="sha256",
+                   help="whole-file digest (default sha256; crc32 for slow guest CPUs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = vm_command("run", "copy a local script into the guest, run it with ARGS, stream its "
+                          "output, remove it; exits with its status",
+                   timeout_help="kill the script after S seconds (exit status 124)")
+    p.set_defaults(timeout=None, stdin_mode="auto", shell=False)
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to connect and get the script started (default 10)")
+    p.add_argument("--env", action="append", metavar="K=V", help="set an environment variable")
+    p.add_argument("--cwd", metavar="DIR", help="working directory in the guest (default /)")
+    p.add_argument("--dir", default="/tmp", metavar="DIR",
+                   help="guest directory for the script (default /tmp)")
+    p.add_argument("script", metavar="SCRIPT")
+    p.add_argument("script_args", nargs="...", metavar="ARG")
+
+
+def check_args(args, UsageError, parse_pairs):
+    """Called by cli._check_args before resolve_target."""
+    if args.command == "cp":
+        src, dst = parse_spec(args.src), parse_spec(args.dst)
+        if src.remote == dst.remote:
+            raise UsageError("cp: exactly one of SRC and DST must name the guest (:PATH or VM:PATH)")
+        remote = src if src.remote else dst
+        if not remote.path.startswith("/"):
+            raise UsageError("cp: the guest path must be absolute, not %r" % remote.path)
+        if remote.domain:
+            if getattr(args, "domain_arg", None) and args.domain_arg != remote.domain:
+                raise UsageError("two libvirt domains given")
+            args.domain_arg = remote.domain
+        args.direction = "pull" if src.remote else "push"
+        args.local = (dst if src.remote else src).path
+        args.remote = remote.path
+        if args.local == "-" and args.recursive:
+            raise UsageError("cp: -r cannot stream through - (stdin/stdout)")
+    elif args.command == "run":
+        if not os.path.isfile(args.script):
+            raise UsageError("run: %s is not a file" % args.script)
+        args.env_map = parse_pairs(args.env, "--env") or None
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (only used on a terminal)."""
+
+    def __init__(self, label, stream=None):
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+        self.shown = False
+
+    def __call__(self, done, total):
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = done / elapsed
+        if total:
+            pct = 100.0 * done / total
+            eta = (total - done) / rate if rate > 0 else 0
+            width = 24
+            fill = int(width * done / total)
+            line = "%s [%s%s] %5.1f%% %s/%s %6.1f MB/s ETA %d:%02d" % (
+                self.label[-30:], "#" * fill, "." * (width - fill), pct, _human(done),
+                _human(total), rate / 1e6, eta // 60, eta % 60)
+        else:
+            line = "%s %s %6.1f MB/s" % (self.label[-30:], _human(done), rate / 1e6)
+        self.stream.write("\r" + line[:120] + "\033[K")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self):
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024.0
+
+
+async def cmd_cp(vm, args, print_json):
+    bar = None
+    try:
+        tty = os.isatty(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        tty = False
+    if tty and not args.json and not args.quiet and not (args.direction == "pull" and args.local == "-"
+                                                         and os.isatty(sys.stdout.fileno())):
+        bar = ProgressBar(os.path.basename(args.src.rstrip("/")) or args.src)
+    kw = dict(recursive=args.recursive, preserve=args.preserve, resume=args.resume,
+              checksum=args.checksum, progress=bar, timeout=args.timeout)
+    if args.direction == "pull" and args.local == "-":
+        sys.stdout.flush()
+    try:
+        if args.direction == "push":
+            result = await vm.push(args.local, args.remote, **kw)
+        else:
+            result = await vm.pull(args.remote, args.local, **kw)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        obj = {"source": result.source, "destination": result.destination, "bytes": result.bytes,
+               "seconds": round(result.seconds, 6), "mb_per_s": round(result.rate, 3),
+               "algorithm": result.algorithm, "digest": result.digest, "files": result.files,
+               "resumed_from": result.resumed_from}
+        if result.algorithm == "sha256":
+            obj["sha256"] = result.digest
+        print_json(obj)
+    return 0
+
+
+async def cmd_run(vm, args, cmd_exec):
+    name = os.path.basename(args.script) or "script"
+    remote = "%s/.guestlink-run-%s-%s" % (args.dir.rstrip("/"), secrets.token_hex(6), name)
+    await vm.push(args.script, remote, timeout=args.connect_timeout)
+    try:
+        await vm.call("fs.setattr", {"path": remote, "mode": 0o700}, timeout=args.connect_timeout)
+        args.cmd = [remote] + list(args.script_args)
+        return await cmd_exec(vm, args)
+    finally:
+        try:
+            await asyncio.shield(vm.call("fs.remove", {"path": remote}, timeout=args.connect_timeout))
+        except Exception:
+            pass

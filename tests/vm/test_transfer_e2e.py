@@ -1,0 +1,381 @@
+"""File transfer against the real agent in QEMU (issue 5)."""
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from guestlink.host import errors as E
+from guestlink.host import transfer as HT
+from guestlink.host.client import connect
+from guestlink.protocol.transfer import DEFAULT_CHUNK
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(vm, fn, timeout=10.0):
+    async def main():
+        async with connect(ctl=vm.ctl_path, data=vm.data_path, timeout=timeout) as c:
+            return await fn(c)
+    return asyncio.run(main())
+
+
+async def guest_sha(c, path):
+    r = await c.run(["sha256sum", path], check=True)
+    return r.stdout.split()[0].decode()
+
+
+async def guest_sh(c, script):
+    r = await c.run(["sh", "-c", script], check=True)
+    return r.stdout.decode()
+
+
+def sha(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1, DEFAULT_CHUNK - 1, DEFAULT_CHUNK, DEFAULT_CHUNK + 1,
+                                  2 * DEFAULT_CHUNK + 7])
+def test_push_pull_sizes(vm, tmp_path, size):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(size))
+    back = tmp_path / "back.bin"
+    remote = "/tmp/sizes-%d.bin" % size
+
+    async def go(c):
+        r1 = await c.push(str(src), remote)
+        gsha = await guest_sha(c, remote)
+        r2 = await c.pull(remote, str(back))
+        await c.call("fs.remove", {"path": remote})
+        return r1, r2, gsha
+
+    r1, r2, gsha = run(vm, go)
+    assert r1.bytes == r2.bytes == size
+    assert gsha == sha(src) == r1.digest == r2.digest == sha(back)
+    assert back.read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("checksum", ["sha256", "crc32"])
+def test_64mib_push_pull(vm, tmp_path, checksum):
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+    back = tmp_path / "big.back"
+
+    async def go(c):
+        await c.push(str(src), "/tmp/big.bin", checksum=checksum)
+        gsha = await guest_sha(c, "/tmp/big.bin")
+        await c.pull("/tmp/big.bin", str(back), checksum=checksum)
+        await c.call("fs.remove", {"path": "/tmp/big.bin"})
+        return gsha
+
+    gsha = run(vm, go)
+    assert gsha == sha(src) == sha(back)
+
+
+def test_recursive_round_trip_preserves_mode_mtime_symlinks(vm, tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "sub" / "deeper").mkdir(parents=True)
+    (tree / "a.txt").write_bytes(b"alpha\n")
+    (tree / "sub" / "b.bin").write_bytes(os.urandom(DEFAULT_CHUNK + 3))
+    (tree / "sub" / "deeper" / "empty").write_bytes(b"")
+    os.symlink("sub/b.bin", tree / "link-to-b")
+    os.symlink("/etc/hostname", tree / "abs-link")
+    os.chmod(tree / "a.txt", 0o640)
+    os.utime(tree / "a.txt", ns=(1_500_000_000_123_456_789, 1_500_000_000_123_456_789))
+    os.chmod(tree / "sub", 0o750)
+    os.utime(tree / "sub", ns=(1_400_000_000_000_000_000,) * 2)
+    out = tmp_path / "out"
+
+    async def go(c):
+        await guest_sh(c, "rm -rf /tmp/rt && mkdir /tmp/rt")
+        r = await c.push(str(tree), "/tmp/rt", recursive=True, preserve=True)
+        listing = await guest_sh(c, "cd /tmp/rt/tree && ls -la . sub && readlink link-to-b && "
+                                 "readlink abs-link && sha256sum sub/b.bin && stat -c '%a %Y' a.txt sub")
+        r2 = await c.pull("/tmp/rt/tree", str(out), recursive=True, preserve=True)
+        return r, r2, listing
+
+    r, r2, listing = run(vm, go)
+    assert r.files == 3 and r2.files == 3
+    assert "sub/b.bin\n" in listing and hashlib.sha256((tree / "sub" / "b.bin").read_bytes()).hexdigest() in listing
+    assert "640 1500000000" in listing and "750 1400000000" in listing
+    for rel in ("a.txt", "sub/b.bin", "sub/deeper/empty"):
+        assert (out / rel).read_bytes() == (tree / rel).read_bytes()
+    assert os.readlink(out / "link-to-b") == "sub/b.bin"
+    assert os.readlink(out / "abs-link") == "/etc/hostname"
+    st = os.stat(out / "a.txt")
+    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime_ns == 1_500_000_000_123_456_789
+    st = os.stat(out / "sub")
+    assert stat.S_IMODE(st.st_mode) == 0o750 and st.st_mtime_ns == 1_400_000_000_000_000_000
+
+
+def test_errors_are_clear(vm, tmp_path):
+    src = tmp_path / "f"
+    src.write_bytes(b"x")
+    huge = tmp_path / "huge"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 40)  # sparse: the guest must refuse it before any byte moves
+
+    async def go(c):
+        errs = {}
+        for key, coro in [
+            ("missing_dir", c.push(str(src), "/tmp/no/such/dir/f")),
+            ("no_space", c.push(str(huge), "/tmp/huge")),
+            ("pull_missing", c.pull("/tmp/does-not-exist", str(tmp_path / "x"))),
+            ("pull_dir", c.pull("/tmp", str(tmp_path / "y"))),
+        ]:
+            try:
+                await coro
+            except E.GuestlinkError as exc:
+                errs[key] = exc
+        errs["ping"] = await c.ping()  # the connection is still fine
+        leftovers = await guest_sh(c, "ls -a /tmp | grep guestlink- || true")
+        return errs, leftovers
+
+    errs, leftovers = run(vm, go)
+    assert isinstance(errs["missing_dir"], E.RemoteNotFound)
+    assert isinstance(errs["no_space"], E.RemoteNoSpace)
+    assert isinstance(errs["pull_missing"], E.RemoteNotFound)
+    assert isinstance(errs["pull_dir"], E.RemoteIsADirectory)
+    assert leftovers.strip() == ""
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_ping_answered_during_large_push(vm, tmp_path):
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+
+    async def go(c):
+        task = asyncio.ensure_future(c.push(str(src), "/tmp/ping-big.bin"))
+        rtts = []
+        await asyncio.sleep(0.3)
+        while not task.done():
+            rtts.append(await c.ping())
+            r = await c.run(["true"])  # exec works meanwhile too
+            assert r.returncode == 0
+            await asyncio.sleep(0.05)
+        await task
+        await c.call("fs.remove", {"path": "/tmp/ping-big.bin"})
+        return rtts
+
+    rtts = run(vm, go)
+    assert rtts, "the push finished before a ping could be sent"
+    assert max(rtts) < 1.0, rtts
+
+
+def test_transfers_queue_per_vm(vm, tmp_path):
+    files = []
+    for i in range(3):
+        p = tmp_path / ("q%d" % i)
+        p.write_bytes(os.urandom(300_000 + i))
+        files.append(p)
+
+    async def go(c):
+        await asyncio.gather(*[c.push(str(p), "/tmp/q%d" % i) for i, p in enumerate(files)])
+        return [await guest_sha(c, "/tmp/q%d" % i) for i in range(3)]
+
+    assert run(vm, go) == [sha(p) for p in files]
+
+
+def _cli_env(vm):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "src")] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["GUESTLINK_CTL"] = vm.ctl_path
+    env["GUESTLINK_DATA"] = vm.data_path
+    return env
+
+
+KILLER = r"""
+import asyncio, sys
+from guestlink.host.client import connect
+async def main():
+    async with connect(ctl=sys.argv[1], data=sys.argv[2]) as c:
+        def cb(done, total):
+            print(done, flush=True)
+        await c.push(sys.argv[3], sys.argv[4], progress=cb)
+asyncio.run(main())
+"""
+
+
+def test_kill_host_mid_push_then_resume(vm, tmp_path, run_cli):
+    src = tmp_path / "resume.bin"
+    with open(src, "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, vm.ctl_path, vm.data_path, str(src),
+                             "/tmp/resume.bin"], env=_cli_env(vm), stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if int(line) >= 16 << 20:
+                break
+        else:
+            pytest.fail("the push ended before it could be killed")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(10)
+    time.sleep(0.5)  # the agent notices the host went away
+    r = run_cli("cp", "--resume", "--json", str(src), ":/tmp/resume.bin")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["resumed_from"] >= 8 << 20
+    assert summary["bytes"] == 64 << 20
+    assert summary["sha256"] == sha(src)
+
+    async def check(c):
+        return await guest_sha(c, "/tmp/resume.bin"), await guest_sh(
+            c, "ls -a /tmp | grep guestlink- || true; rm -f /tmp/resume.bin")
+
+    gsha, leftovers = run(vm, check)
+    assert gsha == sha(src)
+    assert leftovers.strip() == ""
+
+
+def test_cli_cp_json_and_streams(vm, tmp_path, run_cli):
+    src = tmp_path / "cli.bin"
+    src.write_bytes(os.urandom(100_000))
+    r = run_cli("cp", "--json", "-p", str(src), ":/tmp/cli.bin")
+    assert r.returncode == 0, r.stderr
+    push = json.loads(r.stdout)
+    assert push["bytes"] == 100_000 and push["sha256"] == sha(src) and push["mb_per_s"] > 0
+    assert r.stderr == ""  # not a TTY: no progress bar
+    r = run_cli("cp", "--json", "--checksum", "blake2b", ":/tmp/cli.bin", str(tmp_path / "cli.back"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["digest"] == hashlib.blake2b(src.read_bytes()).hexdigest()
+    assert (tmp_path / "cli.back").read_bytes() == src.read_bytes()
+    env = _cli_env(vm)
+    out = subprocess.run([sys.executable, "-m", "guestlink", "cp", ":/tmp/cli.bin", "-"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert out.returncode == 0 and out.stdout == src.read_bytes()
+    data = os.urandom(70_000)
+    inp = subprocess.run([sys.executable, "-m", "guestlink", "cp", "-", ":/tmp/stdin.bin"], env=env,
+                         input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert inp.returncode == 0, inp.stderr
+    r = run_cli("exec", "--", "sha256sum", "/tmp/stdin.bin")
+    assert r.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+    r = run_cli("cp", str(src), "relative/path")
+    assert r.returncode == 2 and "exactly one" in r.stderr
+
+
+def test_guestlink_run_script(vm, tmp_path, run_cli):
+    script = tmp_path / "hello.sh"
+    script.write_text('#!/bin/sh\necho "args: $1 $2"\necho "to stderr" >&2\nexit 7\n')
+    r = run_cli("run", str(script), "one", "two words")
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == "args: one two words\n"
+    assert "to stderr" in r.stderr
+    r = run_cli("exec", "--", "sh", "-c", "ls -a /tmp | grep guestlink-run || true")
+    assert r.stdout.strip() == ""
+
+
+# --- a VM with test hooks, a restricted policy and a hostile handler ------------------------------
+
+HOSTILE = '''
+def handle(args, ctx):
+    kind = args.get("kind")
+    if kind == "dotdot":
+        return {"entries": [{"path": "ok.txt", "type": "file", "size": 3, "mtime_ns": 0},
+                            {"path": "../escaped.txt", "type": "file", "size": 3, "mtime_ns": 0}],
+                "next": None}
+    if kind == "absolute":
+        return {"entries": [{"path": "/tmp/abs.txt", "type": "file", "size": 3}], "next": None}
+    return {"entries": [{"path": "link", "type": "symlink", "target": args["outside"]},
+                        {"path": "link/planted.txt", "type": "file", "size": 3, "mtime_ns": 0}],
+            "next": None}
+'''
+
+CONF = """
+[files]
+test_hooks = true
+write_roots = /tmp /var
+read_roots = /tmp /etc
+"""
+
+
+@pytest.fixture(scope="module")
+def hookvm(make_vm):
+    return make_vm(extra_files={"/etc/guestlink/agent.conf": CONF.encode(),
+                                "/etc/guestlink/handlers.d/evil.list.py": HOSTILE.encode()})
+
+
+def test_corrupt_chunk_is_rejected_both_ways(hookvm, tmp_path):
+    src = tmp_path / "c.bin"
+    src.write_bytes(os.urandom(3 * DEFAULT_CHUNK))
+
+    async def go(c):
+        errs = []
+        try:
+            await HT.push_file(c, str(src), "/tmp/corrupt.bin", _test_corrupt=DEFAULT_CHUNK + 5)
+        except E.ChecksumMismatch as exc:
+            errs.append(exc)
+        await c.push(str(src), "/tmp/good.bin")
+        try:
+            await HT.pull_file(c, "/tmp/good.bin", str(tmp_path / "pulled.bin"),
+                               _test_corrupt=2 * DEFAULT_CHUNK + 1)
+        except E.ChecksumMismatch as exc:
+            errs.append(exc)
+        listing = await guest_sh(c, "ls -a /tmp")
+        return errs, listing
+
+    errs, listing = run(hookvm, go)
+    assert len(errs) == 2, errs
+    assert "corrupt.bin" not in listing and ".guestlink-" not in listing
+    assert "good.bin" in listing
+    assert sorted(os.listdir(tmp_path)) == ["c.bin"]
+
+
+def test_policy_roots(hookvm, tmp_path):
+    src = tmp_path / "p"
+    src.write_bytes(b"data")
+
+    async def go(c):
+        errs = []
+        for coro in (c.push(str(src), "/root/p"), c.pull("/proc/version", str(tmp_path / "v"))):
+            try:
+                await coro
+            except E.CommandDenied as exc:
+                errs.append(str(exc))
+        return errs
+
+    errs = run(hookvm, go)
+    assert len(errs) == 2 and "write_roots" in errs[0] and "read_roots" in errs[1]
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_hostile_pull_writes_nothing_outside(hookvm, tmp_path, kind):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+
+    async def go(c):
+        await guest_sh(c, "mkdir -p /tmp/hostile && echo hi > /tmp/hostile/ok.txt")
+        real_call = c.call
+
+        async def call(op, args=None, **kw):  # pass the outside dir to the hostile handler
+            if op == "evil.list":
+                args = dict(args, kind=kind, outside=str(outside))
+            return await real_call(op, args, **kw)
+
+        c.call = call
+        with pytest.raises(E.ProtocolError):
+            await HT.pull_tree(c, "/tmp/hostile", str(dest), _list_op="evil.list")
+
+    run(hookvm, go)
+    assert os.listdir(outside) == []
+    assert not (tmp_path / "escaped.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["dest", "outside"]
