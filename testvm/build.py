@@ -327,6 +327,12 @@ def _resolve_modules(moddir: Path, wanted: Iterable[str]) -> List[tuple]:
     return order
 
 
+# Public names for other guest builders (testvm/diskimage.py): unpack .debs from fetch_debs(),
+# resolve kernel modules with their dependencies.
+unpack_debs = _unpack
+resolve_modules = _resolve_modules
+
+
 # --------------------------------------------------------------------------
 # cpio (newc) writer
 

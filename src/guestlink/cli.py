@@ -473,6 +473,9 @@ def build_parser():
 
     sub.add_parser("agent", help="run the guest agent (inside the guest): guestlink agent [ARGS]",
                    add_help=False)
+    from .image import cli as image_cli
+
+    image_cli.add_parser(sub)
     from . import libvirt_cli
 
     libvirt_cli.add_parsers(sub, EPILOG)
@@ -583,6 +586,10 @@ def main(argv=None):
         return EXIT_USAGE
     if args.command == "agent-bundle":
         return cmd_agent_bundle(args)
+    if args.command == "image":
+        from .image import cli as image_cli
+
+        return image_cli.run(args)
     from . import libvirt_cli
 
     if args.command in libvirt_cli.COMMANDS:
