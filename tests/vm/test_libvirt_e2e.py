@@ -354,3 +354,21 @@ def test_errors_missing_and_stopped_domain_and_no_libvirt(domains, libvirtd):
     r = gl("ping", stopped, "--connect", "qemu:///system?socket=/nonexistent/libvirt-sock")
     assert r.returncode == 69 and "libvirt is not reachable" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def test_cp_both_ways_by_domain_name(dom, tmp_path):
+    payload = os.urandom(300 * 1024) + b"end"
+    src = tmp_path / "up.bin"
+    src.write_bytes(payload)
+    r = gl("cp", "-q", src, "%s:/tmp/up.bin" % dom)
+    assert r.returncode == 0, r.stderr
+    r = gl("exec", dom, "--", "sha256sum", "/tmp/up.bin")
+    import hashlib
+
+    assert r.returncode == 0 and r.stdout.split()[0] == hashlib.sha256(payload).hexdigest()
+    back = tmp_path / "down.bin"
+    r = gl("cp", "-q", "%s:/tmp/up.bin" % dom, back)
+    assert r.returncode == 0, r.stderr
+    assert back.read_bytes() == payload
+    r = gl("cp", "-q", src, PREFIX + "does-not-exist:/tmp/x")
+    assert r.returncode == 68 and r.stderr.count("\n") == 1, r.stderr
