@@ -289,6 +289,9 @@ async def cmd_exec(vm, args):
         obj.update(_text_fields("stdout", result.stdout))
         obj.update(_text_fields("stderr", result.stderr))
         _print_json(obj)
+    elif result.timed_out:
+        print("guestlink: error: the command ran past --timeout %g s and was killed in the guest"
+              % args.timeout, file=sys.stderr)
     return _exec_status(result)
 
 
