@@ -308,6 +308,9 @@ def _device_copy(el):
 
 # --- backends ----------------------------------------------------------------------------------
 
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
+
+
 class _Backend:
     name = "?"
 
@@ -404,6 +407,10 @@ class PythonBackend(_Backend):
 
             module = importlib.import_module("libvirt")
         self.lv = module
+        try:  # libvirt-python prints every error on stderr by default; we report them ourselves
+            module.registerErrorHandler(lambda _ctx, _err: None, None)
+        except AttributeError:
+            pass
         self._conn = None
 
     def _error(self, exc, domain=None):
@@ -438,6 +445,8 @@ class PythonBackend(_Backend):
         except self.lv.libvirtError as exc:
             if exc.get_error_code() != self.lv.VIR_ERR_NO_DOMAIN:
                 raise self._error(exc, domain) from None
+        if not _UUID.match(domain):
+            raise DomainNotFound("no libvirt domain %r at %s" % (domain, self.uri))
         try:
             return conn.lookupByUUIDString(domain)
         except self.lv.libvirtError:

@@ -311,6 +311,20 @@ def test_list_shows_connected_channel_and_agent(dom, domains):
     assert line.split()[2:] == ["running", "connected", "0.1.0", "guestlink-testvm"]
     assert stopped not in r.stdout.split()  # without --all: running domains only
     assert "via " in r.stdout  # says which libvirt access is used
+    for forced in ("virsh",) + (("python",) if _has_libvirt_python() else ()):
+        r = gl("list", "--json", env_extra={"GUESTLINK_LIBVIRT_BACKEND": forced})
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["backend"] == {"virsh": "virsh", "python": "libvirt-python"}[forced]
+        assert {d["name"]: d["channel"] for d in out["domains"]}[dom] == "connected"
+
+
+def _has_libvirt_python():
+    try:
+        import libvirt  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def test_attach_then_restart_makes_it_reachable(domains):
