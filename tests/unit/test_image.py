@@ -178,6 +178,19 @@ def test_rc_local_created_when_missing_and_deleted_on_remove(tmp_path, pyz):
     assert not (root / "etc/rc.local").exists()
 
 
+def test_switching_init_kind_undoes_the_old_one(tmp_path, pyz):
+    root = make_root(tmp_path, "sysv")
+    before = snapshot(root)
+    install(root, pyz)
+    r = install(root, pyz, init="rc.local")
+    assert "start method changed from sysv to rc.local" in r["notes"]
+    assert not (root / "etc/rc2.d/S01guestlink-agent").exists()
+    assert not (root / "etc/init.d/guestlink-agent").exists()
+    assert T.BLOCK_BEGIN in (root / "etc/rc.local").read_text()
+    remove(root)
+    assert snapshot(root) == before
+
+
 def test_guest_symlinks_never_lead_to_the_host(tmp_path, pyz):
     root = make_root(tmp_path, "none")
     (root / "etc/rc.d").mkdir()

@@ -551,6 +551,8 @@ class Installer:
                 d = dict(d, content=new.encode("utf-8", "surrogateescape"), mode=mode | 0o755)
                 actions.append((d, rec, False))
         stale = [e for p, e in old_entries.items() if p not in {d["path"] for d in desired}]
+        if old and old.get("init") and old.get("init") != init:
+            notes.append("start method changed from %s to %s" % (old["init"], init))
 
         # space: everything staged at once, plus a margin
         need = sum(len(d.get("content", b"")) for d, _, _ in actions) + SPACE_MARGIN
