@@ -537,17 +537,23 @@ def test_agent_dying_mid_frame_does_not_swallow_the_restarted_agent(path):
 
 
 def test_not_ready_reply_triggers_resync(path):
+    """not_ready: the request did not run; side-effect-free verbs retry on the new session,
+    everything else reports NotReady (safe to retry) and the client re-handshakes."""
     async def main():
         async with FakeAgent(path) as agent:
             async with connect(path) as vm:
                 agent.conn.synced = False  # the agent forgot us without a HELLO
+                pong = await vm.ping()  # retried once, transparently
+                syncs_after_ping = len(set(agent.nonces))
+                agent.conn.synced = False
                 with pytest.raises(errors.NotReady):
-                    await vm.ping()
-                pong = await vm.ping()
-                return pong, len(set(agent.nonces))
+                    await vm.call("greet")
+                pong2 = await vm.ping()
+                return pong, syncs_after_ping, pong2, len(set(agent.nonces))
 
-    pong, syncs = run(main())
-    assert pong > 0 and syncs == 2
+    pong, syncs_after_ping, pong2, syncs = run(main())
+    assert pong > 0 and pong2 > 0
+    assert syncs_after_ping == 2 and syncs == 3
 
 
 def test_close_fails_pending_and_ends_subscriptions(path):

@@ -758,6 +758,20 @@ class Client:
         if not call.future.done():
             call.future.cancel()
 
+    async def _idempotent_request(self, op, args=None, timeout=None):
+        """_request for ops without side effects: when the session was lost under the call (an
+        agent restart, or the agent noticing a previous client's disconnect late), retry once on
+        the new session instead of failing (lessons: retry only what has no side effects)."""
+        deadline = self._deadline(timeout)
+        try:
+            return await self._request(op, args, timeout)
+        except (E.ConnectionLost, E.RequestNotSent, E.NotReady):
+            remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            if remaining is not None and remaining <= 0:
+                raise
+            log.debug("%s: session lost under the call; retrying once", op)
+            return await self._request(op, args, remaining)
+
     async def _request(self, op, args=None, timeout=None):
         """Send REQUEST op and return the RESPONSE as a dict (ERROR -> RemoteError)."""
         deadline = self._deadline(timeout)
@@ -774,14 +788,14 @@ class Client:
     async def ping(self, *, timeout=None):
         """Round-trip a ping; returns the round-trip time in seconds."""
         start = time.monotonic()
-        reply = await self._request("ping", {}, timeout)
+        reply = await self._idempotent_request("ping", {}, timeout)
         if reply.get("pong") is not True:
             raise E.ProtocolError("malformed ping reply from the agent: no \"pong\": true")
         return time.monotonic() - start
 
     async def info(self, *, timeout=None):
         """The agent's description of the guest (validated dict, see docs/protocol.md)."""
-        reply = await self._request("info", {}, timeout)
+        reply = await self._idempotent_request("info", {}, timeout)
         try:
             return _parse_info(reply)
         except ProtocolViolation as exc:
