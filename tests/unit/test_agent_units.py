@@ -132,6 +132,32 @@ def test_virtio_port_is_found_by_name_not_number(tmp_path):
     assert port.find() == str(dev / "virtio-ports" / "org.guestlink.ctl")
 
 
+def test_unplugged_or_replugged_port_is_noticed(tmp_path):
+    sysfs, dev = tmp_path / "sys", tmp_path / "dev"
+    (sysfs / "vport0p1").mkdir(parents=True)
+    (sysfs / "vport0p1" / "name").write_text("org.guestlink.ctl\n")
+    (dev / "virtio-ports").mkdir(parents=True)
+    (dev / "vport0p1").write_text("")
+    os.symlink("../vport0p1", str(dev / "virtio-ports" / "org.guestlink.ctl"))
+    port = VirtioPort("org.guestlink.ctl", sys_root=str(sysfs), dev_root=str(dev), modprobe=False)
+    port.open()
+    try:
+        assert not port.replaced()
+        # Hot-unplug, then a new port under the same node name: a new device node.
+        (dev / "vport0p1").unlink()
+        assert port.replaced()
+        (dev / "vport0p1").write_text("")
+        assert port.replaced()
+        # A stale /dev/virtio-ports link pointing at a node sysfs names differently is not used.
+        (sysfs / "vport0p1" / "name").write_text("org.other\n")
+        (sysfs / "vport0p2").mkdir()
+        (sysfs / "vport0p2" / "name").write_text("org.guestlink.ctl\n")
+        (dev / "vport0p2").write_text("")
+        assert port.find() == str(dev / "vport0p2")
+    finally:
+        port.close()
+
+
 def test_missing_port_logs_one_clear_line(tmp_path, caplog):
     port = VirtioPort("org.guestlink.ctl", sys_root=str(tmp_path), dev_root=str(tmp_path), modprobe=False)
     for _ in range(3):

@@ -52,6 +52,10 @@ class Port:
         """A zero-timeout check whether a host is connected (no POLLHUP)."""
         return True
 
+    def replaced(self):
+        """True when the open device no longer is the port (unplugged); the agent reopens it."""
+        return False
+
     def close(self):
         raise NotImplementedError
 
@@ -78,8 +82,8 @@ class VirtioPort(Port):
         if self.device:
             return self.device if os.path.exists(self.device) else None
         link = os.path.join(self.dev_root, "virtio-ports", self.name)
-        if os.path.exists(link):
-            return link
+        if os.path.exists(link) and self._sysfs_name(os.path.realpath(link)) in (None, self.name):
+            return link  # (a link left over from a port that was unplugged names another port)
         for name_file in sorted(glob.glob(os.path.join(self.sys_root, "*", "name"))):
             try:
                 with open(name_file, encoding="utf-8", errors="replace") as f:
@@ -91,6 +95,29 @@ class VirtioPort(Port):
             if os.path.exists(path):
                 return path
         return None
+
+    def _sysfs_name(self, device_path):
+        """The port name sysfs gives for a device node, or None when sysfs does not say."""
+        try:
+            with open(os.path.join(self.sys_root, os.path.basename(device_path), "name"),
+                      encoding="utf-8", errors="replace") as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    def replaced(self):
+        """True when the open device is no longer the port of this name (unplugged, or unplugged
+        and plugged again as a new device node): the agent must reopen it by name."""
+        if self.fd is None:
+            return False
+        path = self.find()
+        if path is None:
+            return True
+        try:
+            now, held = os.stat(path), os.fstat(self.fd)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino, now.st_rdev) != (held.st_dev, held.st_ino, held.st_rdev)
 
     def _load_modules(self):
         modprobe = shutil.which("modprobe") or next(

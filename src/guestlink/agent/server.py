@@ -338,6 +338,9 @@ class Agent:
             self.port_state = "active"
             log.info("host connected")
             # _after_io registers the fd for reading
+        elif self.port.replaced():
+            log.info("%s was unplugged or replaced; reopening it by name", self.port)
+            self._close_port(reopen_in=0)
         else:
             self.timers.call_later(HUP_CHECK, self._check_host)
 
