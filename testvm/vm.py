@@ -191,7 +191,7 @@ class TestVM:
                "-device", "virtio-serial-pci,id=vser0"]
         for nr, (name, path) in enumerate(self._ports.items(), start=1):
             cmd += ["-chardev", f"socket,id=port{nr},path={path},server=on,wait=off",
-                    "-device", f"virtserialport,bus=vser0.0,nr={nr},chardev=port{nr},name={name}"]
+                    "-device", f"virtserialport,bus=vser0.0,nr={nr},chardev=port{nr},name={name},id=vport{nr}"]
         if self.no_reboot:
             cmd.append("-no-reboot")
         return cmd
