@@ -62,6 +62,22 @@ def main():
             say("exec with stdin from the host")
             guestlink("exec", "--", "wc", "-c", env=env, input="hello guest\n")
 
+            say("files: push and pull over the data channel (opened by the agent only for the transfer)")
+            local = os.path.join(tmp, "payload.bin")
+            with open(local, "wb") as f:
+                f.write(os.urandom(8 * 1024 * 1024))
+            guestlink("cp", "--json", local, ":/tmp/payload.bin", env=env)
+            guestlink("exec", "--", "sha256sum", "/tmp/payload.bin", env=env)
+            guestlink("cp", "--json", ":/tmp/payload.bin", os.path.join(tmp, "back.bin"), env=env)
+            same = open(local, "rb").read() == open(os.path.join(tmp, "back.bin"), "rb").read()
+            print("round trip identical: %s" % same)
+
+            say("deliver a script into the guest and run it, in one command")
+            script = os.path.join(tmp, "hello.sh")
+            with open(script, "w") as f:
+                f.write("#!/bin/sh\necho \"hello $1 from $(hostname)\"\nexit 5\n")
+            guestlink("run", script, "world", env=env)
+
             # QEMU's chardev socket takes one host client at a time, so the guest programs of this
             # part run detached in the guest and each host command connects in turn.
             agent_cli = "python3 /opt/guestlink/guestlink-agent.pyz"
