@@ -17,6 +17,7 @@ import errno
 import os
 import queue
 import select
+import stat
 import threading
 
 from ..protocol import codes
@@ -25,6 +26,10 @@ from ..protocol.frames import HEADER_SIZE, TRAILER_SIZE, FrameType
 from ..protocol.messages import ProtocolViolation
 
 NBUFS = 4
+#: Segment sizes for readv/writev on a virtio port (one receive buffer; the kernel's write cap).
+RSEG = 4096
+WSEG = 32 * 1024
+MAXSEG = 64
 POLL_INTERVAL = 0.2
 #: No progress on the port for this long fails the transfer (the peer stalled).
 IDLE_TIMEOUT = 60.0
@@ -52,7 +57,18 @@ class Channel:
         self.cancel = cancel  # threading.Event
         self.idle_timeout = idle_timeout
         self.what = what
+        self._nseg = 16
         self.pending = bytearray()  # bytes read ahead while scanning for the peer's hello
+        # A virtio port (a character device) hands out at most one 4 KiB receive buffer per
+        # read() and takes at most 32 KiB per write(); readv/writev loop over their iovec one
+        # read()/write() per segment, so iovecs of buffer-sized segments move many buffers per
+        # system call. Sockets and pipes fill one big segment at once.
+        try:
+            chardev = stat.S_ISCHR(os.fstat(fd).st_mode)
+        except OSError:
+            chardev = False
+        self.rseg = RSEG if chardev else 0
+        self.wseg = WSEG if chardev else 0
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
 
@@ -101,13 +117,56 @@ class Channel:
             return n
 
     def read_exact(self, mv):
-        got = 0
         total = len(mv)
-        while got < total:
+        got = 0
+        while self.pending and got < total:
             got += self.read_into(mv[got:])
+        if not self.rseg or total - got <= self.rseg:
+            while got < total:
+                got += self.read_into(mv[got:])
+            return
+        # segmented readv: as many receive buffers per call as the last call found, and more
+        seg = self.rseg
+        fd = self.fd
+        readv = os.readv
+        nseg = self._nseg
+        while got < total:
+            if nseg > 1 and total - got > seg:
+                iov = [mv[p:p + seg] for p in range(got, min(total, got + nseg * seg), seg)]
+            else:
+                iov = [mv[got:]]
+            try:
+                n = readv(fd, iov)
+            except BlockingIOError:
+                revents = self._wait(select.POLLIN)
+                if revents & (select.POLLHUP | select.POLLERR) and not revents & select.POLLIN:
+                    raise self._gone("hangup")
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                    raise self._gone(exc.strerror)
+                raise TransferError(codes.IO_ERROR, "reading %s: %s" % (self.what, exc.strerror or exc),
+                                    interrupted=True)
+            if n == 0:
+                raise self._gone("end of stream")
+            got += n
+            k = n // seg + 2
+            nseg = k if k < MAXSEG else MAXSEG
+        self._nseg = nseg
+        if self.cancel.is_set():
+            raise cancelled()
 
     def write_all(self, parts):
         parts = [memoryview(p).cast("B") for p in parts if len(p)]
+        seg = self.wseg
+        if seg:
+            split = []
+            for p in parts:
+                if len(p) > seg:
+                    split.extend([p[i:i + seg] for i in range(0, len(p), seg)])
+                else:
+                    split.append(p)
+            parts = split
         while parts:
             try:
                 n = os.writev(self.fd, parts[:64])
