@@ -126,6 +126,31 @@ def test_digests(algorithm, expected):
     assert h.hexdigest() == expected(b"abcdef")
 
 
+def test_crc32_shift_table_matches_default_chunk():
+    assert T._CRC_SHIFT[T.DEFAULT_CHUNK] == T.crc32_shift_columns(T.DEFAULT_CHUNK)
+
+
+@pytest.mark.parametrize("lengths", [[T.DEFAULT_CHUNK, T.DEFAULT_CHUNK, 77], [5, T.DEFAULT_CHUNK], [0]])
+def test_crc32_update_chunk_equals_update(lengths):
+    h = T.new_digest("crc32")
+    h.update(b"prefix")
+    off, whole = 6, b"prefix"
+    for n in lengths:
+        d = os.urandom(n)
+        h.update_chunk(off, d, T.chunk_crc(off, d))
+        off += n
+        whole += d
+    assert h.hexdigest() == "%08x" % zlib.crc32(whole)
+
+
+@pytest.mark.parametrize("size", [0, 1000, 3 * T.DEFAULT_CHUNK + 5])
+def test_engine_round_trip_crc32(tmp_path, size):
+    data = os.urandom(size)
+    out, got = _run_copy(tmp_path, data, offset=min(size, 7), algorithm="crc32")
+    assert got == data
+    assert out["sent"] == out["recv"] == (size, "%08x" % zlib.crc32(data))
+
+
 # --- the copy engine over a socketpair ---------------------------------------------------------
 
 def _pair():

@@ -19,10 +19,11 @@ import queue
 import select
 import stat
 import threading
+import zlib
 
 from ..protocol import codes
 from ..protocol import transfer as T
-from ..protocol.frames import HEADER_SIZE, TRAILER_SIZE, FrameType
+from ..protocol.frames import HEADER_SIZE, TRAILER, TRAILER_SIZE, FrameType
 from ..protocol.messages import ProtocolViolation
 
 NBUFS = 4
@@ -324,7 +325,9 @@ def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHU
     def hash_(c):
         digest.update(c.data)
 
-    pipe = Pipeline([write, hash_], chunk, cancel)
+    # crc32: the digest follows from the chunk CRCs (no second pass, no digest thread)
+    by_chunk = getattr(digest, "update_chunk", None)
+    pipe = Pipeline([write] if by_chunk else [write, hash_], chunk, cancel)
     pos = offset
     try:
         while True:
@@ -337,6 +340,8 @@ def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHU
             c = _Chunk()
             c.buf, c.data, c.offset = buf, mv[:n], pos
             c.crc = T.chunk_crc(pos, c.data)
+            if by_chunk:
+                by_chunk(pos, c.data, c.crc)
             if corrupt_at is not None and pos <= corrupt_at < pos + n:
                 buf[corrupt_at - pos] ^= 0xFF
             pipe.submit(c)
@@ -392,17 +397,24 @@ def recv_file(chan, fd, tid, algorithm, offset=0, size=None, progress=None, corr
         _hash_prefix(fd, digest, offset, cancel)
     state = {"written": offset}
 
+    by_chunk = getattr(digest, "update_chunk", None)
+
     def verify_write(c):
-        if not T.check_payload(c.payload, c.trailer):
+        crc = zlib.crc32(c.payload)
+        if crc != TRAILER.unpack_from(c.trailer)[0]:
             raise TransferError(codes.CHECKSUM_MISMATCH, "a data chunk at offset %d arrived "
                                 "corrupted (CRC mismatch)" % c.offset)
         _write_all_fd(fd, c.data)
         state["written"] = c.offset + len(c.data)
+        if by_chunk:
+            by_chunk(c.offset, c.data, crc)
 
     def hash_(c):
         digest.update(c.data)
 
-    pipe = Pipeline([verify_write, hash_], max_payload + TRAILER_SIZE, cancel)
+    # crc32: the digest follows from the verified chunk CRCs (no second pass, no digest thread)
+    pipe = Pipeline([verify_write] if by_chunk else [verify_write, hash_],
+                    max_payload + TRAILER_SIZE, cancel)
     hdr = bytearray(HEADER_SIZE)
     hmv = memoryview(hdr)
     pos = offset

@@ -40,6 +40,24 @@ SCAN_KEEP = 64 * 1024
 
 # --- digests -----------------------------------------------------------------------------------
 
+def crc32_shift_columns(length):
+    """The linear map (over GF(2)) ``x -> crc32(d, x) ^ crc32(d, 0)`` for any ``length``-byte
+    ``d``, as the images of the 32 bits: ``crc32(d, a) == crc32(d, b) ^ shift(a ^ b)``."""
+    zeros = bytes(length)
+    base = zlib.crc32(zeros)
+    return tuple(zlib.crc32(zeros, 1 << i) ^ base for i in range(32))
+
+
+#: crc32_shift_columns(DEFAULT_CHUNK), precomputed (a unit test checks it): lets a crc32 digest
+#: follow full chunks from their frame CRCs alone, without a second pass over the data.
+_CRC_SHIFT = {DEFAULT_CHUNK: (
+    0x6f76172e, 0xdeec2e5c, 0x66a95af9, 0xcd52b5f2, 0x41d46da5, 0x83a8db4a, 0xdc20b0d5, 0x633067eb,
+    0xc660cfd6, 0x57b099ed, 0xaf6133da, 0x85b361f5, 0xd017c5ab, 0x7b5e8d17, 0xf6bd1a2e, 0x360b321d,
+    0x6c16643a, 0xd82cc874, 0x6b2896a9, 0xd6512d52, 0x77d35ce5, 0xefa6b9ca, 0x043c75d5, 0x0878ebaa,
+    0x10f1d754, 0x21e3aea8, 0x43c75d50, 0x878ebaa0, 0xd46c7301, 0x73a9e043, 0xe753c086, 0x15d6874d,
+)}
+
+
 class _Crc32:
     name = "crc32"
 
@@ -48,6 +66,22 @@ class _Crc32:
 
     def update(self, data):
         self.value = zlib.crc32(data, self.value)
+
+    def update_chunk(self, offset, data, crc):
+        """Same as update(data), given ``crc`` = chunk_crc(offset, data) (already checked)."""
+        cols = _CRC_SHIFT.get(len(data))
+        if cols is None:
+            self.value = zlib.crc32(data, self.value)
+            return
+        # crc32(data, v) == crc32(data, c0) ^ shift(c0 ^ v), c0 = the CRC of the offset prefix
+        v = zlib.crc32(OFFSET.pack(offset)) ^ self.value
+        i = 0
+        while v:
+            if v & 1:
+                crc ^= cols[i]
+            v >>= 1
+            i += 1
+        self.value = crc
 
     def hexdigest(self):
         return "%08x" % self.value
