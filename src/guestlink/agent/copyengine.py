@@ -399,22 +399,16 @@ def recv_file(chan, fd, tid, algorithm, offset=0, size=None, progress=None, corr
 
     by_chunk = getattr(digest, "update_chunk", None)
 
-    def verify_write(c):
-        crc = zlib.crc32(c.payload)
-        if crc != TRAILER.unpack_from(c.trailer)[0]:
-            raise TransferError(codes.CHECKSUM_MISMATCH, "a data chunk at offset %d arrived "
-                                "corrupted (CRC mismatch)" % c.offset)
+    def write(c):
         _write_all_fd(fd, c.data)
         state["written"] = c.offset + len(c.data)
-        if by_chunk:
-            by_chunk(c.offset, c.data, crc)
 
     def hash_(c):
         digest.update(c.data)
 
-    # crc32: the digest follows from the verified chunk CRCs (no second pass, no digest thread)
-    pipe = Pipeline([verify_write] if by_chunk else [verify_write, hash_],
-                    max_payload + TRAILER_SIZE, cancel)
+    # chunks are verified in this thread (so only verified chunks reach the writer); crc32: the
+    # digest follows from the verified chunk CRCs (no second pass, no digest thread)
+    pipe = Pipeline([write] if by_chunk else [write, hash_], max_payload + TRAILER_SIZE, cancel)
     hdr = bytearray(HEADER_SIZE)
     hmv = memoryview(hdr)
     pos = offset
@@ -451,6 +445,11 @@ def recv_file(chan, fd, tid, algorithm, offset=0, size=None, progress=None, corr
             c.data = mv[T.OFFSET_SIZE:h.length]
             if corrupt_at is not None and pos <= corrupt_at < pos + len(c.data):
                 buf[T.OFFSET_SIZE + corrupt_at - pos] ^= 0xFF
+            crc = zlib.crc32(c.payload)
+            if crc != TRAILER.unpack_from(c.trailer)[0]:
+                pipe.pool.put(buf)
+                raise TransferError(codes.CHECKSUM_MISMATCH, "a data chunk at offset %d arrived "
+                                    "corrupted (CRC mismatch)" % c.offset)
             if c.offset != pos:
                 pipe.pool.put(buf)
                 raise TransferError(codes.CHECKSUM_MISMATCH, "data chunk at offset %d, expected %d"
@@ -459,6 +458,8 @@ def recv_file(chan, fd, tid, algorithm, offset=0, size=None, progress=None, corr
             if size is not None and pos > size:
                 pipe.pool.put(buf)
                 raise TransferError(codes.CHANGED, "more data than the announced %d bytes" % size)
+            if by_chunk:
+                by_chunk(c.offset, c.data, crc)
             pipe.submit(c)
             if progress is not None:
                 progress(pos)
