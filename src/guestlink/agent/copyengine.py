@@ -327,7 +327,16 @@ def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHU
 
     # crc32: the digest follows from the chunk CRCs (no second pass, no digest thread)
     by_chunk = getattr(digest, "update_chunk", None)
-    pipe = Pipeline([write] if by_chunk else [write, hash_], chunk, cancel)
+
+    def crc_(c):
+        c.crc = T.chunk_crc(c.offset, c.data)
+        if by_chunk:
+            by_chunk(c.offset, c.data, c.crc)
+        if corrupt_at is not None and c.offset <= corrupt_at < c.offset + len(c.data):
+            c.buf[corrupt_at - c.offset] ^= 0xFF
+
+    # the file reads, the chunk CRCs and the port writes run in parallel
+    pipe = Pipeline([crc_, write] if by_chunk else [crc_, write, hash_], chunk, cancel)
     pos = offset
     try:
         while True:
@@ -339,11 +348,6 @@ def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHU
                 break
             c = _Chunk()
             c.buf, c.data, c.offset = buf, mv[:n], pos
-            c.crc = T.chunk_crc(pos, c.data)
-            if by_chunk:
-                by_chunk(pos, c.data, c.crc)
-            if corrupt_at is not None and pos <= corrupt_at < pos + n:
-                buf[corrupt_at - pos] ^= 0xFF
             pipe.submit(c)
             pos += n
             if size is not None and pos > size:
