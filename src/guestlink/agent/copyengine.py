@@ -6,8 +6,12 @@ timeout so a cancel flag is seen within ~0.2 s. The work is pipelined over threa
 bounded buffer pools, so the port I/O, the chunk CRC / file I/O and the whole-file digest run at
 the same time (zlib.crc32, hashlib and os.read/os.write release the GIL on big buffers):
 
-* sending:   [caller: file readinto + chunk CRC] -> [port writev] -> [digest]
-* receiving: [caller: port readinto]             -> [CRC check + file write] -> [digest]
+* sending:   [caller: file readinto] -> [chunk CRC] -> [port writev] -> [digest]
+* receiving: [caller: port readv + CRC check] -> [file write] -> [digest]
+
+With ``--checksum crc32`` there is no digest stage: the whole-file CRC follows from the chunk
+CRCs (``T._Crc32.update_chunk``). On a virtio port, readv/writev use 4 KiB / 32 KiB segments
+(one receive buffer / the kernel's write cap), so one call moves many buffers.
 
 Buffers are preallocated (``NBUFS`` of one frame each) and reused: no per-chunk allocation. The
 framing itself is ``guestlink.protocol.transfer`` (sans-I/O). Stdlib-only, CPython >= 3.8.
