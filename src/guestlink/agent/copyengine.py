@@ -6,7 +6,8 @@ timeout so a cancel flag is seen within ~0.2 s. The work is pipelined over threa
 bounded buffer pools, so the port I/O, the chunk CRC / file I/O and the whole-file digest run at
 the same time (zlib.crc32, hashlib and os.read/os.write release the GIL on big buffers):
 
-* sending:   [caller: file readinto] -> [chunk CRC] -> [port writev] -> [digest]
+* sending:   [caller: file readinto + chunk CRC] -> [port writev] -> [digest]
+             (crc32: [caller: file readinto] -> [chunk CRC] -> [port writev])
 * receiving: [caller: port readv + CRC check] -> [file write] -> [digest]
 
 With ``--checksum crc32`` there is no digest stage: the whole-file CRC follows from the chunk
@@ -339,8 +340,9 @@ def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHU
         if corrupt_at is not None and c.offset <= corrupt_at < c.offset + len(c.data):
             c.buf[corrupt_at - c.offset] ^= 0xFF
 
-    # the file reads, the chunk CRCs and the port writes run in parallel
-    pipe = Pipeline([crc_, write] if by_chunk else [crc_, write, hash_], chunk, cancel)
+    # crc32: file reads, chunk CRCs and port writes in parallel; otherwise the digest is the
+    # slowest stage and one more thread only costs: the CRC stays in this thread
+    pipe = Pipeline([crc_, write] if by_chunk else [write, hash_], chunk, cancel)
     pos = offset
     try:
         while True:
@@ -352,6 +354,8 @@ def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHU
                 break
             c = _Chunk()
             c.buf, c.data, c.offset = buf, mv[:n], pos
+            if not by_chunk:
+                crc_(c)
             pipe.submit(c)
             pos += n
             if size is not None and pos > size:
