@@ -8,7 +8,7 @@ the same time (zlib.crc32, hashlib and os.read/os.write release the GIL on big b
 
 * sending:   [caller: file readinto + chunk CRC] -> [port writev] -> [digest]
              (crc32: [caller: file readinto] -> [chunk CRC] -> [port writev])
-* receiving: [caller: port readv + CRC check] -> [file write] -> [digest]
+* receiving: [caller: port readv + CRC check] -> [digest] -> [file write]
 
 With ``--checksum crc32`` there is no digest stage: the whole-file CRC follows from the chunk
 CRCs (``T._Crc32.update_chunk``). On a virtio port, readv/writev use 4 KiB / 32 KiB segments
@@ -420,7 +420,7 @@ def recv_file(chan, fd, tid, algorithm, offset=0, size=None, progress=None, corr
 
     # chunks are verified in this thread (so only verified chunks reach the writer); crc32: the
     # digest follows from the verified chunk CRCs (no second pass, no digest thread)
-    pipe = Pipeline([write] if by_chunk else [write, hash_], max_payload + TRAILER_SIZE, cancel)
+    pipe = Pipeline([write] if by_chunk else [hash_, write], max_payload + TRAILER_SIZE, cancel)
     hdr = bytearray(HEADER_SIZE)
     hmv = memoryview(hdr)
     pos = offset
