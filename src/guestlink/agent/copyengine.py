@@ -103,9 +103,16 @@ class Channel:
             mv[:n] = self.pending[:n]
             del self.pending[:n]
             return n
+        n = self._readv([mv])
+        if self.cancel.is_set():
+            raise cancelled()
+        return n
+
+    def _readv(self, iov):
+        """readv into ``iov``, waiting while nothing is readable; returns a count > 0."""
         while True:
             try:
-                n = os.readv(self.fd, [mv])
+                n = os.readv(self.fd, iov)
             except BlockingIOError:
                 revents = self._wait(select.POLLIN)
                 if revents & (select.POLLHUP | select.POLLERR) and not revents & select.POLLIN:
@@ -118,8 +125,6 @@ class Channel:
                                     interrupted=True)
             if n == 0:
                 raise self._gone("end of stream")
-            if self.cancel.is_set():
-                raise cancelled()
             return n
 
     def read_exact(self, mv):
@@ -133,28 +138,13 @@ class Channel:
             return
         # segmented readv: as many receive buffers per call as the last call found, and more
         seg = self.rseg
-        fd = self.fd
-        readv = os.readv
         nseg = self._nseg
         while got < total:
             if nseg > 1 and total - got > seg:
                 iov = [mv[p:p + seg] for p in range(got, min(total, got + nseg * seg), seg)]
             else:
                 iov = [mv[got:]]
-            try:
-                n = readv(fd, iov)
-            except BlockingIOError:
-                revents = self._wait(select.POLLIN)
-                if revents & (select.POLLHUP | select.POLLERR) and not revents & select.POLLIN:
-                    raise self._gone("hangup")
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
-                    raise self._gone(exc.strerror)
-                raise TransferError(codes.IO_ERROR, "reading %s: %s" % (self.what, exc.strerror or exc),
-                                    interrupted=True)
-            if n == 0:
-                raise self._gone("end of stream")
+            n = self._readv(iov)
             got += n
             k = n // seg + 2
             nseg = k if k < MAXSEG else MAXSEG
