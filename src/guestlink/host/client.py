@@ -42,7 +42,7 @@ import random
 import secrets
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 from ..protocol import (STREAM_STDERR, STREAM_STDIN, STREAM_STDOUT, CorruptFrame, Fields, Frame,
@@ -758,6 +758,22 @@ class Client:
         if not call.future.done():
             call.future.cancel()
 
+    async def _start_call(self, call, op, args, first, deadline, timeout_message):
+        """Send REQUEST ``op`` and wait until ``first`` (set by a non-final event such as exec's
+        "started" or a transfer's "ready") or the final reply resolves. On timeout or
+        cancellation the call is forgotten and CANCEL sent."""
+        await self._send_call(call, lambda id_: m.encode_request(id_, op, args), deadline)
+        try:
+            await asyncio.wait_for(asyncio.wait([first, call.future],
+                                                return_when=asyncio.FIRST_COMPLETED),
+                                   self._remaining(deadline))
+        except asyncio.TimeoutError:
+            self._forget(call, cancel=True)
+            raise E.RequestTimeout(timeout_message) from None
+        except asyncio.CancelledError:
+            self._forget(call, cancel=True)
+            raise
+
     async def _idempotent_request(self, op, args=None, timeout=None):
         """_request for ops without side effects: when the session was lost under the call (an
         agent restart, or the agent noticing a previous client's disconnect late), retry once on
@@ -1197,19 +1213,9 @@ class Process:
         self._started = loop.create_future()
         call = self._call = _Call("exec", self._on_event, self._on_stream)
         call.future.add_done_callback(self._on_done)
-        deadline = client._deadline(self._call_timeout)
-        req = self._request
-        await client._send_call(call, lambda id_: m.encode_request(id_, "exec", req), deadline)
-        waiter = asyncio.ensure_future(asyncio.wait(
-            [self._started, call.future], return_when=asyncio.FIRST_COMPLETED))
-        try:
-            await asyncio.wait_for(waiter, client._remaining(deadline))
-        except asyncio.TimeoutError:
-            client._forget(call, cancel=True)
-            raise E.RequestTimeout("the agent did not start the command within the timeout") from None
-        except asyncio.CancelledError:
-            client._forget(call, cancel=True)
-            raise
+        await client._start_call(call, "exec", self._request, self._started,
+                                 client._deadline(self._call_timeout),
+                                 "the agent did not start the command within the timeout")
         if call.future.done() and call.future.exception() is not None:
             raise call.future.exception()
         return self

@@ -144,19 +144,8 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
 
             call = _Call("transfer.open", on_event)
             req = dict(args, transfer=tid, direction=direction)
-            deadline = client._deadline(timeout)
-            await client._send_call(call, lambda id_: m.encode_request(id_, "transfer.open", req),
-                                    deadline)
-            try:
-                await asyncio.wait_for(asyncio.wait([ready_fut, call.future],
-                                                    return_when=asyncio.FIRST_COMPLETED),
-                                       client._remaining(deadline))
-            except asyncio.TimeoutError:
-                client._forget(call, cancel=True)
-                raise E.RequestTimeout("the agent did not get ready for the transfer in time") from None
-            except asyncio.CancelledError:
-                client._forget(call, cancel=True)
-                raise
+            await client._start_call(call, "transfer.open", req, ready_fut, client._deadline(timeout),
+                                     "the agent did not get ready for the transfer in time")
             if call.future.done() and not ready_fut.done():
                 exc = call.future.exception()
                 if isinstance(exc, E.Busy) and loop.time() < deadline_busy:
