@@ -23,9 +23,9 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
-from .host.errors import ConnectError, GuestlinkError
+from .host.errors import ConnectError
 
 CTL_NAME = "org.guestlink.ctl"
 DATA_NAME = "org.guestlink.data"

@@ -9,7 +9,6 @@ import os
 import struct
 import subprocess
 from dataclasses import dataclass
-from typing import List, Optional
 
 from .errors import EXIT_DATAERR, ImageError, ImageInUse, ReadOnly, BackendUnavailable
 

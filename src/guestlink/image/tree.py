@@ -477,7 +477,6 @@ class Installer:
             self.log("init system: %s (%s)" % (init, reason))
         else:
             self.log("init system: %s (--init)" % init)
-        old_cfg = old_entries.get(CONFIG)
         ctl_name = ctl_name or (old or {}).get("ctl_name") or DEFAULT_CTL
         data_name = data_name or (old or {}).get("data_name") or DEFAULT_DATA
         desired = _plan(tree, pyz, init, ctl_name, data_name)
