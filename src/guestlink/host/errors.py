@@ -250,7 +250,21 @@ def remote_error(code, message, details=None):
 
 # --- command outcome ------------------------------------------------------------------------
 
-class CommandFailed(GuestlinkError):
+class _CommandOutcome(GuestlinkError):
+    """Base of the errors that carry the command's CompletedProcess as ``.result``."""
+
+    result = None
+
+    @property
+    def stdout(self):
+        return self.result.stdout
+
+    @property
+    def stderr(self):
+        return self.result.stderr
+
+
+class CommandFailed(_CommandOutcome):
     """``run(check=True)``: the command exited with a non-zero status or was killed by a signal."""
 
     def __init__(self, result):
@@ -265,16 +279,8 @@ class CommandFailed(GuestlinkError):
     def returncode(self):
         return self.result.returncode
 
-    @property
-    def stdout(self):
-        return self.result.stdout
 
-    @property
-    def stderr(self):
-        return self.result.stderr
-
-
-class CommandTimedOut(GuestlinkError):
+class CommandTimedOut(_CommandOutcome):
     """``run(timeout=...)``: the command was killed at its timeout; ``.result`` has partial output."""
 
     def __init__(self, result, timeout=None):
@@ -282,14 +288,6 @@ class CommandTimedOut(GuestlinkError):
         self.timeout = timeout
         GuestlinkError.__init__(self, "command %s timed out%s" % (
             _describe(result.args), " after %g s" % timeout if timeout is not None else ""))
-
-    @property
-    def stdout(self):
-        return self.result.stdout
-
-    @property
-    def stderr(self):
-        return self.result.stderr
 
 
 def _describe(args):
@@ -300,5 +298,6 @@ def _describe(args):
 
 
 __all__ = [name for name, value in list(globals().items())
-           if isinstance(value, type) and issubclass(value, GuestlinkError)] + [
+           if isinstance(value, type) and issubclass(value, GuestlinkError)
+           and not name.startswith("_")] + [
     "REMOTE_ERRORS", "remote_error"]
