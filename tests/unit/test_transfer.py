@@ -229,6 +229,36 @@ def test_engine_rejects_corrupt_chunk_and_keeps_only_verified_prefix(tmp_path, w
     assert len(got) <= 2 * 65536 and data.startswith(got)
 
 
+def test_engine_sends_a_pipe_by_reading_it(tmp_path):
+    data = os.urandom(200_000)
+    r, w = os.pipe()
+    a, b = _pair()
+    out = {}
+
+    def sender():
+        out["sent"] = CE.send_file(CE.Channel(a.fileno(), threading.Event()), r, 7, "sha256",
+                                   chunk=65536)
+
+    t = threading.Thread(target=sender)
+    t.start()
+    os.write(w, data[:100_000])
+    os.write(w, data[100_000:])
+    os.close(w)
+    dst = tmp_path / "dst"
+    dst.write_bytes(b"")
+    fd = os.open(str(dst), os.O_RDWR)
+    try:
+        out["recv"] = CE.recv_file(CE.Channel(b.fileno(), threading.Event()), fd, 7, "sha256")
+    finally:
+        os.close(fd)
+    t.join(10)
+    os.close(r)
+    a.close()
+    b.close()
+    assert dst.read_bytes() == data
+    assert out["sent"] == out["recv"] == (len(data), hashlib.sha256(data).hexdigest())
+
+
 def test_engine_cancel_and_peer_gone(tmp_path):
     a, b = _pair()
     cancel = threading.Event()
