@@ -153,6 +153,88 @@ def test_errors_are_clear(vm, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_errors_from_the_guest_file_system_are_clear_and_leave_nothing(vm, tmp_path, run_cli):
+    """Read-only target, a directory in the way, and a disk that fills up mid-transfer (a push
+    from stdin: no size announced, so the agent cannot refuse it up front)."""
+    src = tmp_path / "f"
+    src.write_bytes(b"x" * 1000)
+    setup = run_cli("exec", "--", "sh", "-c",
+                    "mkdir -p /mnt/ro /mnt/small /tmp/dirs/f && mount -t tmpfs -o ro tmpfs /mnt/ro"
+                    " && mount -t tmpfs -o size=1m tmpfs /mnt/small")
+    assert setup.returncode == 0, setup.stderr
+    try:
+        r = run_cli("cp", str(src), ":/mnt/ro/f")
+        assert r.returncode == 77, r.stderr
+        assert "permission denied" in r.stderr and len(r.stderr.splitlines()) == 1
+        r = run_cli("cp", str(src), ":/tmp/dirs")  # /tmp/dirs/f is a directory
+        assert r.returncode == 70, r.stderr
+        assert "is a directory" in r.stderr and len(r.stderr.splitlines()) == 1
+        full = subprocess.run([sys.executable, "-m", "guestlink", "cp", "-", ":/mnt/small/big"],
+                              env=_cli_env(vm), input=os.urandom(3 << 20), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        err = full.stderr.decode()
+        assert full.returncode == 70, err
+        assert "no space left" in err and "Traceback" not in err and len(err.splitlines()) == 1
+        left = run_cli("exec", "--", "sh", "-c", "ls -a /mnt/small /mnt/ro; df -k /mnt/small")
+        assert left.returncode == 0
+        names = left.stdout.split()
+        assert "big" not in names and not any(n.startswith(".guestlink-") for n in names)
+        assert run_cli("ping").returncode == 0
+    finally:
+        run_cli("exec", "--", "sh", "-c", "umount /mnt/ro /mnt/small; rm -rf /tmp/dirs")
+
+
+def test_agent_restarted_mid_push_then_resume(vm, tmp_path):
+    """The agent dies mid-transfer (the test bed's init restarts it); --resume continues from the
+    verified prefix the dead agent left, and the digest still covers the whole file."""
+    src = tmp_path / "restart.bin"
+    with open(src, "wb") as f:
+        for _ in range(48):
+            f.write(os.urandom(1 << 20))
+
+    async def interrupted():
+        async with connect(ctl=vm.ctl_path, data=vm.data_path, timeout=10) as c:
+            pid = int((await c.run(["pgrep", "-o", "-f", "guestlink-agent.pyz run"],
+                                   check=True)).stdout.split()[0])
+            far = asyncio.Event()
+            push = asyncio.ensure_future(c.push(str(src), "/tmp/restart.bin", progress=lambda done, total:
+                                                done >= 12 << 20 and far.set()))
+            await asyncio.wait_for(far.wait(), 60)
+            try:
+                await c.run(["kill", "-9", str(pid)])
+            except E.GuestlinkError:
+                pass  # the agent died under the request
+            with pytest.raises(E.GuestlinkError):
+                await push
+            return pid
+
+    old_pid = asyncio.run(interrupted())
+
+    async def resume():
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                c = await connect(ctl=vm.ctl_path, data=vm.data_path, timeout=5)
+                break
+            except E.GuestlinkError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+        async with c:
+            new_pid = int((await c.run(["pgrep", "-o", "-f", "guestlink-agent.pyz run"],
+                                       check=True)).stdout.split()[0])
+            r = await c.push(str(src), "/tmp/restart.bin", resume=True)
+            gsha = await guest_sha(c, "/tmp/restart.bin")
+            left = await guest_sh(c, "ls -a /tmp | grep guestlink- || true; rm -f /tmp/restart.bin")
+            return new_pid, r, gsha, left
+
+    new_pid, r, gsha, left = asyncio.run(resume())
+    assert new_pid != old_pid
+    assert r.resumed_from > 0 and r.bytes == 48 << 20
+    assert r.digest == gsha == sha(src)
+    assert left.strip() == ""
+
+
 def test_ping_answered_during_large_push(vm, tmp_path):
     src = tmp_path / "big.bin"
     with open(src, "wb") as f:
