@@ -259,6 +259,42 @@ def test_engine_sends_a_pipe_by_reading_it(tmp_path):
     assert out["sent"] == out["recv"] == (len(data), hashlib.sha256(data).hexdigest())
 
 
+def test_engine_small_transfer_refuses_more_than_announced(tmp_path):
+    """A transfer announced as smaller than one chunk runs without pipeline threads and with a
+    buffer of the announced size: a sender that sends more is refused, not overrun."""
+    data = os.urandom(20_000)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    a, b = _pair()
+    out = {}
+
+    def sender():
+        fd = os.open(str(src), os.O_RDONLY)
+        try:
+            out["sent"] = CE.send_file(CE.Channel(a.fileno(), threading.Event()), fd, 5, "sha256")
+        except CE.TransferError as exc:
+            out["send_err"] = exc
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=sender)
+    t.start()
+    dst = tmp_path / "dst"
+    dst.write_bytes(b"")
+    fd = os.open(str(dst), os.O_RDWR)
+    cancel = threading.Event()
+    try:
+        with pytest.raises(CE.TransferError) as exc:
+            CE.recv_file(CE.Channel(b.fileno(), cancel), fd, 5, "sha256", size=100)
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
+    t.join(10)
+    assert exc.value.code == codes.TOO_LARGE
+    assert dst.read_bytes() == b""
+
+
 def test_engine_cancel_and_peer_gone(tmp_path):
     a, b = _pair()
     cancel = threading.Event()

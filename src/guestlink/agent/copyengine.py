@@ -210,16 +210,23 @@ class _Chunk:
 
 
 class Pipeline:
-    """Stages in threads connected by queues; the last stage returns buffers to the pool."""
+    """Stages in threads connected by queues; the last stage returns buffers to the pool.
 
-    def __init__(self, stages, bufsize, cancel, nbufs=NBUFS):
+    ``inline``: run the stages in the caller's thread instead, with one buffer: for a transfer
+    that fits in one chunk, starting and joining threads would cost more than it overlaps.
+    """
+
+    def __init__(self, stages, bufsize, cancel, nbufs=NBUFS, inline=False):
         self.cancel = cancel
         self.error = None
+        self.stages = stages if inline else None
         self.pool = queue.Queue()
-        for _ in range(nbufs):
+        for _ in range(1 if inline else nbufs):
             self.pool.put(bytearray(bufsize))
         self.queues = [queue.Queue() for _ in stages]
         self.threads = []
+        if inline:
+            return
         for i, fn in enumerate(stages):
             nxt = self.queues[i + 1] if i + 1 < len(stages) else None
             t = threading.Thread(target=self._run, args=(fn, self.queues[i], nxt),
@@ -260,9 +267,18 @@ class Pipeline:
             raise cancelled()
 
     def submit(self, chunk):
-        self.queues[0].put(chunk)
+        if self.stages is None:
+            self.queues[0].put(chunk)
+            return
+        try:
+            for fn in self.stages:
+                fn(chunk)
+        finally:
+            self.pool.put(chunk.buf)
 
     def finish(self, check=True):
+        if self.stages is not None:
+            return
         self.queues[0].put(None)
         for t in self.threads:
             t.join()
@@ -332,7 +348,9 @@ def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHU
 
     # crc32: file reads, chunk CRCs and port writes in parallel; otherwise the digest is the
     # slowest stage and one more thread only costs: the CRC stays in this thread
-    pipe = Pipeline([crc_, write] if by_chunk else [write, hash_], chunk, cancel)
+    small = size is not None and size - offset < chunk
+    pipe = Pipeline([crc_, write] if by_chunk else [write, hash_],
+                    max(1, size - offset) if small else chunk, cancel, inline=small)
     pos = offset
     try:
         while True:
@@ -410,7 +428,11 @@ def recv_file(chan, fd, tid, algorithm, offset=0, size=None, progress=None, corr
 
     # chunks are verified in this thread (so only verified chunks reach the writer); crc32: the
     # digest follows from the verified chunk CRCs (no second pass, no digest thread)
-    pipe = Pipeline([write] if by_chunk else [hash_, write], max_payload + TRAILER_SIZE, cancel)
+    small = size is not None and size - offset < T.DEFAULT_CHUNK
+    if small:  # frames of more than the announced bytes are refused by the header check
+        max_payload = min(max_payload, max(4096, size - offset + T.OFFSET_SIZE))
+    pipe = Pipeline([write] if by_chunk else [hash_, write], max_payload + TRAILER_SIZE, cancel,
+                    inline=small)
     hdr = bytearray(HEADER_SIZE)
     hmv = memoryview(hdr)
     pos = offset
