@@ -137,13 +137,24 @@ async def cmd_cp(vm, args, print_json):
     if args.direction == "pull" and args.local == "-":
         sys.stdout.flush()
     try:
-        if args.direction == "push":
-            result = await vm.push(args.local, args.remote, **kw)
+        try:
+            if args.direction == "push":
+                result = await vm.push(args.local, args.remote, **kw)
+            else:
+                result = await vm.pull(args.remote, args.local, **kw)
+        finally:
+            if bar is not None:
+                bar.close()
+    except asyncio.CancelledError:  # Ctrl-C (cli._main_async exits 130): say what became of it
+        if args.recursive:
+            what = "files already copied stay"
+        elif args.direction == "pull" and args.local == "-":
+            what = "the output so far is incomplete"
         else:
-            result = await vm.pull(args.remote, args.local, **kw)
-    finally:
-        if bar is not None:
-            bar.close()
+            what = "its partial data was removed"
+        sys.stderr.write("guestlink: interrupted: the copy was cancelled (%s); run it again to "
+                         "copy, --resume cannot continue a cancelled copy\n" % what)
+        raise
     if args.json:
         obj = {"source": result.source, "destination": result.destination, "bytes": result.bytes,
                "seconds": round(result.seconds, 6), "mb_per_s": round(result.rate, 3),

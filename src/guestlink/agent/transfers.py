@@ -417,6 +417,8 @@ class FileOps:
             err = exc
             if exc.interrupted:
                 tr.keep_partial = True
+            elif exc.code == codes.CHANGED and tr.final not in str(exc):  # say which file
+                err = CE.TransferError(exc.code, "%s: %s" % (tr.final, exc))
         except OSError as exc:
             err = CE.TransferError(codes.errno_to_code(exc.errno), "%s: %s" % (
                 tr.final, exc.strerror or exc))

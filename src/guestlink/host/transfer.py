@@ -197,13 +197,18 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
             try:
                 nbytes, digest = engine_fut.result()
             except CE.TransferError as exc:
-                if call.future.done() and call.future.exception() is not None:
-                    raise call.future.exception()  # the agent's explanation is better
-                # a sender error (e.g. the agent refused) may still be on its way on control
+                # the agent's explanation is better, except when our own source changed during a
+                # push (the agent only sees "more data than announced" or our sender's error)
+                ours = direction == "push" and exc.code == codes.CHANGED
+                if not ours and call.future.done() and call.future.exception() is not None:
+                    raise call.future.exception()
+                # a sender error (e.g. the agent refused) may still be on its way on control; and
+                # the agent drops its temp file before it answers
                 try:
                     await asyncio.wait_for(asyncio.shield(call.future), 0.5)
                 except E.GuestlinkError as exc2:
-                    raise exc2 from None
+                    if not ours:
+                        raise exc2 from None
                 except (asyncio.TimeoutError, asyncio.CancelledError):
                     pass
                 raise _engine_error(exc) from None
@@ -279,12 +284,16 @@ async def push_file(client, local, remote, *, preserve=False, resume=False, chec
             try:
                 return CE.send_file(chan, fd, tid, checksum, offset, size, progress=prog, check=check)
             except CE.TransferError as exc:
-                if exc.code == codes.CHANGED:  # tell the agent why (it drops its temp file)
-                    try:
-                        chan.write_all([T.encode_end_error(tid, exc.code, str(exc))])
-                    except CE.TransferError:
-                        pass
-                raise
+                if exc.code != codes.CHANGED:
+                    raise
+                if local not in str(exc):  # say which file
+                    exc = CE.TransferError(codes.CHANGED, "%s changed during the transfer (%s)"
+                                           % (local, exc))
+                try:  # tell the agent why (it drops its temp file)
+                    chan.write_all([T.encode_end_error(tid, exc.code, str(exc))])
+                except CE.TransferError:
+                    pass
+                raise exc from None
 
         reply, ready, nbytes, digest, seconds = await _transfer_one(
             client, "push", args, engine, progress, size, timeout)
