@@ -72,6 +72,7 @@ class Transfer:
         self.nonce = secrets.token_hex(16)
         self.cancel = threading.Event()
         self.keep_partial = False  # set when the host went away (resume later)
+        self.discard = False  # set by a host CANCEL: the temp file goes, whatever the worker saw
         self.replied = False
         self.port = None
         self.started = time.monotonic()
@@ -470,7 +471,12 @@ class FileOps:
             except OSError:
                 pass
             tr.fd = None
-        if failed and tr.direction == "push" and tr.partial and not tr.keep_partial:
+        if failed and (tr.discard or not tr.keep_partial):
+            self._drop_partial(tr)
+
+    @staticmethod
+    def _drop_partial(tr):
+        if tr.direction == "push" and tr.partial:
             try:
                 os.unlink(tr.partial)
             except OSError:
@@ -483,6 +489,10 @@ class FileOps:
         if tr.port is not None:
             tr.port.close()
             tr.port = None
+        if err is not None and tr.discard:
+            # a CANCEL that came while the worker was failing for another reason (the host closes
+            # its data socket right after cancelling: "the peer went away") still drops the file
+            self._drop_partial(tr)
         if self.active is tr:
             self.active = None
         agent = self.agent
@@ -501,6 +511,7 @@ class FileOps:
 
     def cancel(self, tr, reason, keep_partial):
         tr.keep_partial = keep_partial
+        tr.discard = not keep_partial
         tr.cancel.set()
         tr.replied = True
         log.info("transfer %d cancelled (%s)", tr.tid, reason)
