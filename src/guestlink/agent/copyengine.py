@@ -93,6 +93,8 @@ class Channel:
                     self.what, self.idle_timeout), interrupted=True)
 
     def _gone(self, why):
+        if self.cancel.is_set():  # we hung up on purpose (or were told to): say so
+            return cancelled()
         return TransferError(codes.IO_ERROR, "the peer went away from %s (%s)" % (self.what, why),
                              interrupted=True)
 
@@ -360,14 +362,15 @@ def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHU
             if n == 0:
                 pipe.pool.put(buf)
                 break
+            if size is not None and pos + n > size:  # before any of it is sent
+                pipe.pool.put(buf)
+                raise TransferError(codes.CHANGED, "the file grew while it was being sent")
             c = _Chunk()
             c.buf, c.data, c.offset = buf, mv[:n], pos
             if not by_chunk:
                 crc_(c)
             pipe.submit(c)
             pos += n
-            if size is not None and pos > size:
-                raise TransferError(codes.CHANGED, "the file grew while it was being sent")
             if progress is not None:
                 progress(pos)
         pipe.finish()
