@@ -29,6 +29,7 @@ FILE_OPS = ("transfer.open", "fs.stat", "fs.list", "fs.mkdir", "fs.symlink", "fs
             "fs.remove")
 HOST_WAIT = 10.0  # seconds the worker waits for the host to connect to the data port
 LIST_PAGE = 2000
+MAX_LISTINGS = 4
 ACK_TIMEOUT = 30.0
 
 
@@ -62,6 +63,35 @@ def _describe(st, target=None):
     return out
 
 
+def _walk_tree(root):
+    """Yield the entries under ``root`` (described, with their relative ``path``) in pre-order,
+    names sorted, symlinks not followed; entries that vanish meanwhile are skipped."""
+    def children(dirpath, rel):
+        try:
+            names = sorted(os.listdir(dirpath))
+        except OSError as exc:
+            raise _oserror(exc, dirpath)
+        return iter([(os.path.join(dirpath, n), rel + "/" + n if rel else n) for n in names])
+
+    stack = [children(root, "")]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        full, rel = item
+        try:
+            st = os.lstat(full)
+            target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else None
+        except OSError:
+            continue
+        d = _describe(st, target)
+        d["path"] = rel
+        yield d
+        if stat.S_ISDIR(st.st_mode):
+            stack.append(children(full, rel))
+
+
 class Transfer:
     def __init__(self, manager, session, rid, tid, direction):
         self.manager = manager
@@ -93,6 +123,7 @@ class FileOps:
         self.agent = agent
         self.config = agent.config
         self.active = None  # the Transfer owning the data port
+        self._listings = {}  # (id(session), path, next start) -> (session, its fs.list walk)
 
     # -- policy -----------------------------------------------------------------------------
 
@@ -128,7 +159,10 @@ class FileOps:
 
     def op_fs_list(self, rid, args):
         """Recursive listing, pre-order (a directory before its contents), symlinks not followed;
-        paged: ``start`` index, at most LIST_PAGE entries, ``next`` index or null."""
+        paged: ``start`` index, at most LIST_PAGE entries, ``next`` index or null.
+
+        The walk of the page that asked for ``next`` is kept (a few per agent), so the following
+        page continues it instead of walking the tree again from the start."""
         path = _path_arg(args)
         self._check_read(path)
         start = args.int("start", default=0, min=0)
@@ -137,35 +171,25 @@ class FileOps:
                 raise OpError(codes.NOT_A_DIRECTORY, "%s is not a directory" % path)
         except OSError as exc:
             raise _oserror(exc, path)
+        session = self.agent.session
+        kept = self._listings.pop((id(session), path, start), None)
+        walk = kept[1] if kept is not None and kept[0] is session else None
+        if walk is None:
+            walk = _walk_tree(path)
+            for _ in zip(range(start), walk):
+                pass
         entries = []
-        index = [0]
-        stop = start + LIST_PAGE
-
-        def walk(dirpath, rel):
-            try:
-                names = sorted(os.listdir(dirpath))
-            except OSError as exc:
-                raise _oserror(exc, dirpath)
-            for name in names:
-                if index[0] >= stop:
-                    return
-                full = os.path.join(dirpath, name)
-                r = rel + "/" + name if rel else name
-                try:
-                    st = os.lstat(full)
-                    target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else None
-                except OSError:
-                    continue  # vanished meanwhile
-                if index[0] >= start:
-                    d = _describe(st, target)
-                    d["path"] = r
-                    entries.append(d)
-                index[0] += 1
-                if stat.S_ISDIR(st.st_mode):
-                    walk(full, r)
-
-        walk(path, "")
-        return {"entries": entries, "next": stop if index[0] >= stop else None}
+        for entry in walk:
+            entries.append(entry)
+            if len(entries) == LIST_PAGE:
+                break
+        if len(entries) < LIST_PAGE:
+            return {"entries": entries, "next": None}
+        nxt = start + LIST_PAGE
+        while len(self._listings) >= MAX_LISTINGS:
+            del self._listings[next(iter(self._listings))]  # the oldest
+        self._listings[(id(session), path, nxt)] = (session, walk)
+        return {"entries": entries, "next": nxt}
 
     def op_fs_mkdir(self, rid, args):
         path = _path_arg(args)
