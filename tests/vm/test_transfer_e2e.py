@@ -353,6 +353,54 @@ def test_cli_cp_json_and_streams(vm, tmp_path, run_cli):
     assert r.returncode == 2 and "exactly one" in r.stderr
 
 
+def _cli_with_tty_stderr(vm, args):
+    """Run the CLI with stderr on a pseudo-terminal; returns (exit code, stdout, terminal text)."""
+    import pty
+    import threading
+    master, slave = pty.openpty()
+    seen = bytearray()
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the last writer closed the terminal
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "guestlink"] + args, env=_cli_env(vm),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                              timeout=120)
+    finally:
+        os.close(slave)
+        reader.join(10)
+        os.close(master)
+    return proc.returncode, proc.stdout, seen.decode("utf-8", "replace")
+
+
+def test_cli_cp_shows_progress_with_rate_and_eta_on_a_terminal(vm, tmp_path):
+    src = tmp_path / "bar.bin"
+    with open(src, "wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(1 << 20))
+    for args in (["cp", str(src), ":/tmp/bar.bin"], ["cp", ":/tmp/bar.bin", str(tmp_path / "back")]):
+        rc, out, term = _cli_with_tty_stderr(vm, args)
+        assert rc == 0, term
+        assert out == b""
+        lines = [l for l in term.replace("\r", "\n").split("\n") if "bar.bin" in l]
+        assert lines, term
+        last = lines[-1]
+        assert "100.0%" in last and "32.0 MiB/32.0 MiB" in last
+        assert "MB/s" in last and "ETA 0:00" in last
+        assert "Traceback" not in term
+    assert sha(tmp_path / "back") == sha(src)
+
+
 def test_guestlink_run_script(vm, tmp_path, run_cli):
     script = tmp_path / "hello.sh"
     script.write_text('#!/bin/sh\necho "args: $1 $2"\necho "to stderr" >&2\nexit 7\n')
