@@ -160,8 +160,11 @@ def _pair():
     return a, b
 
 
+_ANNOUNCED = object()
+
+
 def _run_copy(tmp_path, data, offset=0, corrupt_send=None, corrupt_recv=None, prefix=None,
-              algorithm="sha256", chunk=T.DEFAULT_CHUNK):
+              algorithm="sha256", chunk=T.DEFAULT_CHUNK, send_size=_ANNOUNCED, recv_size=_ANNOUNCED):
     src = tmp_path / "src"
     src.write_bytes(data)
     dst = tmp_path / "dst"
@@ -175,7 +178,8 @@ def _run_copy(tmp_path, data, offset=0, corrupt_send=None, corrupt_recv=None, pr
         try:
             os.lseek(fd, offset, os.SEEK_SET)
             out["sent"] = CE.send_file(CE.Channel(a.fileno(), ca), fd, 42, algorithm, offset,
-                                       len(data), chunk=chunk, corrupt_at=corrupt_send)
+                                       len(data) if send_size is _ANNOUNCED else send_size,
+                                       chunk=chunk, corrupt_at=corrupt_send)
         except CE.TransferError as exc:
             out["send_err"] = exc
         finally:
@@ -186,7 +190,8 @@ def _run_copy(tmp_path, data, offset=0, corrupt_send=None, corrupt_recv=None, pr
     fd = os.open(str(dst), os.O_RDWR)
     try:
         os.lseek(fd, offset, os.SEEK_SET)
-        out["recv"] = CE.recv_file(CE.Channel(b.fileno(), cb), fd, 42, algorithm, offset, len(data),
+        out["recv"] = CE.recv_file(CE.Channel(b.fileno(), cb), fd, 42, algorithm, offset,
+                                   len(data) if recv_size is _ANNOUNCED else recv_size,
                                    corrupt_at=corrupt_recv)
     except CE.TransferError as exc:
         out["recv_err"] = exc
@@ -263,36 +268,9 @@ def test_engine_small_transfer_refuses_more_than_announced(tmp_path):
     """A transfer announced as smaller than one chunk runs without pipeline threads and with a
     buffer of the announced size: a sender that sends more is refused, not overrun."""
     data = os.urandom(20_000)
-    src = tmp_path / "src"
-    src.write_bytes(data)
-    a, b = _pair()
-    out = {}
-
-    def sender():
-        fd = os.open(str(src), os.O_RDONLY)
-        try:
-            out["sent"] = CE.send_file(CE.Channel(a.fileno(), threading.Event()), fd, 5, "sha256")
-        except CE.TransferError as exc:
-            out["send_err"] = exc
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=sender)
-    t.start()
-    dst = tmp_path / "dst"
-    dst.write_bytes(b"")
-    fd = os.open(str(dst), os.O_RDWR)
-    cancel = threading.Event()
-    try:
-        with pytest.raises(CE.TransferError) as exc:
-            CE.recv_file(CE.Channel(b.fileno(), cancel), fd, 5, "sha256", size=100)
-    finally:
-        os.close(fd)
-        a.close()
-        b.close()
-    t.join(10)
-    assert exc.value.code == codes.TOO_LARGE
-    assert dst.read_bytes() == b""
+    out, got = _run_copy(tmp_path, data, send_size=None, recv_size=100)
+    assert out["recv_err"].code == codes.TOO_LARGE
+    assert got == b""
 
 
 def test_engine_cancel_and_peer_gone(tmp_path):

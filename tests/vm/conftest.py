@@ -19,6 +19,7 @@ for _p in (REPO, REPO / "src"):  # testvm, and guestlink for the tests (if not i
 
 from testvm import TestVM, TestbedError, ensure_base  # noqa: E402
 from testvm.vm import QEMU  # noqa: E402
+from vmhelpers import cli_env  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 _DEFAULT = object()
@@ -108,13 +109,8 @@ def run_cli(vm):
     default_vm = vm
 
     def run(*args, vm=None, timeout=120):
-        target = vm or default_vm
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        env["GUESTLINK_CTL"] = target.ctl_path
-        env["GUESTLINK_DATA"] = target.data_path
-        return subprocess.run([sys.executable, "-m", "guestlink"] + list(args), env=env,
+        return subprocess.run([sys.executable, "-m", "guestlink"] + list(args),
+                              env=cli_env(vm or default_vm),
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, timeout=timeout)
 

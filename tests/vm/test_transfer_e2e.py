@@ -16,33 +16,13 @@ from guestlink.host import errors as E
 from guestlink.host import transfer as HT
 from guestlink.host.client import connect
 from guestlink.protocol.transfer import DEFAULT_CHUNK
+from vmhelpers import cli_env, guest_sh, run, sha
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def run(vm, fn, timeout=10.0):
-    async def main():
-        async with connect(ctl=vm.ctl_path, data=vm.data_path, timeout=timeout) as c:
-            return await fn(c)
-    return asyncio.run(main())
 
 
 async def guest_sha(c, path):
     r = await c.run(["sha256sum", path], check=True)
     return r.stdout.split()[0].decode()
-
-
-async def guest_sh(c, script):
-    r = await c.run(["sh", "-c", script], check=True)
-    return r.stdout.decode()
-
-
-def sha(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("size", [0, 1, DEFAULT_CHUNK - 1, DEFAULT_CHUNK, DEFAULT_CHUNK + 1,
@@ -170,7 +150,7 @@ def test_errors_from_the_guest_file_system_are_clear_and_leave_nothing(vm, tmp_p
         assert r.returncode == 70, r.stderr
         assert "is a directory" in r.stderr and len(r.stderr.splitlines()) == 1
         full = subprocess.run([sys.executable, "-m", "guestlink", "cp", "-", ":/mnt/small/big"],
-                              env=_cli_env(vm), input=os.urandom(3 << 20), stdout=subprocess.PIPE,
+                              env=cli_env(vm), input=os.urandom(3 << 20), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=60)
         err = full.stderr.decode()
         assert full.returncode == 70, err
@@ -273,15 +253,6 @@ def test_transfers_queue_per_vm(vm, tmp_path):
     assert run(vm, go) == [sha(p) for p in files]
 
 
-def _cli_env(vm):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "src")] + (
-        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["GUESTLINK_CTL"] = vm.ctl_path
-    env["GUESTLINK_DATA"] = vm.data_path
-    return env
-
-
 KILLER = r"""
 import asyncio, sys
 from guestlink.host.client import connect
@@ -300,7 +271,7 @@ def test_kill_host_mid_push_then_resume(vm, tmp_path, run_cli):
         for _ in range(64):
             f.write(os.urandom(1 << 20))
     proc = subprocess.Popen([sys.executable, "-c", KILLER, vm.ctl_path, vm.data_path, str(src),
-                             "/tmp/resume.bin"], env=_cli_env(vm), stdout=subprocess.PIPE, text=True)
+                             "/tmp/resume.bin"], env=cli_env(vm), stdout=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:
             if int(line) >= 16 << 20:
@@ -339,7 +310,7 @@ def test_cli_cp_json_and_streams(vm, tmp_path, run_cli):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["digest"] == hashlib.blake2b(src.read_bytes()).hexdigest()
     assert (tmp_path / "cli.back").read_bytes() == src.read_bytes()
-    env = _cli_env(vm)
+    env = cli_env(vm)
     out = subprocess.run([sys.executable, "-m", "guestlink", "cp", ":/tmp/cli.bin", "-"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     assert out.returncode == 0 and out.stdout == src.read_bytes()
@@ -373,7 +344,7 @@ def _cli_with_tty_stderr(vm, args):
     reader = threading.Thread(target=drain)
     reader.start()
     try:
-        proc = subprocess.run([sys.executable, "-m", "guestlink"] + args, env=_cli_env(vm),
+        proc = subprocess.run([sys.executable, "-m", "guestlink"] + args, env=cli_env(vm),
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
                               timeout=120)
     finally:

@@ -12,7 +12,6 @@ process in the guest follows the agent's rchar the same way.
 
 import asyncio
 import glob
-import hashlib
 import json
 import os
 import signal
@@ -24,10 +23,9 @@ import zlib
 
 import pytest
 
-from guestlink.host.client import connect
 from guestlink.protocol.transfer import PARTIAL_PREFIX, PARTIAL_SUFFIX
+from vmhelpers import cli_env, guest_sh, run, sha
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 1 << 20
 GiB = 1 << 30
 EXIT_SOFTWARE = 70  # cli.py: any other error reported by the agent (here: changed)
@@ -40,35 +38,6 @@ def bigvm(make_vm):
     # tmpfs defaults to half of RAM, just under 1 GiB: make room for the 1 GiB push
     run(v, lambda c: guest_sh(c, "mount -o remount,size=1600m /tmp"))
     return v
-
-
-def run(vm, fn, timeout=30.0):
-    async def main():
-        async with connect(ctl=vm.ctl_path, data=vm.data_path, timeout=timeout) as c:
-            return await fn(c)
-    return asyncio.run(main())
-
-
-async def guest_sh(c, script):
-    r = await c.run(["sh", "-c", script], check=True)
-    return r.stdout.decode()
-
-
-def sha(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cli_env(vm):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "src")] + (
-        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["GUESTLINK_CTL"] = vm.ctl_path
-    env["GUESTLINK_DATA"] = vm.data_path
-    return env
 
 
 def start_cli(vm, *args, stdout=subprocess.PIPE):
