@@ -1,6 +1,7 @@
 """Data channel: sans-I/O codecs byte by byte, hello scan, hostile paths, resume logic, and the copy
 engine over a socketpair (both directions, corruption, resume, cancel)."""
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -11,6 +12,8 @@ import zlib
 import pytest
 
 from guestlink.agent import copyengine as CE
+from guestlink.host import errors as E
+from guestlink.host import transfer as HT
 from guestlink.protocol import FrameDecoder, FrameType, ProtocolViolation, codes
 from guestlink.protocol import transfer as T
 from guestlink.protocol.frames import encode_frame
@@ -297,3 +300,22 @@ def test_wait_hello_keeps_following_bytes():
     assert buf == b"NEXT"
     a.close()
     b.close()
+
+
+def test_recursive_listing_from_the_guest_is_bounded(monkeypatch):
+    """A guest that pages forever (``next`` always growing) cannot make the host hold an
+    unbounded listing."""
+    class EndlessGuest:
+        calls = 0
+
+        async def call(self, op, args, timeout=None):
+            self.calls += 1
+            start = args["start"]
+            return {"entries": [{"path": "f%d" % (start + i), "type": "file", "size": 1}
+                                for i in range(10)], "next": start + 10}
+
+    monkeypatch.setattr(HT, "MAX_TREE_ENTRIES", 95)
+    guest = EndlessGuest()
+    with pytest.raises(E.ProtocolError, match="exceeds 95 entries"):
+        asyncio.run(HT.list_tree(guest, "/big"))
+    assert guest.calls == 10

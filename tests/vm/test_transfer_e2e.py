@@ -101,6 +101,21 @@ def test_recursive_round_trip_preserves_mode_mtime_symlinks(vm, tmp_path):
     assert stat.S_IMODE(st.st_mode) == 0o750 and st.st_mtime_ns == 1_400_000_000_000_000_000
 
 
+def test_pull_never_takes_setuid_or_setgid_bits_from_the_guest(vm, tmp_path, run_cli):
+    """The guest is untrusted: `cp -p` from it (as root here) must not plant setuid files."""
+    setup = run_cli("exec", "--", "sh", "-c", "rm -rf /tmp/suid && mkdir -p /tmp/suid/d && "
+                    "echo x > /tmp/suid/f && chmod 4755 /tmp/suid/f && chmod 2775 /tmp/suid/d")
+    assert setup.returncode == 0, setup.stderr
+    r = run_cli("cp", "-p", ":/tmp/suid/f", str(tmp_path / "f"))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "f").st_mode) == 0o755
+    r = run_cli("cp", "-r", "-p", ":/tmp/suid", str(tmp_path / "tree"))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "tree" / "f").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(tmp_path / "tree" / "d").st_mode) == 0o775
+    run_cli("exec", "--", "rm", "-rf", "/tmp/suid")
+
+
 def test_errors_are_clear(vm, tmp_path):
     src = tmp_path / "f"
     src.write_bytes(b"x")

@@ -33,6 +33,11 @@ from ..protocol import transfer as T
 from . import errors as E
 
 BUSY_RETRY = 15.0  # seconds to retry while the agent's data port is still busy
+#: Mode bits a pull takes from the guest: never setuid/setgid (the guest is untrusted; a pull
+#: with -p as root would otherwise plant a setuid-root file of the guest's choosing).
+GUEST_MODE_BITS = 0o1777
+#: Entries a recursive pull accepts from the guest's listing (the guest could page forever).
+MAX_TREE_ENTRIES = 1_000_000
 PROGRESS_INTERVAL = 0.1
 
 
@@ -370,7 +375,7 @@ async def pull_file(client, remote, local, *, preserve=False, resume=False, chec
                 if ready["uid"] is not None and os.geteuid() == 0:
                     os.fchown(fd, ready["uid"], ready["gid"] if ready["gid"] is not None else -1)
                 if ready["mode"] is not None:
-                    os.fchmod(fd, ready["mode"])
+                    os.fchmod(fd, ready["mode"] & GUEST_MODE_BITS)
                 if ready["mtime_ns"] is not None:
                     os.utime(fd, ns=(ready["mtime_ns"], ready["mtime_ns"]))
             else:
@@ -470,6 +475,9 @@ async def list_tree(client, remote, timeout=None, op="fs.list"):
         if not isinstance(items, list):
             raise E.ProtocolError("%s reply without entries" % op)
         entries.extend(items)
+        if len(entries) > MAX_TREE_ENTRIES:
+            raise E.ProtocolError("the guest's listing of %s exceeds %d entries" % (
+                remote, MAX_TREE_ENTRIES))
         nxt = page.get("next")
         start = nxt if isinstance(nxt, int) and not isinstance(nxt, bool) and nxt > start else None
     return entries
@@ -532,7 +540,7 @@ async def pull_tree(client, remote, local, *, preserve=False, resume=False, chec
     for dest, e in reversed(dirs):
         mode = e.get("mode")
         if isinstance(mode, int):
-            os.chmod(dest, mode & 0o7777)
+            os.chmod(dest, mode & GUEST_MODE_BITS)
         if preserve and isinstance(e.get("mtime_ns"), int):
             os.utime(dest, ns=(e["mtime_ns"], e["mtime_ns"]), follow_symlinks=False)
     total.seconds = time.monotonic() - t0
