@@ -101,6 +101,26 @@ def test_recursive_round_trip_preserves_mode_mtime_symlinks(vm, tmp_path):
     assert stat.S_IMODE(st.st_mode) == 0o750 and st.st_mtime_ns == 1_400_000_000_000_000_000
 
 
+def test_preserve_keeps_the_owner_when_root(vm, tmp_path, run_cli):
+    if os.geteuid() != 0:
+        pytest.skip("owner preservation needs root on the host (CI runs as root)")
+    src = tmp_path / "owned"
+    src.write_bytes(b"owned by 1234:2345")
+    os.chown(src, 1234, 2345)
+    r = run_cli("cp", "-p", str(src), ":/tmp/owned")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("exec", "--", "sh", "-c", "stat -c '%u %g' /tmp/owned; chown 4321:5432 /tmp/owned")
+    assert r.stdout.split() == ["1234", "2345"]
+    r = run_cli("cp", "-p", ":/tmp/owned", str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr
+    st = os.stat(tmp_path / "back")
+    assert (st.st_uid, st.st_gid) == (4321, 5432)
+    r = run_cli("cp", ":/tmp/owned", str(tmp_path / "plain"))  # without -p: the host user's
+    assert r.returncode == 0, r.stderr
+    assert os.stat(tmp_path / "plain").st_uid == 0
+    run_cli("exec", "--", "rm", "-f", "/tmp/owned")
+
+
 def test_pull_never_takes_setuid_or_setgid_bits_from_the_guest(vm, tmp_path, run_cli):
     """The guest is untrusted: `cp -p` from it (as root here) must not plant setuid files."""
     setup = run_cli("exec", "--", "sh", "-c", "rm -rf /tmp/suid && mkdir -p /tmp/suid/d && "
