@@ -110,24 +110,28 @@ class Channel:
             raise cancelled()
         return n
 
-    def _readv(self, iov):
-        """readv into ``iov``, waiting while nothing is readable; returns a count > 0."""
+    def _io(self, op, events, what):
+        """Run the non-blocking ``op()``, waiting for ``events`` while it would block; a peer
+        that went away or an I/O error becomes a TransferError."""
         while True:
             try:
-                n = os.readv(self.fd, iov)
+                return op()
             except BlockingIOError:
-                revents = self._wait(select.POLLIN)
-                if revents & (select.POLLHUP | select.POLLERR) and not revents & select.POLLIN:
+                revents = self._wait(events)
+                if revents & (select.POLLHUP | select.POLLERR) and not revents & events:
                     raise self._gone("hangup")
-                continue
             except OSError as exc:
                 if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
                     raise self._gone(exc.strerror)
-                raise TransferError(codes.IO_ERROR, "reading %s: %s" % (self.what, exc.strerror or exc),
+                raise TransferError(codes.IO_ERROR, "%s %s: %s" % (what, self.what, exc.strerror or exc),
                                     interrupted=True)
-            if n == 0:
-                raise self._gone("end of stream")
-            return n
+
+    def _readv(self, iov):
+        """readv into ``iov``, waiting while nothing is readable; returns a count > 0."""
+        n = self._io(lambda: os.readv(self.fd, iov), select.POLLIN, "reading")
+        if n == 0:
+            raise self._gone("end of stream")
+        return n
 
     def read_exact(self, mv):
         total = len(mv)
@@ -165,19 +169,9 @@ class Channel:
                 else:
                     split.append(p)
             parts = split
+        fd = self.fd
         while parts:
-            try:
-                n = os.writev(self.fd, parts[:64])
-            except BlockingIOError:
-                revents = self._wait(select.POLLOUT)
-                if revents & (select.POLLHUP | select.POLLERR) and not revents & select.POLLOUT:
-                    raise self._gone("hangup")
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
-                    raise self._gone(exc.strerror)
-                raise TransferError(codes.IO_ERROR, "writing %s: %s" % (self.what, exc.strerror or exc),
-                                    interrupted=True)
+            n = self._io(lambda: os.writev(fd, parts[:64]), select.POLLOUT, "writing")
             while n and parts:
                 if n >= len(parts[0]):
                     n -= len(parts[0])
