@@ -92,6 +92,7 @@ BOOT_INIT = """\
 #!/bin/sh
 # initramfs of the guestlink test disk: load virtio_blk, mount root=, switch_root to /sbin/init
 export PATH=/bin
+echo "guestlink-testvm: init started (initramfs)"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -106,6 +107,7 @@ if ! mount -t ext4 -o rw "$root" /newroot; then
     sleep 2
     poweroff -f
 fi
+echo "guestlink-testvm: root $root mounted"
 umount /proc /sys /dev
 exec switch_root /newroot /sbin/init
 """

@@ -11,6 +11,7 @@
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 TERM=dumb
 
 say() { echo "guestlink-testvm: $*"; }
+say "init started"   # the host tells "kernel never reached userspace" from later trouble by this
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys

@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
@@ -35,6 +36,10 @@ CTL_PORT = "org.guestlink.ctl"
 DATA_PORT = "org.guestlink.data"
 AGENT_GUEST_PATH = "/opt/guestlink/guestlink-agent.pyz"
 READY_LINE = "guestlink-testvm: ready"
+#: init's first console line (testvm/init.sh, the disk image's initramfs)
+INIT_LINE = "guestlink-testvm: init started"
+#: a TCG boot reaches init in 2-5 s; this long without it is a hung kernel
+USERSPACE_TIMEOUT = 60.0
 # Kernel command line: quiet serial console; skip slow legacy probing under TCG.
 BASE_APPEND = ("console=ttyS0 quiet panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd "
                "tsc=reliable no_timer_check cryptomgr.notests random.trust_cpu=on")
@@ -43,6 +48,10 @@ BASE_APPEND = ("console=ttyS0 quiet panic=-1 i8042.noaux i8042.nomux i8042.nopnp
 QEMU_CPU = "qemu64,+rdrand"
 
 _live: "weakref.WeakSet[TestVM]" = weakref.WeakSet()
+
+
+class _KernelHang(Exception):
+    """The guest kernel never started init (nothing from userspace on the console)."""
 
 
 def kernel_cmdline(nports: int, append: str = "") -> str:
@@ -102,6 +111,8 @@ class TestVM:
     """One QEMU guest: Debian cloud kernel + busybox + python3 initramfs + the agent."""
 
     __test__ = False  # not a pytest test class
+    #: seconds to wait for init's first line before calling the kernel hung
+    userspace_timeout = USERSPACE_TIMEOUT
 
     def __init__(self, workdir: Union[str, os.PathLike],
                  agent_pyz: Union[str, os.PathLike, None] = None,
@@ -135,6 +146,7 @@ class TestVM:
         self.cache_dir = cache_dir
         self.proc: Optional[subprocess.Popen] = None
         self.boot_seconds: Optional[float] = None
+        self.hung_boots: List[str] = []
         self._t_start = 0.0
         self._qemu_log = None
         # AF_UNIX paths are limited to 107 bytes: use a short dir if needed.
@@ -196,13 +208,17 @@ class TestVM:
             cmd.append("-no-reboot")
         return cmd
 
-    def start(self, wait: bool = True, timeout: float = 120) -> "TestVM":
+    def start(self, wait: bool = True, timeout: float = 120,
+              retry_hung_kernel: int = 1) -> "TestVM":
         """Boot the VM. With wait=True, return once init printed its ready line
-        (virtio ports set up; the agent is being started)."""
+        (virtio ports set up; the agent is being started). A kernel that prints nothing from
+        init within userspace_timeout s is reported on stderr and booted again, at most
+        retry_hung_kernel times (recorded in self.hung_boots)."""
         if self.proc is not None:
             raise RuntimeError("VM already started")
         if not shutil.which(QEMU):
             raise TestbedError(f"{QEMU} not found: install Debian package qemu-system-x86")
+        self.sockdir.mkdir(mode=0o700, exist_ok=True)
         initrd = self.workdir / "initrd.img"
         base = write_initrd(initrd, self._overlay_files(), self.cache_dir)
         for p in list(self._ports.values()) + [self.qmp_path]:
@@ -235,11 +251,47 @@ class TestVM:
                 time.sleep(0.02)
         if wait:
             try:
-                self.wait_ready(timeout)
+                self._wait_userspace(timeout)
+                self.wait_ready(max(1.0, timeout - (time.monotonic() - self._t_start)))
+            except _KernelHang as hang:
+                self.stop()
+                if retry_hung_kernel <= 0:
+                    raise TimeoutError(str(hang)) from None
+                # A TCG guest kernel has (rarely) hung before userspace with nothing on the
+                # console. That is the emulator's, not the code under test's, so boot once
+                # more, loudly and with kernel messages on, so a repeat can be diagnosed.
+                print(f"testvm: {hang}; booting once more with kernel messages on",
+                      file=sys.stderr, flush=True)
+                self.hung_boots.append(str(hang))
+                self.proc = None
+                if "ignore_loglevel" not in self.append.split():
+                    self.append = " ".join(x for x in (self.append, "ignore_loglevel") if x)
+                return self.start(wait, timeout, retry_hung_kernel - 1)
             except BaseException:
                 self.stop()
                 raise
         return self
+
+    def _wait_userspace(self, timeout: float) -> None:
+        """Wait for init's first line; raise _KernelHang with QEMU's view if it never comes."""
+        limit = min(timeout, self.userspace_timeout)
+        try:
+            self.wait_for_console(re.escape(INIT_LINE), limit)
+        except TimeoutError:
+            raise _KernelHang(f"the guest kernel did not reach init within {limit:.0f} s "
+                              f"(console: {self.console_text()[-300:]!r}; "
+                              f"{self._cpu_state()})") from None
+
+    def _cpu_state(self) -> str:
+        """QEMU's run state and each vCPU's instruction pointer, for a hang report."""
+        try:
+            status = self.qmp("query-status", timeout=3).get("status")
+            regs = self.qmp("human-monitor-command", timeout=5,
+                            **{"command-line": "info registers -a"})
+            rips = re.findall(r"RIP=([0-9a-f]+)", regs)
+            return f"QEMU status {status}, vCPU RIP {', '.join(rips) or '?'}"
+        except Exception as e:  # diagnostics only: never mask the hang itself
+            return f"QEMU state unavailable: {e}"
 
     def wait_ready(self, timeout: float = 120, start: int = 0) -> float:
         """Wait for init's ready line; return seconds since start()."""
@@ -294,9 +346,8 @@ class TestVM:
         if self._qemu_log:
             self._qemu_log.close()
             self._qemu_log = None
-        if self._sockdir_tmp:
+        if self._sockdir_tmp:  # kept: a retried boot makes it again
             shutil.rmtree(self._sockdir_tmp, ignore_errors=True)
-            self._sockdir_tmp = None
 
     def __enter__(self) -> "TestVM":
         if self.proc is None:

@@ -160,3 +160,18 @@ def test_vm_without_fixtures(tmp_path, testvm_base, echo_pyz):
         assert port.readline() == b"READY"
         port.close()
     assert not vm.is_running()
+
+
+def test_hung_kernel_is_reported_and_booted_once_more(tmp_path, testvm_base, capsys):
+    """A guest that never reaches init (here: PID 1 is a shell waiting on the console) is
+    reported with QEMU's CPU state, booted once more with kernel messages on, then failed."""
+    vm = TestVM(tmp_path, append="rdinit=/bin/sh")
+    vm.userspace_timeout = 6
+    with pytest.raises(TimeoutError, match=r"did not reach init within 6 s .*QEMU status running, "
+                                           r"vCPU RIP [0-9a-f]{16}, [0-9a-f]{16}"):
+        vm.start(timeout=60)
+    assert len(vm.hung_boots) == 1 and "did not reach init" in vm.hung_boots[0]
+    assert "booting once more with kernel messages on" in capsys.readouterr().err
+    cmdline = (tmp_path / "qemu.cmd").read_text()
+    assert "ignore_loglevel" in cmdline and "rdinit=/bin/sh" in cmdline
+    assert not vm.is_running()
