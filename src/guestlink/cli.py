@@ -28,7 +28,8 @@ EXIT_UNAVAILABLE = 69      # EX_UNAVAILABLE: control socket missing, nobody list
 EXIT_SOFTWARE = 70         # EX_SOFTWARE: any other error reported by the agent
 EXIT_CANTCREAT = 73        # EX_CANTCREAT: a local output file cannot be written
 EXIT_IOERR = 74            # EX_IOERR: connection lost, request not sent
-EXIT_TEMPFAIL = 75         # EX_TEMPFAIL: the agent does not answer (handshake or request timeout)
+EXIT_TEMPFAIL = 75         # EX_TEMPFAIL: the agent does not answer (handshake or request timeout),
+                           # or another guestlink command kept the VM past --queue-timeout
 EXIT_PROTOCOL = 76         # EX_PROTOCOL: protocol mismatch or malformed answer
 EXIT_NOPERM = 77           # EX_NOPERM: denied by the agent's policy, or permission denied
 EXIT_CONFIG = 78           # EX_CONFIG: the libvirt domain has no guestlink channels
@@ -80,6 +81,7 @@ def exit_code_for(exc, command=None):
         (LV.AttachError, EXIT_SOFTWARE),
         (LV.LibvirtError, EXIT_UNAVAILABLE),
         (E.PermissionDenied, EXIT_NOPERM),
+        (E.VMInUse, EXIT_TEMPFAIL),
         (E.ConnectError, EXIT_UNAVAILABLE),
         (E.AgentNotResponding, EXIT_TEMPFAIL),
         (E.RequestTimeout, EXIT_TEMPFAIL),
@@ -390,6 +392,16 @@ def _positive(value):
     return number
 
 
+def _seconds(value):
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError("must be a number of seconds, 0 or more")
+    return number
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="guestlink",
@@ -411,6 +423,9 @@ def build_parser():
     group.add_argument("--connect", metavar="URI", dest="libvirt_uri",
                        help="libvirt URI for --domain, as for virsh (default: "
                             "$LIBVIRT_DEFAULT_URI, else qemu:///system)")
+    group.add_argument("--queue-timeout", type=_seconds, metavar="S",
+                       help="a VM serves one guestlink command at a time: wait at most S seconds "
+                            "for the one using it (default: until it finishes; 0: fail at once)")
 
     def domain_arg(p):
         p.add_argument("domain_arg", nargs="?", metavar="DOMAIN",
@@ -541,7 +556,8 @@ async def _run_vm_command(args):
     where = (dict(domain=target.domain, uri=target.uri) if target.domain  # follows restarts
              else dict(ctl=target.ctl, data=target.data))
     try:
-        async with connect(timeout=connect_timeout, reconnect=reconnect, **where) as vm:
+        async with connect(timeout=connect_timeout, reconnect=reconnect,
+                           queue_timeout=args.queue_timeout, on_queue=_say_queued, **where) as vm:
             return await func(vm, args)
     except E.PermissionDenied as exc:
         if not target.domain:
@@ -550,6 +566,11 @@ async def _run_vm_command(args):
             "%s (libvirt domain %s: libvirt made the socket for its qemu user; run as root, or "
             "attach the channels with --socket-dir DIR you can reach)" % (exc, target.domain),
             exc.path, exc.errno) from None
+
+
+def _say_queued(holder):
+    sys.stderr.write("guestlink: waiting for the VM: it is in use by %s\n" % holder)
+    sys.stderr.flush()
 
 
 async def _main_async(args):

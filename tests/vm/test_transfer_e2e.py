@@ -288,6 +288,54 @@ def test_transfers_queue_per_vm(vm, tmp_path):
     assert run(vm, go) == [sha(p) for p in files]
 
 
+def test_concurrent_cli_commands_queue_per_vm(vm, tmp_path):
+    """QEMU serves one client per VM: a second `guestlink` command waits for the first (and
+    says for whom) instead of timing out; with --queue-timeout 0 it fails at once, clearly."""
+    from guestlink.host.vmlock import lock_path
+    srcs = []
+    for i in range(2):
+        p = tmp_path / ("c%d.bin" % i)
+        with open(p, "wb") as f:
+            for _ in range(48):
+                f.write(os.urandom(1 << 20))
+        srcs.append(p)
+    procs = [subprocess.Popen([sys.executable, "-m", "guestlink", "cp", str(p),
+                               ":/tmp/conc%d.bin" % i], env=cli_env(vm), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, p in enumerate(srcs)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    waited = [(i, err) for i, (_, err) in enumerate(outs) if "waiting for the VM" in err]
+    assert len(waited) == 1, outs  # exactly one had to wait, for the other, named by pid
+    i, err = waited[0]
+    other = procs[1 - i]
+    assert ("guestlink: waiting for the VM: it is in use by pid %d (guestlink cp %s"
+            % (other.pid, srcs[1 - i])) in err
+    r = run(vm, lambda c: guest_sh(c, "sha256sum /tmp/conc0.bin /tmp/conc1.bin; "
+                                      "rm -f /tmp/conc0.bin /tmp/conc1.bin"))
+    assert [l.split()[0] for l in r.splitlines()] == [sha(p) for p in srcs]
+
+    cp = subprocess.Popen([sys.executable, "-m", "guestlink", "cp", str(srcs[0]), ":/tmp/conc.bin"],
+                          env=cli_env(vm), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(lock_path(vm.ctl_path)):  # the cp holds the VM
+            assert time.monotonic() < deadline and cp.poll() is None, cp.communicate()
+            time.sleep(0.01)
+        r = subprocess.run([sys.executable, "-m", "guestlink", "ping", "--queue-timeout", "0"],
+                           env=cli_env(vm), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+        assert r.returncode == 75, r
+        assert r.stderr == ("guestlink: error: %s is in use by pid %d (guestlink cp %s :/tmp/conc.bin)"
+                            " (guestlink serves one client per VM at a time)\n"
+                            % (vm.ctl_path, cp.pid, srcs[0]))
+    finally:
+        out = cp.communicate(timeout=180)
+    assert cp.returncode == 0, out
+    run(vm, lambda c: guest_sh(c, "rm -f /tmp/conc.bin"))
+
+
 KILLER = r"""
 import asyncio, sys
 from guestlink.host.client import connect

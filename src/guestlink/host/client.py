@@ -51,6 +51,7 @@ from ..protocol import (STREAM_STDERR, STREAM_STDIN, STREAM_STDOUT, CorruptFrame
 from ..protocol import messages as m
 from ..protocol.frames import MAX_ID
 from . import errors as E
+from .vmlock import VMLock
 
 log = logging.getLogger("guestlink.host")
 
@@ -208,7 +209,7 @@ def _violation(what, exc):
 
 
 def connect(ctl=None, data=None, *, domain=None, uri=None, timeout=DEFAULT_TIMEOUT, reconnect=True,
-            max_payload=None, queue_size=DEFAULT_QUEUE_SIZE):
+            max_payload=None, queue_size=DEFAULT_QUEUE_SIZE, queue_timeout=None, on_queue=None):
     """Connect to the agent of one VM.
 
     ``ctl`` is the control channel's unix socket, ``data`` the data channel's (kept for file
@@ -218,6 +219,11 @@ def connect(ctl=None, data=None, *, domain=None, uri=None, timeout=DEFAULT_TIMEO
     ConnectErrors). ``timeout`` is the handshake timeout and every verb's default
     timeout (None: no limit). With ``reconnect=True`` the client re-opens the socket with backoff
     after it breaks and calls made meanwhile wait for it up to their timeout.
+
+    A VM serves one client at a time (QEMU's chardev accepts one connection): while another
+    guestlink client is connected to it, this one waits its turn (:mod:`guestlink.host.vmlock`),
+    calling ``on_queue(holder)`` once with a description of that client, for at most
+    ``queue_timeout`` seconds (None: no limit; then VMInUse).
 
     Use as ``async with connect(...) as vm:`` or ``vm = await connect(...)`` (then ``await
     vm.close()``).
@@ -230,7 +236,8 @@ def connect(ctl=None, data=None, *, domain=None, uri=None, timeout=DEFAULT_TIMEO
 
         resolver = _libvirt_resolver(domain, uri)
     client = Client(ctl, data, timeout=timeout, reconnect=reconnect, max_payload=max_payload,
-                    queue_size=queue_size, resolver=resolver)
+                    queue_size=queue_size, resolver=resolver, queue_timeout=queue_timeout,
+                    on_queue=on_queue)
     return _Connector(client)
 
 
@@ -252,7 +259,8 @@ class Client:
     """A connection to one guest agent. Create it with :func:`connect`."""
 
     def __init__(self, ctl, data=None, *, timeout=DEFAULT_TIMEOUT, reconnect=True,
-                 max_payload=None, queue_size=DEFAULT_QUEUE_SIZE, resolver=None):
+                 max_payload=None, queue_size=DEFAULT_QUEUE_SIZE, resolver=None,
+                 queue_timeout=None, on_queue=None):
         if not ctl and resolver is None:
             raise ValueError("connect() needs the control socket path (ctl=...)")
         # resolver: () -> (ctl, data), called before every socket open (libvirt domains)
@@ -263,6 +271,9 @@ class Client:
         self.reconnect = reconnect
         self._max_payload = max_payload
         self._queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        self._on_queue = on_queue
+        self._vmlock = None
         self._state = Runstate.IDLE
         self._conn = None
         self._agent = None
@@ -311,7 +322,9 @@ class Client:
         self._changed = asyncio.get_running_loop().create_future()
         self._set_state(Runstate.CONNECTING)
         try:
-            conn = await self._open_conn()
+            await self._resolve()
+            await self._take_vm_lock()
+            conn = await self._open_conn(resolve=False)
             try:
                 await asyncio.wait_for(asyncio.shield(conn.handshake), self.timeout)
             except asyncio.TimeoutError:
@@ -323,7 +336,32 @@ class Client:
             raise
         return self
 
-    async def _open_conn(self):
+    async def _resolve(self):
+        if self._resolver is not None:
+            loop = asyncio.get_running_loop()
+            self.ctl, self.data = await loop.run_in_executor(None, self._resolver)
+
+    async def _take_vm_lock(self):
+        try:
+            self._vmlock = VMLock(self.ctl)
+            await self._vmlock.acquire(self.queue_timeout, self._queued)
+        except OSError as exc:
+            raise E.ConnectError("cannot take the lock for %s: %s" % (self.ctl, exc),
+                                 self.ctl, exc.errno) from None
+
+    def _queued(self, holder):
+        log.info("guestlink: %s is in use by %s; waiting", self.ctl, holder)
+        if self._on_queue is not None:
+            self._on_queue(holder)
+
+    async def _open_conn(self, resolve=True):
+        if resolve and self._resolver is not None:
+            await self._resolve()
+            if self._vmlock is not None and self._vmlock.ctl != self.ctl:
+                # the domain restarted with new socket paths: queue on the new ones
+                self._vmlock.release()
+                self._vmlock = None
+                await self._take_vm_lock()
         reader, writer = await self._open_socket()
         conn = _Conn(reader, writer)
         if self._max_payload:
@@ -336,9 +374,6 @@ class Client:
         return conn
 
     async def _open_socket(self):
-        if self._resolver is not None:
-            loop = asyncio.get_running_loop()
-            self.ctl, self.data = await loop.run_in_executor(None, self._resolver)
         path = self.ctl
         try:
             return await asyncio.open_unix_connection(path, limit=1 << 20)
@@ -992,6 +1027,9 @@ class Client:
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
             except Exception:
                 pass
+        lock, self._vmlock = self._vmlock, None
+        if lock is not None:  # after the socket is closed, so the next client finds it free
+            lock.release()
 
 
 def _consume(fut):

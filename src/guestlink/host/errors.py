@@ -8,7 +8,9 @@ This docstring is the single reference for error handling; the README renders it
     ├── ConnectError                   could not open the VM's control socket (.path, .errno)
     │   ├── SocketNotFound             the socket file does not exist (VM not running? wrong path?)
     │   ├── NotListening               the file exists but nobody accepts on it (ECONNREFUSED)
-    │   └── PermissionDenied           no permission to open the socket
+    │   ├── PermissionDenied           no permission to open the socket
+    │   └── VMInUse                    another guestlink client held the VM for longer than
+    │                                  connect(queue_timeout=...) (see guestlink.host.vmlock)
     ├── AgentNotResponding             the socket is open but no agent completed the handshake in time
     ├── ProtocolError                  the agent sent something that breaks the protocol: a malformed
     │   │                              reply payload, a corrupted frame for a pending request, ...
@@ -82,6 +84,11 @@ class NotListening(ConnectError):
 
 class PermissionDenied(ConnectError):
     """The host refused access to the socket file."""
+
+
+class VMInUse(ConnectError):
+    """Another guestlink client is connected to this VM (one client per VM at a time) and did
+    not finish within the queue timeout."""
 
 
 class AgentNotResponding(GuestlinkError):
