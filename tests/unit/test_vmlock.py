@@ -137,3 +137,27 @@ def test_second_client_waits_for_the_first_then_connects(runtime, path):
 
     assert asyncio.run(asyncio.wait_for(main(), 20)) == [vmlock.describe_self()]
     assert os.listdir(runtime / "guestlink") == []
+
+
+def test_a_waiter_names_a_holder_that_describes_itself_late(runtime, path):
+    """Between a holder's flock and its description the file is empty: the waiter waits for the
+    description (up to DESCRIBE_GRACE) rather than calling it "another guestlink process"."""
+    import fcntl
+    lock_file = vmlock.lock_path(path)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+    async def main():
+        waits = []
+        waiter = asyncio.ensure_future(VMLock(path).acquire(timeout=0, on_wait=waits.append))
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
+        os.pwrite(fd, b"pid 7 (guestlink cp a vm:/b)\n", 0)
+        with pytest.raises(E.VMInUse, match=r"in use by pid 7 \(guestlink cp a vm:/b\)"):
+            await waiter
+        return waits
+
+    try:
+        assert asyncio.run(main()) == []  # queue_timeout 0: no waiting, so no on_wait call
+    finally:
+        os.close(fd)

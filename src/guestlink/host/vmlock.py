@@ -23,6 +23,8 @@ from . import errors as E
 
 #: How often a waiting client retries the lock (seconds).
 POLL_INTERVAL = 0.1
+#: How long a waiter gives a new holder to describe itself before saying "another process".
+DESCRIBE_GRACE = 1.0
 #: Bytes of the holder description read from / written to a lock file.
 MAX_HOLDER = 512
 
@@ -91,8 +93,9 @@ class VMLock:
                 raise
             self._fd = fd
             try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, (describe_self() + "\n").encode(), 0)
+                info = (describe_self() + "\n").encode()
+                os.pwrite(fd, info, 0)  # then cut: a reader never sees it empty in between
+                os.ftruncate(fd, len(info))
             except OSError:
                 pass  # the description only informs waiters
         return True
@@ -105,32 +108,39 @@ class VMLock:
         own = os.fstat(fd)
         return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
-    def holder(self):
+    def holder(self, default="another guestlink process"):
         """Who holds the lock, as its holder described itself (best effort)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
-            return "another guestlink process"
+            return default
         try:
             text = os.pread(fd, MAX_HOLDER, 0).decode("utf-8", "replace").strip()
         finally:
             os.close(fd)
-        return text.splitlines()[0] if text else "another guestlink process"
+        return text.splitlines()[0] if text else default
 
     async def acquire(self, timeout=None, on_wait=None):
         """Wait for the lock. ``on_wait(holder)`` is called once if it has to wait; after
         ``timeout`` seconds (None: no limit) :class:`~guestlink.host.errors.VMInUse` is raised."""
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        started = loop.time()
+        deadline = None if timeout is None else started + timeout
         waited = False
         while not self.try_acquire():
+            who = self.holder(None)
+            if who is None and loop.time() - started < DESCRIBE_GRACE:
+                # a holder describes itself just after it takes the lock: give it a moment
+                await asyncio.sleep(0.01)
+                continue
+            who = who or "another guestlink process"
             if deadline is not None and loop.time() >= deadline:
                 raise E.VMInUse("%s is in use by %s (guestlink serves one client per VM at a "
-                                "time)" % (self.ctl, self.holder()), self.ctl)
+                                "time)" % (self.ctl, who), self.ctl)
             if not waited:
                 waited = True
                 if on_wait is not None:
-                    on_wait(self.holder())
+                    on_wait(who)
             await asyncio.sleep(POLL_INTERVAL)
         return waited
 
