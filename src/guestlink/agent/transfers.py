@@ -12,6 +12,7 @@ another ``transfer.open`` meanwhile gets ERROR ``busy`` (the host library queues
 import errno
 import logging
 import os
+import queue
 import secrets
 import stat
 import threading
@@ -123,6 +124,10 @@ class FileOps:
         self.agent = agent
         self.config = agent.config
         self.active = None  # the Transfer owning the data port
+        # One long-lived worker thread runs the transfers (one at a time: `active`): starting a
+        # thread per transfer cost ~1 ms of a ~10 ms small-file copy under TCG.
+        self._jobs = queue.SimpleQueue()
+        self._worker = None
         self._listings = {}  # (id(session), path, next start) -> (session, its fs.list walk)
 
     # -- policy -----------------------------------------------------------------------------
@@ -272,7 +277,11 @@ class FileOps:
         session.transfers[rid] = tr
         event.update({"event": "ready", "transfer": tid, "nonce": tr.nonce})
         self.agent.send_event(rid, event)
-        threading.Thread(target=self._work, args=(tr,), name="guestlink-transfer", daemon=True).start()
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._run_jobs, name="guestlink-transfer",
+                                            daemon=True)
+            self._worker.start()
+        self._jobs.put(tr)
         log.info("transfer %d (%s %s): started at offset %d", tid, direction, tr.final, tr.offset)
         return None
 
@@ -400,6 +409,10 @@ class FileOps:
         tr.port = port
 
     # -- the worker -----------------------------------------------------------------------------
+
+    def _run_jobs(self):
+        while True:
+            self._work(self._jobs.get())
 
     def _wait_host(self, tr):
         deadline = time.monotonic() + HOST_WAIT
