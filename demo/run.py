@@ -72,6 +72,14 @@ def main():
             same = open(local, "rb").read() == open(os.path.join(tmp, "back.bin"), "rb").read()
             print("round trip identical: %s" % same)
 
+            say("two commands at once: the VM serves one client, so the second waits its turn")
+            print("%s$ guestlink exec -- sleep 2 &  guestlink ping%s" % (DIM, RESET), flush=True)
+            first = subprocess.Popen([sys.executable, "-m", "guestlink", "exec", "--", "sleep", "2"],
+                                     env=env)
+            time.sleep(1)  # the exec holds the VM by now
+            subprocess.run([sys.executable, "-m", "guestlink", "ping"], env=env)
+            first.wait()
+
             say("deliver a script into the guest and run it, in one command")
             script = os.path.join(tmp, "hello.sh")
             with open(script, "w") as f:
