@@ -161,3 +161,29 @@ def test_a_waiter_names_a_holder_that_describes_itself_late(runtime, path):
         assert asyncio.run(main()) == []  # queue_timeout 0: no waiting, so no on_wait call
     finally:
         os.close(fd)
+
+
+def test_without_a_usable_lock_dir_a_client_still_connects(tmp_path, monkeypatch, path, caplog):
+    runtime = tmp_path / "run"
+    (runtime / "guestlink").mkdir(parents=True)
+    os.chmod(runtime / "guestlink", 0o777)  # refused: others could plant lock files
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+
+    async def main():
+        async with FakeAgent(path):
+            async with guestlink.connect(ctl=path, timeout=3) as vm:
+                return await vm.ping()
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) >= 0
+    assert "not queueing with other clients of %s: refusing lock directory" % path in caplog.text
+
+
+def test_a_runtime_dir_of_another_user_is_not_used(tmp_path, monkeypatch):
+    """`sudo` may keep the invoking user's XDG_RUNTIME_DIR: root must not make files there."""
+    assert os.getuid() == 0, "runs as root, as scripts/test does (to own a dir as another user)"
+    theirs = tmp_path / "run-1000"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 1000, 1000)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(theirs))
+    assert vmlock.lock_dir() == "/tmp/guestlink-0"
+    assert not (theirs / "guestlink").exists()

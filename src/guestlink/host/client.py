@@ -343,11 +343,20 @@ class Client:
 
     async def _take_vm_lock(self):
         try:
-            self._vmlock = VMLock(self.ctl)
-            await self._vmlock.acquire(self.queue_timeout, self._queued)
+            lock = VMLock(self.ctl)
+            lock.try_acquire()
+        except (OSError, E.ConnectError) as exc:
+            # taking turns is a courtesy between guestlink clients: without a usable lock
+            # directory this client still works, as it would alone
+            log.warning("guestlink: not queueing with other clients of %s: %s", self.ctl, exc)
+            return
+        self._vmlock = lock
+        try:
+            await lock.acquire(self.queue_timeout, self._queued)
         except OSError as exc:
-            raise E.ConnectError("cannot take the lock for %s: %s" % (self.ctl, exc),
-                                 self.ctl, exc.errno) from None
+            log.warning("guestlink: not queueing with other clients of %s: %s", self.ctl, exc)
+            lock.release()
+            self._vmlock = None
 
     def _queued(self, holder):
         log.info("guestlink: %s is in use by %s; waiting", self.ctl, holder)

@@ -32,7 +32,7 @@ MAX_HOLDER = 512
 def lock_dir():
     """The directory for this user's lock files (created if missing, refused if not ours)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
+    if runtime and _owned_dir(runtime):  # not one that `sudo` kept from another user
         path = os.path.join(runtime, "guestlink")
     else:
         path = os.path.join("/tmp", "guestlink-%d" % os.getuid())
@@ -45,6 +45,14 @@ def lock_dir():
         raise E.ConnectError("refusing lock directory %s: not a directory owned by this user "
                              "and writable only by it" % path, path)
     return path
+
+
+def _owned_dir(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
 
 
 def lock_path(ctl):
