@@ -640,8 +640,16 @@ def main(argv=None):
             pass
         return 128 + signal.SIGPIPE
     except OSError as exc:  # a local I/O failure (reading stdin, writing output)
-        _fail("local I/O error: %s" % (exc.strerror or exc))
+        _fail(local_error(exc))
         return EXIT_IOERR
+
+
+def local_error(exc):
+    """One line for a local OSError, naming the file when there is one."""
+    what = exc.strerror or str(exc)
+    if exc.filename is not None and str(exc.filename) not in what:
+        what = "%s: %s" % (exc.filename, what)
+    return "local I/O error: %s" % what
 
 
 if __name__ == "__main__":  # pragma: no cover

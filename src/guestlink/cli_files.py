@@ -1,9 +1,11 @@
 """``guestlink cp`` and ``guestlink run`` (file transfer commands of the CLI; see cli.py).
 
-``cp SRC DST``: exactly one side names the guest, scp-style: ``:PATH`` (the VM comes from
+``cp SRC... DST``: exactly one side names the guest, scp-style: ``:PATH`` (the VM comes from
 --ctl/--data, $GUESTLINK_CTL/DATA or --domain) or ``VM:PATH`` (a libvirt domain, resolved by
 cli.resolve_target). ``-`` is stdin (push) or stdout (pull). A colon after a slash is part of a
-local path (``./a:b``).
+local path (``./a:b``). Several sources (all on one side) go into DST, which must then be an
+existing directory; as with scp and cp, a source that fails is reported and the others are
+still copied.
 """
 
 import asyncio
@@ -19,6 +21,10 @@ class Spec:
     def __init__(self, text, remote, path, domain=None):
         self.text, self.remote, self.path, self.domain = text, remote, path, domain
 
+    @property
+    def local_side(self):
+        return not self.remote
+
 
 def parse_spec(text):
     if text == "-" or not text:
@@ -33,8 +39,8 @@ def parse_spec(text):
 
 def add_parsers(sub, vm_command):
     p = vm_command("cp", "copy files between the host and the guest (scp-like: :PATH or VM:PATH "
-                         "names the guest side)")
-    p.add_argument("src", metavar="SRC")
+                         "names the guest side; several SRCs go into the directory DST)")
+    p.add_argument("src", nargs="+", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.add_argument("-r", "--recursive", action="store_true", help="copy directories recursively "
                    "(symlinks are copied as symlinks)")
@@ -63,20 +69,37 @@ def add_parsers(sub, vm_command):
 def check_args(args, UsageError, parse_pairs):
     """Called by cli._check_args before resolve_target."""
     if args.command == "cp":
-        src, dst = parse_spec(args.src), parse_spec(args.dst)
-        if src.remote == dst.remote:
+        srcs, dst = [parse_spec(a) for a in args.src], parse_spec(args.dst)
+        if len(srcs) == 1 and srcs[0].remote == dst.remote:
             raise UsageError("cp: exactly one of SRC and DST must name the guest (:PATH or VM:PATH)")
-        remote = src if src.remote else dst
-        if not remote.path.startswith("/"):
-            raise UsageError("cp: the guest path must be absolute, not %r" % remote.path)
-        if remote.domain:
-            if getattr(args, "domain_arg", None) and args.domain_arg != remote.domain:
-                raise UsageError("two libvirt domains given")
-            args.domain_arg = remote.domain
-        args.direction = "pull" if src.remote else "push"
-        args.local = (dst if src.remote else src).path
-        args.remote = remote.path
-        if args.local == "-" and args.recursive:
+        if any(s.remote == dst.remote for s in srcs):
+            raise UsageError("cp: the sources must all be on one side and DST on the other "
+                             "(:PATH or VM:PATH names the guest)")
+        remotes = srcs if dst.local_side else [dst]
+        for remote in remotes:
+            if not remote.path.startswith("/"):
+                raise UsageError("cp: the guest path must be absolute, not %r" % remote.path)
+        if len({r.domain for r in remotes}) > 1:
+            raise UsageError("cp: the guest paths name different VMs (%s)"
+                             % ", ".join(sorted({r.domain or "the default VM" for r in remotes})))
+        domains = {r.domain for r in remotes if r.domain}
+        if getattr(args, "domain_arg", None):
+            domains.add(args.domain_arg)
+        if len(domains) > 1:
+            raise UsageError("two libvirt domains given")
+        if domains:
+            args.domain_arg = domains.pop()
+        args.direction = "pull" if dst.local_side else "push"
+        # (local, remote) per source
+        args.copies = [(dst.path, s.path) if dst.local_side else (s.path, dst.path) for s in srcs]
+        args.local, args.remote = args.copies[0]
+        args.labels = [s.text for s in srcs]
+        if len(srcs) > 1:
+            if any(s.path == "-" for s in srcs) or dst.path == "-":
+                raise UsageError("cp: - (stdin/stdout) takes a single source")
+            if dst.local_side and not os.path.isdir(dst.path):
+                raise UsageError("cp: target %r is not a directory (several sources)" % dst.path)
+        if "-" in (args.local, args.remote) and args.recursive:
             raise UsageError("cp: -r cannot stream through - (stdin/stdout)")
     elif args.command == "run":
         if not os.path.isfile(args.script):
@@ -124,46 +147,92 @@ def _human(n):
 
 
 async def cmd_cp(vm, args, print_json):
+    if len(args.copies) == 1:
+        result = await _copy_one(vm, args, args.local, args.remote, args.labels[0])
+        if args.json:
+            print_json(_result_json(result))
+        return 0
+    return await _copy_many(vm, args, print_json)
+
+
+async def _copy_many(vm, args, print_json):
+    """Several sources into one directory: each is copied as if alone; one that fails is
+    reported (one line) and the rest still go; the exit status is the first failure's."""
+    from . import cli
+    from .host import errors as E
+    from .protocol import codes
+
+    if args.direction == "push":
+        target = args.copies[0][1]
+        try:
+            st = await vm.call("fs.stat", {"path": target}, timeout=args.timeout)
+        except E.RemoteNotFound:
+            st = None
+        if st is None or st.get("type") != "dir":
+            raise E.RemoteNotADirectory(codes.NOT_A_DIRECTORY, "target %s is not a directory in the guest "
+                                        "(several sources)" % target)
+    status, results, errors = 0, [], []
+    for (local, remote), label in zip(args.copies, args.labels):
+        try:
+            results.append(await _copy_one(vm, args, local, remote, label))
+        except (E.GuestlinkError, OSError) as exc:
+            message = str(exc) if isinstance(exc, E.GuestlinkError) else cli.local_error(exc)
+            path = remote if args.direction == "pull" else local
+            cli._fail(message if path in message else "%s: %s" % (label, message))
+            errors.append({"source": label, "error": message})
+            status = status or (cli.exit_code_for(exc, "cp") if isinstance(exc, E.GuestlinkError)
+                                else cli.EXIT_IOERR)
+    if args.json:
+        seconds = sum(r.seconds for r in results)
+        nbytes = sum(r.bytes for r in results)
+        print_json({"copies": [_result_json(r) for r in results], "errors": errors,
+                    "files": sum(r.files for r in results), "bytes": nbytes,
+                    "seconds": round(seconds, 6),
+                    "mb_per_s": round(nbytes / seconds / 1e6 if seconds > 0 else 0.0, 3)})
+    return status
+
+
+def _result_json(result):
+    obj = {"source": result.source, "destination": result.destination, "bytes": result.bytes,
+           "seconds": round(result.seconds, 6), "mb_per_s": round(result.rate, 3),
+           "algorithm": result.algorithm, "digest": result.digest, "files": result.files,
+           "resumed_from": result.resumed_from}
+    if result.algorithm == "sha256":
+        obj["sha256"] = result.digest
+    return obj
+
+
+async def _copy_one(vm, args, local, remote, label):
     bar = None
     try:
         tty = os.isatty(sys.stderr.fileno())
     except (OSError, ValueError, AttributeError):
         tty = False
-    if tty and not args.json and not args.quiet and not (args.direction == "pull" and args.local == "-"
+    if tty and not args.json and not args.quiet and not (args.direction == "pull" and local == "-"
                                                          and os.isatty(sys.stdout.fileno())):
-        bar = ProgressBar(os.path.basename(args.src.rstrip("/")) or args.src)
+        bar = ProgressBar(os.path.basename(label.rstrip("/")) or label)
     kw = dict(recursive=args.recursive, preserve=args.preserve, resume=args.resume,
               checksum=args.checksum, progress=bar, timeout=args.timeout)
-    if args.direction == "pull" and args.local == "-":
+    if args.direction == "pull" and local == "-":
         sys.stdout.flush()
     try:
         try:
             if args.direction == "push":
-                result = await vm.push(args.local, args.remote, **kw)
-            else:
-                result = await vm.pull(args.remote, args.local, **kw)
+                return await vm.push(local, remote, **kw)
+            return await vm.pull(remote, local, **kw)
         finally:
             if bar is not None:
                 bar.close()
     except asyncio.CancelledError:  # Ctrl-C (cli._main_async exits 130): say what became of it
-        if args.recursive:
+        if args.recursive or len(args.copies) > 1:
             what = "files already copied stay"
-        elif args.direction == "pull" and args.local == "-":
+        elif args.direction == "pull" and local == "-":
             what = "the output so far is incomplete"
         else:
             what = "its partial data was removed"
         sys.stderr.write("guestlink: interrupted: the copy was cancelled (%s); run it again to "
                          "copy, --resume cannot continue a cancelled copy\n" % what)
         raise
-    if args.json:
-        obj = {"source": result.source, "destination": result.destination, "bytes": result.bytes,
-               "seconds": round(result.seconds, 6), "mb_per_s": round(result.rate, 3),
-               "algorithm": result.algorithm, "digest": result.digest, "files": result.files,
-               "resumed_from": result.resumed_from}
-        if result.algorithm == "sha256":
-            obj["sha256"] = result.digest
-        print_json(obj)
-    return 0
 
 
 async def cmd_run(vm, args, cmd_exec):

@@ -53,3 +53,53 @@ def test_ctrl_c_during_cp_cancels_it_and_says_what_became_of_it(tmp_path):
     assert err == (b"guestlink: interrupted: the copy was cancelled (its partial data was removed); "
                    b"run it again to copy, --resume cannot continue a cancelled copy\n")
     assert len(agent.cancels) == 1  # the agent was told (it drops its temp file)
+
+
+def _cp(capsys, *argv):
+    from guestlink import cli
+    code = cli.main(["cp", "--ctl", "/nonexistent/ctl.sock"] + list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_several_sources_are_checked_before_connecting(capsys, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("a")
+    b.write_text("b")
+    cases = [
+        ([str(a), ":/tmp/x", ":/tmp/"], "cp: the sources must all be on one side and DST on the "
+                                        "other (:PATH or VM:PATH names the guest)"),
+        ([":/tmp/a", ":/tmp/b", str(a)], "cp: target %r is not a directory (several sources)" % str(a)),
+        ([":/tmp/a", ":/tmp/b", str(tmp_path / "missing")],
+         "cp: target %r is not a directory (several sources)" % str(tmp_path / "missing")),
+        (["-", str(a), ":/tmp/"], "cp: - (stdin/stdout) takes a single source"),
+        ([":/tmp/a", ":/tmp/b", "-"], "cp: - (stdin/stdout) takes a single source"),
+        ([str(a), str(b), ":tmp/"], "cp: the guest path must be absolute, not 'tmp/'"),
+        ([":/tmp/a", "vm2:/tmp/b", str(tmp_path)],
+         "cp: the guest paths name different VMs (the default VM, vm2)"),
+        (["vm1:/tmp/a", "vm2:/tmp/b", str(tmp_path)], "cp: the guest paths name different VMs "
+                                                      "(vm1, vm2)"),
+        ([str(a), str(b)], "cp: exactly one of SRC and DST must name the guest (:PATH or VM:PATH)"),
+    ]
+    for argv, message in cases:
+        code, out, err = _cp(capsys, *argv)
+        assert (code, out, err) == (2, "", "guestlink: error: %s\n" % message), argv
+
+
+def test_several_sources_past_the_checks_reach_the_vm(capsys, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("a")
+    b.write_text("b")
+    code, out, err = _cp(capsys, str(a), str(b), ":/tmp/")
+    assert code == 69 and err == ("guestlink: error: control socket /nonexistent/ctl.sock does "
+                                  "not exist\n")
+    code, out, err = _cp(capsys, ":/tmp/a", ":/tmp/b", str(tmp_path))
+    assert code == 69
+
+
+def test_a_missing_local_file_is_named(capsys, tmp_path):
+    from guestlink import cli
+    err = cli.local_error(FileNotFoundError(2, "No such file or directory", str(tmp_path / "nope")))
+    assert err == "local I/O error: %s: No such file or directory" % (tmp_path / "nope")
+    assert cli.local_error(IsADirectoryError(21, "/x is a directory (use -r)")) == \
+        "local I/O error: /x is a directory (use -r)"

@@ -407,6 +407,46 @@ def test_cli_cp_json_and_streams(vm, tmp_path, run_cli):
     assert r.returncode == 2 and "exactly one" in r.stderr
 
 
+def test_cli_cp_several_sources_like_scp(vm, tmp_path, run_cli):
+    """`cp A B DIR :/dir/` and back: each source lands in the directory; one that fails is
+    reported in one line, the others are still copied, the exit status is the failure's."""
+    files = {}
+    for name, size in (("one.bin", 70_000), ("two.bin", 1), ("three.bin", DEFAULT_CHUNK + 3)):
+        files[name] = tmp_path / name
+        files[name].write_bytes(os.urandom(size))
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "leaf").write_bytes(b"leaf")
+    run_cli("exec", "--", "sh", "-c", "rm -rf /tmp/many && mkdir /tmp/many")
+    missing = tmp_path / "missing.bin"
+    r = run_cli("cp", "-r", "--json", str(files["one.bin"]), str(missing), str(files["two.bin"]),
+                str(tree), str(files["three.bin"]), ":/tmp/many")
+    assert r.returncode == 74, r.stderr
+    assert r.stderr == "guestlink: error: local I/O error: %s: No such file or directory\n" % missing
+    summary = json.loads(r.stdout)
+    assert [c["destination"] for c in summary["copies"]] == [
+        "/tmp/many/one.bin", "/tmp/many/two.bin", "/tmp/many/tree", "/tmp/many/three.bin"]
+    assert summary["files"] == 4 and summary["errors"] == [
+        {"source": str(missing), "error": "local I/O error: %s: No such file or directory" % missing}]
+    r = run_cli("exec", "--", "sh", "-c", "cd /tmp/many && sha256sum one.bin two.bin three.bin "
+                                          "tree/sub/leaf")
+    assert [l.split()[0] for l in r.stdout.splitlines()] == [
+        sha(files[n]) for n in ("one.bin", "two.bin", "three.bin")] + [sha(tree / "sub" / "leaf")]
+
+    back = tmp_path / "back"
+    back.mkdir()
+    r = run_cli("cp", ":/tmp/many/one.bin", ":/tmp/many/nope", ":/tmp/many/three.bin", str(back))
+    assert r.returncode == 70
+    assert r.stderr == "guestlink: error: /tmp/many/nope: No such file or directory (not_found)\n"
+    assert sorted(os.listdir(back)) == ["one.bin", "three.bin"]
+    assert all(sha(back / n) == sha(files[n]) for n in ("one.bin", "three.bin"))
+    r = run_cli("cp", str(files["one.bin"]), str(files["two.bin"]), ":/tmp/many/one.bin")
+    assert r.returncode == 70 and r.stderr == (
+        "guestlink: error: target /tmp/many/one.bin is not a directory in the guest (several "
+        "sources) (not_a_directory)\n")
+    run_cli("exec", "--", "rm", "-rf", "/tmp/many")
+
+
 def _cli_with_tty_stderr(vm, args):
     """Run the CLI with stderr on a pseudo-terminal; returns (exit code, stdout, terminal text)."""
     import pty
