@@ -18,7 +18,7 @@ import stat
 import threading
 import time
 
-from ..protocol import codes
+from ..protocol import Fields, ProtocolViolation, codes
 from ..protocol import transfer as T
 from . import copyengine as CE
 from .execs import OpError
@@ -117,6 +117,9 @@ class Transfer:
         self.attrs = {}
         self.corrupt_at = None
         self.src_stat = None
+        # several files in one transfer: push [{"final", "partial", "offset", "size", "attrs"}],
+        # pull [{"final", "offset", "size", "mtime_ns"}]
+        self.batch = None
 
 
 class FileOps:
@@ -264,7 +267,11 @@ class FileOps:
         corrupt = args.int("test_corrupt", default=None, min=0)
         if corrupt is not None and self.config.test_hooks:
             tr.corrupt_at = corrupt
-        if direction == "push":
+        if direction == "push" and args.obj.get("files") is not None:
+            event = self._prepare_push_batch(tr, args)
+        elif args.obj.get("files") is not None:
+            event = self._prepare_pull_batch(tr, args)
+        elif direction == "push":
             event = self._prepare_push(tr, args)
         else:
             event = self._prepare_pull(tr, args)
@@ -291,17 +298,146 @@ class FileOps:
         size = args.int("size", default=None, min=0)
         resume = args.bool("resume", default=False)
         mtime_ns = args.int("mtime_ns", default=None)
+        preserve = args.bool("preserve", default=False)
         tr.attrs = {"mode": args.int("mode", default=None, min=0, max=0o7777),
-                    "mtime_ns": mtime_ns if args.bool("preserve", default=False) else None,
+                    "mtime_ns": mtime_ns if preserve else None,
                     "uid": args.int("uid", default=None, min=0),
                     "gid": args.int("gid", default=None, min=0),
-                    "preserve": args.bool("preserve", default=False)}
+                    "preserve": preserve}
         if os.path.isdir(path):
             if not name or "/" in name or name in (".", ".."):
                 raise OpError(codes.IS_A_DIRECTORY, "%s is a directory" % path)
             path = os.path.join(path, name)
-            if os.path.isdir(path):
-                raise OpError(codes.IS_A_DIRECTORY, "%s is a directory" % path)
+        parent = self._push_target(path)
+        tr.final = path
+        tr.size = size
+        tr.partial, tr.offset = self._push_partial(path, size, mtime_ns, tr.algorithm, resume)
+        if size is not None:
+            self._check_space(parent, size - tr.offset)
+        tr.fd = self._open_partial(tr.partial, tr.offset)
+        return {"path": path, "offset": tr.offset}
+
+    def _prepare_push_batch(self, tr, args):
+        """Several files in one transfer (``cp -r``): each checked now, received in turn on one
+        opening of the data port, transfer id ``tid + i`` for the i-th (docs/protocol.md)."""
+        resume = args.bool("resume", default=False)
+        preserve = args.bool("preserve", default=False)
+        batch, need = [], {}
+        for f, path in self._batch_entries(args):
+            try:
+                size = f.int("size", min=0)
+                mtime_ns = f.int("mtime_ns")
+                attrs = {"mode": f.int("mode", default=None, min=0, max=0o7777),
+                         "mtime_ns": mtime_ns if preserve else None,
+                         "uid": f.int("uid", default=None, min=0),
+                         "gid": f.int("gid", default=None, min=0), "preserve": preserve}
+            except ProtocolViolation as exc:
+                raise OpError(codes.BAD_REQUEST, str(exc))
+            parent = self._push_target(path)
+            partial, offset = self._push_partial(path, size, mtime_ns, tr.algorithm, resume)
+            need[parent] = need.get(parent, 0) + size - offset
+            batch.append({"final": path, "partial": partial, "offset": offset, "size": size,
+                          "attrs": attrs})
+        for parent, nbytes in need.items():
+            self._check_space(parent, nbytes)
+        tr.batch = batch
+        tr.final = batch[0]["final"]
+        return {"path": tr.final, "offset": batch[0]["offset"],
+                "offsets": [b["offset"] for b in batch]}
+
+    def _batch_entries(self, args):
+        files = args.obj.get("files")
+        if not isinstance(files, list) or not 1 <= len(files) <= T.MAX_BATCH:
+            raise OpError(codes.BAD_REQUEST, "files must be a list of 1 to %d files" % T.MAX_BATCH)
+        seen = set()
+        for i, obj in enumerate(files):
+            try:
+                f = Fields(obj, "files[%d]" % i)
+                path = _path_arg(f)
+            except ProtocolViolation as exc:
+                raise OpError(codes.BAD_REQUEST, str(exc))
+            if path in seen:
+                raise OpError(codes.BAD_REQUEST, "%s is named twice" % path)
+            seen.add(path)
+            yield f, path
+
+    def _prepare_pull_batch(self, tr, args):
+        """Several files in one pull (``cp -r``): each checked now (policy, type, unchanged since
+        the listing), sent in turn on one opening of the data port (docs/protocol.md)."""
+        batch = []
+        for f, path in self._batch_entries(args):
+            try:
+                size = f.int("size", min=0)
+                mtime_ns = f.int("mtime_ns")
+                offset = f.int("offset", default=0, min=0)
+            except ProtocolViolation as exc:
+                raise OpError(codes.BAD_REQUEST, str(exc))
+            self._check_read(path)
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise _oserror(exc, path)
+            if not stat.S_ISREG(st.st_mode):
+                raise OpError(codes.IS_A_DIRECTORY if stat.S_ISDIR(st.st_mode) else codes.BAD_REQUEST,
+                              "%s is not a regular file" % path)
+            if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                raise OpError(codes.CHANGED, "%s changed since it was examined" % path)
+            if offset > size:
+                raise OpError(codes.CHANGED, "resume offset %d is beyond the end of %s" % (offset, path))
+            batch.append({"final": path, "offset": offset, "size": size, "mtime_ns": mtime_ns})
+        tr.batch = batch
+        tr.final, tr.offset = batch[0]["final"], batch[0]["offset"]
+        return {"path": tr.final, "offset": tr.offset}
+
+    def _send_batch(self, tr, chan):
+        """Send the batch's files in turn; the host acknowledges the last one. A file that cannot
+        be read or changed ends the batch with an error naming it (its DATA_END says why)."""
+        done = []
+        for i, item in enumerate(tr.batch):
+            tr.final, tr.offset, tr.size = item["final"], item["offset"], item["size"]
+            sub = T.batch_tid(tr.tid, i)
+            try:
+                tr.fd = os.open(tr.final, os.O_RDONLY | os.O_CLOEXEC)
+                st0 = os.fstat(tr.fd)
+
+                def check(st0=st0, item=item):
+                    st = os.fstat(tr.fd)
+                    if (st.st_size, st.st_mtime_ns) != (item["size"], item["mtime_ns"]) or \
+                            (st.st_size, st.st_mtime_ns) != (st0.st_size, st0.st_mtime_ns):
+                        raise CE.TransferError(codes.CHANGED, "%s changed while it was being sent"
+                                               % tr.final)
+                check()
+                os.lseek(tr.fd, tr.offset, os.SEEK_SET)
+                size, digest = CE.send_file(chan, tr.fd, sub, tr.algorithm, tr.offset, tr.size,
+                                            check=check, corrupt_at=tr.corrupt_at)
+            except (OSError, CE.TransferError) as exc:
+                if isinstance(exc, OSError):
+                    exc = CE.TransferError(codes.errno_to_code(exc.errno), "%s: %s" % (
+                        tr.final, exc.strerror or exc))
+                elif tr.final not in str(exc):
+                    exc = CE.TransferError(exc.code, "%s: %s" % (tr.final, exc), exc.interrupted)
+                if not exc.interrupted:
+                    try:  # the host's receiver learns why on the data port too
+                        chan.write_all([T.encode_end_error(sub, exc.code, str(exc))])
+                    except CE.TransferError:
+                        pass
+                exc.done = len(done)
+                raise exc
+            finally:
+                if tr.fd is not None:
+                    os.close(tr.fd)
+                    tr.fd = None
+            done.append({"path": tr.final, "size": size, "digest": digest, "offset": tr.offset})
+        chan.idle_timeout = ACK_TIMEOUT
+        CE.wait_ack(chan, T.batch_tid(tr.tid, len(tr.batch) - 1))
+        return {"path": tr.batch[0]["final"], "size": sum(d["size"] for d in done),
+                "digest": done[-1]["digest"], "algorithm": tr.algorithm,
+                "offset": tr.batch[0]["offset"], "files": done}
+
+    def _push_target(self, path):
+        """Check that ``path`` may be written as a file; returns its parent directory."""
+        if os.path.isdir(path):
+            raise OpError(codes.IS_A_DIRECTORY, "%s is a directory" % path)
         self._check_write(path)
         parent = os.path.dirname(path)
         try:
@@ -314,42 +450,51 @@ class FileOps:
             raise OpError(codes.NOT_A_DIRECTORY, "%s is not a directory" % parent)
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OpError(codes.PERMISSION_DENIED, "permission denied: cannot write in %s" % parent)
-        tr.final = path
-        tr.size = size
+        return parent
+
+    @staticmethod
+    def _push_partial(path, size, mtime_ns, algorithm, resume):
+        """The temp file for ``path`` and the verified prefix it holds (0 unless resuming)."""
+        parent = os.path.dirname(path)
         if size is not None and mtime_ns is not None:
-            tr.partial = os.path.join(parent, T.partial_name(path, size, mtime_ns, tr.algorithm))
+            partial = os.path.join(parent, T.partial_name(path, size, mtime_ns, algorithm))
         else:
-            tr.partial = os.path.join(parent, "%s%s%s" % (T.PARTIAL_PREFIX, secrets.token_hex(12),
-                                                          T.PARTIAL_SUFFIX))
+            partial = os.path.join(parent, "%s%s%s" % (T.PARTIAL_PREFIX, secrets.token_hex(12),
+                                                       T.PARTIAL_SUFFIX))
         have = None
         if resume:
             try:
-                pst2 = os.lstat(tr.partial)
-                if stat.S_ISREG(pst2.st_mode):
-                    have = pst2.st_size
+                pst = os.lstat(partial)
+                if stat.S_ISREG(pst.st_mode):
+                    have = pst.st_size
             except OSError:
                 pass
-        tr.offset = T.resume_offset(have, size)
-        if size is not None:
-            try:
-                vfs = os.statvfs(parent)
-                free = vfs.f_bavail * vfs.f_frsize
-            except OSError:
-                free = None
-            if free is not None and size - tr.offset > free:
-                raise OpError(codes.NO_SPACE, "not enough space in %s: %d bytes needed, %d free"
-                              % (parent, size - tr.offset, free))
+        return partial, T.resume_offset(have, size)
+
+    @staticmethod
+    def _check_space(parent, nbytes):
         try:
-            fd = os.open(tr.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            if tr.offset:
-                os.ftruncate(fd, tr.offset)
-                os.lseek(fd, tr.offset, os.SEEK_SET)
-            else:
-                os.ftruncate(fd, 0)
+            vfs = os.statvfs(parent)
+            free = vfs.f_bavail * vfs.f_frsize
+        except OSError:
+            return
+        if nbytes > free:
+            raise OpError(codes.NO_SPACE, "not enough space in %s: %d bytes needed, %d free"
+                          % (parent, nbytes, free))
+
+    @staticmethod
+    def _open_partial(partial, offset):
+        try:
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
-            raise _oserror(exc, tr.partial)
-        tr.fd = fd
-        return {"path": path, "offset": tr.offset}
+            raise _oserror(exc, partial)
+        try:
+            os.ftruncate(fd, offset)
+            os.lseek(fd, offset, os.SEEK_SET)
+        except OSError as exc:
+            os.close(fd)
+            raise _oserror(exc, partial)
+        return fd
 
     def _prepare_pull(self, tr, args):
         path = _path_arg(args)
@@ -431,7 +576,12 @@ class FileOps:
             self._wait_host(tr)
             chan = CE.Channel(tr.port.fd, tr.cancel, what="the data port")
             chan.write_all([T.encode_hello(tr.tid, tr.nonce, "agent")])
-            if tr.direction == "push":
+            if tr.batch is not None and tr.direction == "push":
+                chan.wait_hello(tr.tid, tr.nonce, "host")
+                result = self._recv_batch(tr, chan)
+            elif tr.batch is not None:
+                result = self._send_batch(tr, chan)
+            elif tr.direction == "push":
                 chan.wait_hello(tr.tid, tr.nonce, "host")
                 size, digest = CE.recv_file(chan, tr.fd, tr.tid, tr.algorithm, tr.offset, tr.size,
                                             corrupt_at=tr.corrupt_at)
@@ -449,8 +599,10 @@ class FileOps:
                                             check=check, corrupt_at=tr.corrupt_at)
                 chan.idle_timeout = ACK_TIMEOUT
                 CE.wait_ack(chan, tr.tid)
-            result = {"path": tr.final, "size": size, "digest": digest, "algorithm": tr.algorithm,
-                      "offset": tr.offset, "seconds": round(time.monotonic() - tr.started, 6)}
+            if result is None:
+                result = {"path": tr.final, "size": size, "digest": digest,
+                          "algorithm": tr.algorithm, "offset": tr.offset}
+            result["seconds"] = round(time.monotonic() - tr.started, 6)
         except CE.TransferError as exc:
             err = exc
             if exc.interrupted:
@@ -467,6 +619,28 @@ class FileOps:
             pass  # finished just as it was cancelled: the result stands
         self._cleanup_files(tr, failed=err is not None)
         self.agent.post_result(("transfer",), (tr, result, err))
+
+    def _recv_batch(self, tr, chan):
+        """Receive the batch's files in turn, each as a single push (temp file, verify, rename).
+        A failure names its file and ends the batch; the files before it stay."""
+        done = []
+        for i, item in enumerate(tr.batch):
+            tr.final, tr.partial, tr.offset = item["final"], item["partial"], item["offset"]
+            tr.size, tr.attrs = item["size"], item["attrs"]
+            tr.fd = self._open_partial(tr.partial, tr.offset)
+            try:
+                size, digest = CE.recv_file(chan, tr.fd, T.batch_tid(tr.tid, i), tr.algorithm,
+                                            tr.offset, tr.size, corrupt_at=tr.corrupt_at)
+            except CE.TransferError as exc:
+                if tr.final not in str(exc):
+                    exc = CE.TransferError(exc.code, "%s: %s" % (tr.final, exc), exc.interrupted)
+                exc.done = len(done)
+                raise exc
+            self._finish_push(tr)
+            done.append({"path": tr.final, "size": size, "digest": digest, "offset": tr.offset})
+        return {"path": tr.batch[0]["final"], "size": sum(d["size"] for d in done),
+                "digest": done[-1]["digest"], "algorithm": tr.algorithm,
+                "offset": tr.batch[0]["offset"], "files": done}
 
     def _finish_push(self, tr):
         fd, tr.fd = tr.fd, None
@@ -544,7 +718,10 @@ class FileOps:
             agent.reply(tr.rid, result)
         else:
             log.warning("transfer %d failed: %s", tr.tid, err)
-            agent.error(tr.rid, err.code, str(err), {"interrupted": err.interrupted})
+            details = {"interrupted": err.interrupted}
+            if getattr(err, "done", None) is not None:
+                details["done"] = err.done  # batch: files completed before this failure
+            agent.error(tr.rid, err.code, str(err), details)
 
     def cancel(self, tr, reason, keep_partial):
         tr.keep_partial = keep_partial

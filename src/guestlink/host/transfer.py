@@ -121,12 +121,22 @@ class _Progress:
             self.loop.call_soon_threadsafe(self.cb, pos, self.total)
 
 
-async def _transfer_one(client, direction, args, engine, progress, total, timeout):
+def _verify_one(reply, result, args):
+    nbytes, digest = result
+    if reply.get("digest") != digest or reply.get("size") != nbytes:
+        raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "the agent reports %s %s (%s bytes), this "
+                                 "side %s (%d bytes)" % (args.get("checksum"), reply.get("digest"),
+                                                         reply.get("size"), digest, nbytes))
+
+
+async def _transfer_one(client, direction, args, engine, progress, total, timeout,
+                        verify=_verify_one):
     """The one engine for both directions.
 
-    ``args``: transfer.open arguments (without transfer/direction). ``engine(chan, ready)`` runs in
-    a thread once the agent is ready and returns (bytes, digest). Returns (reply, ready, bytes,
-    digest, seconds).
+    ``args``: transfer.open arguments (without transfer/direction). ``engine(chan, tid, ready,
+    progress)`` runs in a thread once the agent is ready and returns its result ((bytes, digest)
+    for one file); ``verify(reply, result, args)`` checks it against the agent's reply. Returns
+    (reply, ready, result, seconds).
     """
     from .client import _Call  # the client's request plumbing
 
@@ -172,7 +182,8 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
                      "mode": f.int("mode", default=None, min=0, max=0o7777),
                      "mtime_ns": f.int("mtime_ns", default=None),
                      "uid": f.int("uid", default=None, min=0), "gid": f.int("gid", default=None, min=0),
-                     "path": f.str("path", default="")}
+                     "path": f.str("path", default=""),
+                     "offsets": ev.get("offsets")}  # batch: checked by its caller
         except ProtocolViolation as exc:
             client._forget(call, cancel=True)
             raise E.ProtocolError("bad ready event: %s" % exc) from None
@@ -200,7 +211,7 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
                     raise exc
                 await asyncio.wait([engine_fut])
             try:
-                nbytes, digest = engine_fut.result()
+                result = engine_fut.result()
             except CE.TransferError as exc:
                 # the agent's explanation is better, except when our own source changed during a
                 # push (the agent only sees "more data than announced" or our sender's error)
@@ -220,13 +231,9 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
             payload = await client._await_reply(call, client._deadline(max(client.timeout or 0, 30.0)),
                                                 "transfer.open")
             reply = m.parse_response(payload)
-            if reply.get("digest") != digest or reply.get("size") != nbytes:
-                raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "the agent reports %s %s (%s "
-                                         "bytes), this side %s (%d bytes)" % (
-                                             args.get("checksum"), reply.get("digest"),
-                                             reply.get("size"), digest, nbytes))
+            verify(reply, result, args)
             ok = True
-            return reply, ready, nbytes, digest, time.monotonic() - started
+            return reply, ready, result, time.monotonic() - started
         except BaseException:
             cancel.set()
             if not call.future.done():
@@ -300,7 +307,7 @@ async def push_file(client, local, remote, *, preserve=False, resume=False, chec
                     pass
                 raise exc from None
 
-        reply, ready, nbytes, digest, seconds = await _transfer_one(
+        reply, ready, (nbytes, digest), seconds = await _transfer_one(
             client, "push", args, engine, progress, size, timeout)
         return TransferResult(local, reply.get("path", remote), nbytes, seconds, checksum, digest, 1,
                               ready["offset"])
@@ -364,7 +371,7 @@ async def pull_file(client, remote, local, *, preserve=False, resume=False, chec
 
     try:
         try:
-            reply, ready, nbytes, digest, seconds = await _transfer_one(
+            reply, ready, (nbytes, digest), seconds = await _transfer_one(
                 client, "pull", args, engine, progress, size, timeout)
         except (E.ConnectionLost, E.RequestTimeout):
             keep = True  # interrupted: the verified prefix stays for --resume
@@ -417,6 +424,7 @@ async def push_tree(client, local, remote, *, preserve=False, resume=False, chec
     total = TransferResult(local, root, algorithm=checksum)
     t0 = time.monotonic()
     dirs = []
+    files = []  # (local path, guest path, lstat): sent in batches once every directory exists
 
     async def mkdir(path, st):
         await client.call("fs.mkdir", {"path": path, "mode": 0o700 | stat.S_IMODE(st.st_mode)},
@@ -440,11 +448,15 @@ async def push_tree(client, local, remote, *, preserve=False, resume=False, chec
             elif stat.S_ISDIR(st.st_mode):
                 await mkdir(target, st)
             elif stat.S_ISREG(st.st_mode):
-                r = await push_file(client, full, target, preserve=preserve, resume=resume,
-                                    checksum=checksum, progress=progress, timeout=timeout)
-                total.bytes += r.bytes
-                total.files += 1
-                total.digest = r.digest
+                files.append((full, target, st))
+    grand_total = sum(st.st_size for _, _, st in files)
+    for batch in _batches(files, preserve):
+        nbytes, digest = await _push_batch(client, batch, preserve=preserve, resume=resume,
+                                           checksum=checksum, progress=progress, timeout=timeout,
+                                           base=total.bytes, grand_total=grand_total)
+        total.bytes += nbytes
+        total.files += len(batch)
+        total.digest = digest
     for path, st in reversed(dirs):
         attrs = {"path": path, "mode": stat.S_IMODE(st.st_mode)}
         if preserve:
@@ -452,6 +464,191 @@ async def push_tree(client, local, remote, *, preserve=False, resume=False, chec
         await client.call("fs.setattr", attrs, timeout=timeout)
     total.seconds = time.monotonic() - t0
     return total
+
+
+def _batch_entry(target, st, preserve):
+    entry = {"path": target, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+             "mode": stat.S_IMODE(st.st_mode)}
+    if preserve:
+        entry.update(uid=st.st_uid, gid=st.st_gid)
+    return entry
+
+
+def _batches(files, preserve, items=None):
+    """Split ``files`` ([(_, guest path, lstat or None)]) into batches of at most T.MAX_BATCH files
+    and T.BATCH_REQUEST_BYTES of request (a batch opens the agent's data port once for all its
+    files); the batches hold ``items`` (default: ``files``) at the same positions."""
+    batch, nbytes = [], 0
+    for item, out in zip(files, items if items is not None else files):
+        st = item[2]
+        entry = _batch_entry(item[1], st, preserve) if st is not None else {
+            "path": item[1], "size": 2 ** 63, "mtime_ns": -2 ** 63, "offset": 2 ** 63}
+        size = len(m.dump_json(entry)) + 1
+        if batch and (len(batch) >= T.MAX_BATCH or nbytes + size > T.BATCH_REQUEST_BYTES):
+            yield batch
+            batch, nbytes = [], 0
+        batch.append(out)
+        nbytes += size
+    if batch:
+        yield batch
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+async def _push_batch(client, batch, *, preserve, resume, checksum, progress, timeout, base,
+                      grand_total):
+    """Push the files of one batch (``[(local, guest path, lstat)]``) in one transfer: the agent
+    checks them all first, then receives them in turn on one opening of the data port.
+    Returns (bytes, last digest)."""
+    args = {"files": [_batch_entry(target, st, preserve) for _, target, st in batch],
+            "checksum": checksum, "resume": bool(resume), "preserve": preserve}
+
+    def engine(chan, tid, ready, prog):
+        offsets = ready["offsets"]
+        if (not isinstance(offsets, list) or len(offsets) != len(batch)
+                or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= st.st_size
+                           for o, (_, _, st) in zip(offsets, batch))):
+            raise E.ProtocolError("bad offsets in the agent's ready event")
+        chan.write_all([T.encode_hello(tid, ready["nonce"], "host")])
+        done, sent = [], base
+        for i, (local, _, st) in enumerate(batch):
+            sub_tid = T.batch_tid(tid, i)
+            fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                def check(fd=fd, st=st, local=local):
+                    now = os.fstat(fd)
+                    if now.st_size != st.st_size or now.st_mtime_ns != st.st_mtime_ns:
+                        raise CE.TransferError(codes.CHANGED, "%s changed during the transfer"
+                                               % local)
+                try:
+                    check()
+                    os.lseek(fd, offsets[i], os.SEEK_SET)
+                    nbytes, digest = CE.send_file(
+                        chan, fd, sub_tid, checksum, offsets[i], st.st_size,
+                        progress=lambda pos, at=sent: prog(at + pos), check=check)
+                except CE.TransferError as exc:
+                    if exc.code == codes.CHANGED:
+                        try:  # tell the agent why (it drops its temp file)
+                            chan.write_all([T.encode_end_error(sub_tid, exc.code, str(exc))])
+                        except CE.TransferError:
+                            pass
+                    raise
+            finally:
+                os.close(fd)
+            sent += st.st_size
+            done.append((nbytes, digest))
+        return done
+
+    def verify(reply, result, args):
+        files = reply.get("files")
+        if not isinstance(files, list) or len(files) != len(result):
+            raise E.ProtocolError("the agent's reply does not list the batch's files")
+        for entry, (nbytes, digest), (local, target, _) in zip(files, result, batch):
+            if not isinstance(entry, dict):
+                raise E.ProtocolError("bad file entry in the agent's reply")
+            if entry.get("digest") != digest or entry.get("size") != nbytes:
+                raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "%s: the agent reports %s %s "
+                                         "(%s bytes), this side %s (%d bytes)" % (
+                                             target, checksum, entry.get("digest"),
+                                             entry.get("size"), digest, nbytes))
+
+    reply, ready, result, seconds = await _transfer_one(
+        client, "push", args, engine, progress, grand_total, timeout, verify=verify)
+    return sum(n for n, _ in result), result[-1][1]
+
+
+async def _pull_batch(client, root, batch, *, preserve, resume, checksum, progress, timeout, base,
+                      grand_total):
+    """Pull the files of one batch (``[(parts, guest path, listing entry)]``) in one transfer: the
+    agent sends them in turn on one opening of the data port; each is received into a temp file
+    beside its destination, verified and renamed before the next. Returns (bytes, last digest)."""
+    plan = []
+    for parts, path, e in batch:
+        dest = _safe_parent(root, parts)
+        partial = T.partial_name(dest, e["size"], e["mtime_ns"], checksum)
+        offset = 0
+        if resume:
+            try:
+                pst = os.lstat(os.path.join(os.path.dirname(dest), partial))
+                if stat.S_ISREG(pst.st_mode):
+                    offset = T.resume_offset(pst.st_size, e["size"])
+            except FileNotFoundError:
+                pass
+        plan.append((parts, dest, partial, offset, e))
+    args = {"files": [{"path": path, "size": e["size"], "mtime_ns": e["mtime_ns"], "offset": offset}
+                      for (_, path, e), (_, _, _, offset, _) in zip(batch, plan)],
+            "checksum": checksum}
+    mask = os.umask(0o022)
+    os.umask(mask)
+    state = {"partial": None, "keep": False}
+
+    def engine(chan, tid, ready, prog):
+        done, received = [], base
+        for i, (parts, dest, partial, offset, e) in enumerate(plan):
+            dest = _safe_parent(root, parts)  # again: nothing may have moved under us
+            if os.path.islink(dest):
+                os.unlink(dest)  # never write through a link
+            parent = os.path.dirname(dest)
+            fd = _open_partial(parent, partial, offset)
+            state["partial"] = os.path.join(parent, partial)
+            try:
+                nbytes, digest = CE.recv_file(chan, fd, T.batch_tid(tid, i), checksum, offset,
+                                              e["size"], progress=lambda pos, at=received: prog(at + pos))
+                os.fsync(fd)
+                _finish_pulled(fd, dest, e, preserve, mask)
+                os.replace(state["partial"], dest)
+                state["partial"] = None
+            except CE.TransferError as exc:
+                state["keep"] = exc.interrupted  # the verified prefix stays for --resume
+                raise
+            finally:
+                os.close(fd)
+            received += e["size"]
+            done.append((nbytes, digest))
+        chan.write_all([T.encode_ack(T.batch_tid(tid, len(plan) - 1))])
+        return done
+
+    def verify(reply, result, args):
+        files = reply.get("files")
+        if not isinstance(files, list) or len(files) != len(result):
+            raise E.ProtocolError("the agent's reply does not list the batch's files")
+        for entry, (nbytes, digest), (_, path, _) in zip(files, result, batch):
+            if not isinstance(entry, dict) or entry.get("digest") != digest or \
+                    entry.get("size") != nbytes:
+                raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "%s: the agent's reply does not "
+                                         "match what was received" % path)
+
+    try:
+        reply, ready, result, seconds = await _transfer_one(
+            client, "pull", args, engine, progress, grand_total, timeout, verify=verify)
+    except (E.ConnectionLost, E.RequestTimeout):
+        state["keep"] = True
+        raise
+    finally:
+        if state["partial"] is not None and not state["keep"]:
+            try:
+                os.unlink(state["partial"])
+            except OSError:
+                pass
+    return sum(n for n, _ in result), result[-1][1]
+
+
+def _finish_pulled(fd, dest, e, preserve, mask):
+    """Owner, mode and mtime of a pulled file (from the guest's listing, never setuid/setgid)."""
+    mode, uid, gid, mtime_ns = e.get("mode"), e.get("uid"), e.get("gid"), e.get("mtime_ns")
+    if preserve:
+        if _is_int(uid) and uid >= 0 and os.geteuid() == 0:
+            os.fchown(fd, uid, gid if _is_int(gid) and gid >= 0 else -1)
+        if _is_int(mode):
+            os.fchmod(fd, mode & GUEST_MODE_BITS)
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    else:
+        try:
+            os.fchmod(fd, stat.S_IMODE(os.stat(dest).st_mode))
+        except OSError:
+            os.fchmod(fd, 0o666 & ~mask)
 
 
 def _safe_parent(root, parts):
@@ -514,6 +711,7 @@ async def pull_tree(client, remote, local, *, preserve=False, resume=False, chec
     if os.path.islink(root) or not os.path.isdir(root):
         raise E.ProtocolError("%s is not a directory" % root)
     dirs = []
+    files = []  # (parts, guest path, listing entry): pulled in batches once every directory exists
     for parts, rel, kind, e in plan:
         dest = _safe_parent(root, parts)
         if kind == "dir":
@@ -528,15 +726,18 @@ async def pull_tree(client, remote, local, *, preserve=False, resume=False, chec
                 os.unlink(dest)
             os.symlink(e["target"], dest)
         elif kind == "file":
-            if os.path.islink(dest):
-                os.unlink(dest)  # never write through a link
-            r = await pull_file(client, _join_remote(remote, rel), dest, preserve=preserve,
-                                resume=resume, checksum=checksum, progress=progress, timeout=timeout,
-                                remote_stat={"type": "file", "size": e.get("size"),
-                                             "mtime_ns": e.get("mtime_ns")})
-            total.bytes += r.bytes
-            total.files += 1
-            total.digest = r.digest
+            size, mtime_ns = e.get("size"), e.get("mtime_ns")
+            if not (_is_int(size) and size >= 0 and _is_int(mtime_ns)):
+                raise E.ProtocolError("bad size or mtime for %r in the guest's listing" % rel)
+            files.append((parts, _join_remote(remote, rel), e))
+    grand_total = sum(e["size"] for _, _, e in files)
+    for batch in _batches([(None, path, None) for _, path, _ in files], False, files):
+        nbytes, digest = await _pull_batch(client, root, batch, preserve=preserve, resume=resume,
+                                           checksum=checksum, progress=progress, timeout=timeout,
+                                           base=total.bytes, grand_total=grand_total)
+        total.bytes += nbytes
+        total.files += len(batch)
+        total.digest = digest
     for dest, e in reversed(dirs):
         mode = e.get("mode")
         if isinstance(mode, int):

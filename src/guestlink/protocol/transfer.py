@@ -34,6 +34,10 @@ DEFAULT_ALGORITHM = "sha256"
 MAX_TID = 0xFFFFFFFF
 PARTIAL_PREFIX = ".guestlink-"
 PARTIAL_SUFFIX = ".part"
+#: Files in one batch transfer (transfer.open with "files"; the request must also fit one frame).
+MAX_BATCH = 256
+#: Bytes of batch entries a host puts in one transfer.open (MAX_JSON_PAYLOAD leaves room).
+BATCH_REQUEST_BYTES = 192 * 1024
 #: Bytes a receiver keeps while looking for the peer's DATA_HELLO (older ones are stale garbage).
 SCAN_KEEP = 64 * 1024
 
@@ -291,3 +295,8 @@ def symlink_escapes(rel, target):
         return True
     joined = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
     return joined == ".." or joined.startswith("../")
+
+
+def batch_tid(tid, index):
+    """The transfer id of the ``index``-th file of a batch opened as ``tid`` (wraps, never 0)."""
+    return (tid - 1 + index) % MAX_TID + 1

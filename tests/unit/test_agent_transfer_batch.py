@@ -1,0 +1,155 @@
+"""Batch push (``cp -r``: several files on one opening of the data port), agent side, with a
+unix socket as the data port and the real copy engine as the host, no VM."""
+import hashlib
+import os
+import queue
+import socket
+import sys
+import threading
+import types
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from guestlink.agent import copyengine as CE  # noqa: E402
+from guestlink.agent.config import Config  # noqa: E402
+from guestlink.agent.execs import OpError  # noqa: E402
+from guestlink.agent.transfers import FileOps  # noqa: E402
+from guestlink.protocol import Fields, codes  # noqa: E402
+from guestlink.protocol import transfer as T  # noqa: E402
+from test_host_fakeagent import short_tmp  # noqa: E402
+
+
+class StubAgent:
+    def __init__(self, config):
+        self.config = config
+        self.session = types.SimpleNamespace(transfers={})
+        self.results = queue.Queue()
+        self.events = []
+        self.replies = []
+
+    def post_result(self, token, value):
+        self.results.put(value)
+
+    def send_event(self, rid, event):
+        self.events.append(event)
+
+    def reply(self, rid, result):
+        self.replies.append(("ok", result))
+
+    def error(self, rid, code, message, details=None):
+        self.replies.append(("error", code, message, details))
+
+
+@pytest.fixture
+def bed(tmp_path):
+    d = short_tmp(tmp_path)
+    target = os.path.join(d, "files")
+    os.mkdir(target)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.path.join(d, "data.sock"))
+    server.listen(1)
+    config = Config()
+    config.data_device = "unix:" + os.path.join(d, "data.sock")
+    config.write_roots = [target]
+    agent = StubAgent(config)
+    yield types.SimpleNamespace(target=target, server=server, agent=agent, files=FileOps(agent))
+    server.close()
+
+
+def _open(bed, entries, tid=0xFFFFFFFE, **extra):
+    args = dict({"transfer": tid, "direction": "push", "checksum": "sha256", "files": entries},
+                **extra)
+    bed.files.op_transfer_open(1, Fields(args, "args"))
+    return bed.agent.events[-1]
+
+
+def _host_send(bed, tid, nonce, payloads, fail_at=None):
+    """The host's side: hello, then each file with its batch transfer id."""
+    host, _ = bed.server.accept()
+    chan = CE.Channel(host.fileno(), threading.Event())
+    chan.wait_hello(tid, nonce, "agent")
+    chan.write_all([T.encode_hello(tid, nonce, "host")])
+    sent = []
+    for i, data in enumerate(payloads):
+        sub = T.batch_tid(tid, i)
+        if i == fail_at:
+            chan.write_all([T.encode_end_error(sub, codes.CHANGED, "source changed")])
+            break
+        src = os.path.join(os.path.dirname(bed.target), "src%d" % i)
+        with open(src, "wb") as f:
+            f.write(data)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            sent.append(CE.send_file(chan, fd, sub, "sha256", 0, len(data)))
+        finally:
+            os.close(fd)
+    return host, sent
+
+
+def test_batch_push_receives_every_file_on_one_opening(bed):
+    payloads = [os.urandom(n) for n in (0, 1, T.DEFAULT_CHUNK + 5, 3000)]
+    entries = [{"path": "%s/f%d" % (bed.target, i), "size": len(p), "mtime_ns": 10 ** 18 + i,
+                "mode": 0o640} for i, p in enumerate(payloads)]
+    ev = _open(bed, entries, preserve=True)
+    assert ev["event"] == "ready" and ev["offsets"] == [0, 0, 0, 0]
+    # tids wrap past 0xFFFFFFFF without ever being 0
+    assert [T.batch_tid(0xFFFFFFFE, i) for i in range(4)] == [0xFFFFFFFE, 0xFFFFFFFF, 1, 2]
+    host, sent = _host_send(bed, 0xFFFFFFFE, ev["nonce"], payloads)
+    tr, result, err = bed.agent.results.get(timeout=20)
+    bed.files.finished(tr, result, err)
+    host.close()
+    assert err is None
+    assert [f["digest"] for f in result["files"]] == [hashlib.sha256(p).hexdigest() for p in payloads]
+    assert [(f["size"], f["digest"]) for f in result["files"]] == sent
+    for i, p in enumerate(payloads):
+        path = "%s/f%d" % (bed.target, i)
+        assert open(path, "rb").read() == p
+        assert os.stat(path).st_mode & 0o777 == 0o640  # -p: mode and mtime as sent
+        assert os.stat(path).st_mtime_ns == 10 ** 18 + i
+    assert sorted(os.listdir(bed.target)) == ["f0", "f1", "f2", "f3"]  # no temp files
+    assert bed.agent.replies[0][0] == "ok" and bed.files.active is None
+
+
+def test_batch_push_failure_names_the_file_keeps_those_before_and_drops_its_temp(bed):
+    payloads = [b"first", b"second", b"third"]
+    entries = [{"path": "%s/g%d" % (bed.target, i), "size": len(p), "mtime_ns": 1}
+               for i, p in enumerate(payloads)]
+    ev = _open(bed, entries, tid=77)
+    host, _ = _host_send(bed, 77, ev["nonce"], payloads, fail_at=1)
+    tr, result, err = bed.agent.results.get(timeout=20)
+    bed.files.finished(tr, result, err)
+    host.close()
+    kind, code, message, details = bed.agent.replies[0]
+    assert (kind, code) == ("error", codes.CHANGED)
+    assert message.startswith("%s/g1: " % bed.target) and details == {"interrupted": False, "done": 1}
+    assert os.listdir(bed.target) == ["g0"] and open(bed.target + "/g0", "rb").read() == b"first"
+
+
+@pytest.mark.parametrize("entries,message", [
+    ([], "files must be a list of 1 to %d files" % T.MAX_BATCH),
+    ([{"path": "/x", "size": 1, "mtime_ns": 1}] * (T.MAX_BATCH + 1),
+     "files must be a list of 1 to %d files" % T.MAX_BATCH),
+    ([{"path": "relative", "size": 1, "mtime_ns": 1}], "path must be an absolute guest path"),
+    ([{"path": "/f", "size": -1, "mtime_ns": 1}], "files[0]: field 'size' must be an integer in"),
+    ([{"path": "/f", "mtime_ns": 1}], "files[0]: missing field 'size'"),
+    (["/f"], "files[0] must be an object"),
+])
+def test_batch_push_requests_are_validated(bed, entries, message):
+    with pytest.raises(OpError) as exc:
+        _open(bed, entries)
+    assert exc.value.code == codes.BAD_REQUEST and message in str(exc.value)
+    assert bed.files.active is None and os.listdir(bed.target) == []
+
+
+def test_batch_push_checks_every_file_before_taking_any(bed):
+    ok = {"path": bed.target + "/ok", "size": 1, "mtime_ns": 1}
+    for bad, code in (({"path": "/etc/outside", "size": 1, "mtime_ns": 1}, codes.DENIED),
+                      ({"path": bed.target + "/no/such/dir/f", "size": 1, "mtime_ns": 1},
+                       codes.NOT_FOUND),
+                      ({"path": bed.target + "/ok", "size": 2, "mtime_ns": 1}, codes.BAD_REQUEST)):
+        with pytest.raises(OpError) as exc:
+            _open(bed, [ok, bad])
+        assert exc.value.code == code, exc.value
+        assert os.listdir(bed.target) == [] and bed.files.active is None
