@@ -153,3 +153,90 @@ def test_batch_push_checks_every_file_before_taking_any(bed):
             _open(bed, [ok, bad])
         assert exc.value.code == code, exc.value
         assert os.listdir(bed.target) == [] and bed.files.active is None
+
+
+def _host_receive(bed, tid, nonce, n, dest_dir):
+    host, _ = bed.server.accept()
+    chan = CE.Channel(host.fileno(), threading.Event())
+    chan.wait_hello(tid, nonce, "agent")
+    got, error = [], None
+    for i in range(n):
+        fd = os.open(os.path.join(dest_dir, "r%d" % i), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            got.append(CE.recv_file(chan, fd, T.batch_tid(tid, i), "crc32"))
+        except CE.TransferError as exc:
+            error = exc
+            break
+        finally:
+            os.close(fd)
+    else:
+        chan.write_all([T.encode_ack(T.batch_tid(tid, n - 1))])
+    return host, got, error
+
+
+def _pull_entries(paths):
+    return [{"path": p, "size": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns}
+            for p in paths]
+
+
+def test_batch_pull_sends_every_file_on_one_opening(bed, tmp_path):
+    payloads = [b"", os.urandom(T.DEFAULT_CHUNK * 2 + 1), b"z"]
+    paths = []
+    for i, p in enumerate(payloads):
+        paths.append("%s/p%d" % (bed.target, i))
+        with open(paths[-1], "wb") as f:
+            f.write(p)
+    bed.agent.config.read_roots = [bed.target]
+    ev = _open(bed, _pull_entries(paths), tid=5, direction="pull", checksum="crc32")
+    out = tmp_path / "out"
+    out.mkdir()
+    host, got, error = _host_receive(bed, 5, ev["nonce"], 3, str(out))
+    tr, result, err = bed.agent.results.get(timeout=20)
+    bed.files.finished(tr, result, err)
+    host.close()
+    assert err is None and error is None
+    assert [(f["path"], f["size"], f["digest"]) for f in result["files"]] == [
+        (p, n, d) for p, (n, d) in zip(paths, got)]
+    assert [(out / ("r%d" % i)).read_bytes() for i in range(3)] == payloads
+    assert bed.agent.replies[0][0] == "ok" and bed.files.active is None
+
+
+def test_batch_pull_of_a_file_that_changes_names_it_and_says_so_on_the_data_port(bed, tmp_path):
+    paths = []
+    for i, size in enumerate((8 << 20, 1000, 1000)):  # the first fills the socket: the agent
+        paths.append("%s/c%d" % (bed.target, i))       # waits in it until the host reads
+        with open(paths[-1], "wb") as f:
+            f.write(os.urandom(size))
+    bed.agent.config.read_roots = [bed.target]
+    ev = _open(bed, _pull_entries(paths), tid=9, direction="pull", checksum="crc32")
+    with open(paths[1], "ab") as f:  # after the agent's checks, before it sends
+        f.write(b"more")
+    out = tmp_path / "out"
+    out.mkdir()
+    host, got, error = _host_receive(bed, 9, ev["nonce"], 3, str(out))
+    tr, result, err = bed.agent.results.get(timeout=20)
+    bed.files.finished(tr, result, err)
+    host.close()
+    assert len(got) == 1 and error.code == codes.CHANGED and paths[1] in str(error)
+    kind, code, message, details = bed.agent.replies[0]
+    assert (kind, code) == ("error", codes.CHANGED) and paths[1] in message
+    assert details == {"interrupted": False, "done": 1}
+
+
+def test_batch_pull_checks_every_file_before_sending_any(bed):
+    for name in ("ok", "other"):
+        with open(os.path.join(bed.target, name), "wb") as f:
+            f.write(b"x")
+    os.mkdir(os.path.join(bed.target, "dir"))
+    bed.agent.config.read_roots = [bed.target]
+    good, other = _pull_entries([bed.target + "/ok", bed.target + "/other"])
+    for bad, code in ((dict(good, path="/etc/hostname"), codes.DENIED),
+                      (dict(other, size=2), codes.CHANGED),
+                      (dict(good, path=bed.target + "/dir"), codes.IS_A_DIRECTORY),
+                      (dict(good, path=bed.target + "/missing"), codes.NOT_FOUND),
+                      (dict(other, offset=5), codes.CHANGED),
+                      (good, codes.BAD_REQUEST)):  # named twice
+        with pytest.raises(OpError) as exc:
+            _open(bed, [good, bad], direction="pull")
+        assert exc.value.code == code, (bad, exc.value)
+        assert bed.files.active is None and bed.agent.events == []
