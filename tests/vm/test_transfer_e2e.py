@@ -4,6 +4,8 @@ import asyncio
 import hashlib
 import json
 import os
+import random
+import re
 import signal
 import stat
 import subprocess
@@ -379,6 +381,124 @@ def test_kill_host_mid_push_then_resume(vm, tmp_path, run_cli):
     gsha, leftovers = run(vm, check)
     assert gsha == sha(src)
     assert leftovers.strip() == ""
+
+
+def _many_files(root, n):
+    """``n`` files of 0..4999 bytes under ``root`` in nested directories, plus one of 2 chunks."""
+    rnd = random.Random(n)
+    for i in range(n):
+        d = root / ("d%d" % (i % 7)) / ("e%d" % (i % 3))
+        d.mkdir(parents=True, exist_ok=True)
+        (d / ("f%03d" % i)).write_bytes(os.urandom(rnd.randrange(5000)))
+    (root / "big.bin").write_bytes(os.urandom(2 * DEFAULT_CHUNK + 11))
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_recursive_copy_of_many_files_goes_in_batches(vm, tmp_path):
+    """300 files: two batches (256 + 45) each way, one opening of the data port per batch, every
+    file intact, progress over the whole tree."""
+    tree = tmp_path / "many"
+    names = _many_files(tree, 300)
+    total = sum((tree / n).stat().st_size for n in names)
+    out = tmp_path / "out"
+    seen = {"push": [], "pull": []}
+    mark = len(vm.console_text())
+
+    async def go(c):
+        await guest_sh(c, "rm -rf /tmp/batch && mkdir /tmp/batch")
+        r1 = await c.push(str(tree), "/tmp/batch", recursive=True,
+                          progress=lambda done, tot: seen["push"].append((done, tot)))
+        sums = await guest_sh(c, "cd /tmp/batch/many && find . -type f | sort | xargs sha256sum")
+        r2 = await c.pull("/tmp/batch/many", str(out), recursive=True,
+                          progress=lambda done, tot: seen["pull"].append((done, tot)))
+        await guest_sh(c, "rm -rf /tmp/batch")
+        return r1, r2, sums
+
+    r1, r2, sums = run(vm, go, timeout=120)
+    assert r1.files == r2.files == len(names) == 301 and r1.bytes == r2.bytes == total
+    assert {l.split()[1][2:]: l.split()[0] for l in sums.splitlines()} == {
+        n: sha(tree / n) for n in names}
+    for n in names:
+        assert (out / n).read_bytes() == (tree / n).read_bytes(), n
+    for way in ("push", "pull"):
+        done = [d for d, _ in seen[way]]
+        assert done == sorted(done) and seen[way][-1] == (total, total), way
+    log = vm.console_text()[mark:]
+    assert len(re.findall(r"transfer \d+ \(push [^)]*\): started", log)) == 2
+    assert len(re.findall(r"transfer \d+ \(pull [^)]*\): started", log)) == 2
+    assert len(re.findall(r"transfer \d+: file \d+ of 256, ", log)) == 2 * 256
+
+
+KILLER_TREE = r"""
+import asyncio, sys
+from guestlink.host.client import connect
+async def main():
+    async with connect(ctl=sys.argv[1], data=sys.argv[2]) as c:
+        def cb(done, total):
+            print(done, flush=True)
+        if sys.argv[3] == "push":
+            await c.push(sys.argv[4], sys.argv[5], recursive=True, progress=cb)
+        else:
+            await c.pull(sys.argv[4], sys.argv[5], recursive=True, progress=cb)
+asyncio.run(main())
+"""
+
+
+def _kill_at(vm, args, at):
+    proc = subprocess.Popen([sys.executable, "-c", KILLER_TREE, vm.ctl_path, vm.data_path] + args,
+                            env=cli_env(vm), stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if int(line) >= at:
+                break
+        else:
+            pytest.fail("the copy ended before it could be killed")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(10)
+    time.sleep(0.5)  # the agent notices the host went away
+
+
+def test_kill_host_mid_batch_then_resume_both_ways(vm, tmp_path, run_cli):
+    """A recursive copy killed inside a batch: the files before stay, the one in flight keeps its
+    verified prefix, and `cp -r --resume` continues it from there (push and pull)."""
+    tree = tmp_path / "kt"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_bytes(b"first\n")
+    with open(tree / "m.bin", "wb") as f:
+        for _ in range(48):
+            f.write(os.urandom(1 << 20))
+    (tree / "sub" / "z.txt").write_bytes(b"last\n")
+    run_cli("exec", "--", "sh", "-c", "rm -rf /tmp/kt && mkdir /tmp/kt")
+    mark = len(vm.console_text())
+    _kill_at(vm, ["push", str(tree), "/tmp/kt"], 16 << 20)
+    r = run_cli("exec", "--", "sh", "-c", "cd /tmp/kt/kt && cat a.txt && ls -a . sub")
+    assert r.stdout.startswith("first\n") and ".guestlink-" in r.stdout and "z.txt" not in r.stdout
+    r = run_cli("cp", "-r", "--resume", str(tree), ":/tmp/kt")
+    assert r.returncode == 0, r.stderr
+    resumed = re.findall(r"file 2 of 3, /tmp/kt/kt/m.bin from offset (\d+)", vm.console_text()[mark:])
+    assert len(resumed) == 2 and int(resumed[0]) == 0 and int(resumed[1]) >= 8 << 20, resumed
+    r = run_cli("exec", "--", "sh", "-c", "cd /tmp/kt/kt && sha256sum a.txt m.bin sub/z.txt && "
+                                          "ls -aR | grep guestlink- || true")
+    assert [l.split()[0] for l in r.stdout.splitlines()] == [
+        sha(tree / n) for n in ("a.txt", "m.bin", "sub/z.txt")]
+
+    back = tmp_path / "back"
+    back.mkdir()
+    _kill_at(vm, ["pull", "/tmp/kt/kt", str(back)], 16 << 20)
+    partials = [p for p in (back / "kt").iterdir() if p.name.startswith(".guestlink-")]
+    assert (back / "kt" / "a.txt").read_bytes() == b"first\n" and len(partials) == 1
+    have = partials[0].stat().st_size
+    assert have >= 8 << 20 and not (back / "kt" / "m.bin").exists()
+    mark = len(vm.console_text())
+    r = run_cli("cp", "-r", "--resume", ":/tmp/kt/kt", str(back))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"file 2 of 3, /tmp/kt/kt/m.bin from offset %d" % have,
+                     vm.console_text()[mark:])
+    for n in ("a.txt", "m.bin", "sub/z.txt"):
+        assert sha(back / "kt" / n) == sha(tree / n), n
+    assert [p.name for p in (back / "kt").iterdir() if p.name.startswith(".guestlink-")] == []
+    run_cli("exec", "--", "rm", "-rf", "/tmp/kt")
 
 
 def test_cli_cp_json_and_streams(vm, tmp_path, run_cli):

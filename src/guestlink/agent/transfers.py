@@ -396,6 +396,8 @@ class FileOps:
         for i, item in enumerate(tr.batch):
             tr.final, tr.offset, tr.size = item["final"], item["offset"], item["size"]
             sub = T.batch_tid(tr.tid, i)
+            log.debug("transfer %d: file %d of %d, %s from offset %d", tr.tid, i + 1,
+                      len(tr.batch), tr.final, tr.offset)
             try:
                 tr.fd = os.open(tr.final, os.O_RDONLY | os.O_CLOEXEC)
                 st0 = os.fstat(tr.fd)
@@ -627,6 +629,8 @@ class FileOps:
         for i, item in enumerate(tr.batch):
             tr.final, tr.partial, tr.offset = item["final"], item["partial"], item["offset"]
             tr.size, tr.attrs = item["size"], item["attrs"]
+            log.debug("transfer %d: file %d of %d, %s from offset %d", tr.tid, i + 1,
+                      len(tr.batch), tr.final, tr.offset)
             tr.fd = self._open_partial(tr.partial, tr.offset)
             try:
                 size, digest = CE.recv_file(chan, tr.fd, T.batch_tid(tr.tid, i), tr.algorithm,
