@@ -300,3 +300,37 @@ def test_cli_against_the_vm(vm, run_cli):
     assert code.stdout == "to-stdout\n" and code.stderr == "to-stderr\n"
     assert run_cli("exec", "--", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
     assert run_cli("exec", "--timeout", "1", "--", "sleep", "30").returncode == 124
+
+
+def test_a_new_host_is_noticed_at_once_and_an_agent_without_one_stays_idle(vm):
+    """The agent learns of a host connecting from the driver's wakeup (edge-triggered epoll on
+    the port), not from a once-a-second poll; without a host it does not spin."""
+    async def handshake_seconds():
+        t0 = time.monotonic()
+        async with connect(vm) as conn:
+            await conn.ping()
+        return time.monotonic() - t0
+
+    async def agent_cpu_ticks():
+        async with connect(vm) as conn:
+            r = await conn.run(["sh", "-c", "cut -d' ' -f14,15 /proc/$(cat /run/guestlink-agent.pid)"
+                                            "/stat"], check=True)
+            return sum(int(x) for x in r.stdout.split())
+
+    async def main():
+        await handshake_seconds()  # the agent may still be starting after the boot
+        await asyncio.sleep(0.3)
+        waits = []
+        for _ in range(5):
+            waits.append(await handshake_seconds())
+            await asyncio.sleep(0.3)  # the agent is back to "no host" (it polled every 1 s)
+        before = await agent_cpu_ticks()
+        await asyncio.sleep(3)
+        after = await agent_cpu_ticks()
+        return waits, after - before
+
+    waits, ticks = run_async(main())
+    print("handshake after a reconnect: %s s; agent CPU over 3 s without a host: %d ticks"
+          % (", ".join("%.3f" % w for w in waits), ticks))
+    assert max(waits) < 0.5, waits  # a 1 s poll would make most of them 0.3-1 s
+    assert ticks < 100, ticks  # spinning would burn ~300 (3 s at 100 Hz)

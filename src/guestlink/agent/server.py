@@ -4,8 +4,10 @@ Port states:
 
 * ``closed``  — the device is missing (or the unix peer is not listening): retry every few seconds.
 * ``absent``  — (virtio only) the device is open but no host is connected: it reports POLLHUP, so
-  it is NOT registered in the selector (POLLHUP is level-triggered and would spin); a 1 s timer
-  does a zero-timeout poll instead. An idle agent without a host wakes up once per second.
+  it is NOT registered in the selector (POLLHUP is level-triggered and would spin). Instead an
+  inner epoll watches it edge-triggered (the driver wakes its waiters when the host connects or
+  goes), and that epoll's fd is in the selector: a host is noticed at once, without spinning. A
+  1 s timer does a zero-timeout poll as well, in case no wakeup comes.
 * ``active``  — a host is connected: registered for reading (and writing while bytes are queued).
 
 Each opening of the port drains the stale bytes already readable, then queues HELLO. A SYNC
@@ -15,6 +17,7 @@ away (HUP/EOF) or on a new SYNC: its exec process groups are killed and its pend
 import errno
 import logging
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -85,6 +88,8 @@ class Agent:
         self.outq = ByteQueue()
         self.decoder = FrameDecoder()
         self.port_state = "closed"
+        self._presence = None  # inner epoll watching an absent port for its host (see above)
+        self._host_timer = None
         self.opening = None  # random id of the current port opening (HELLO's "session")
         self.session = None
         self.output_paused = False
@@ -165,6 +170,7 @@ class Agent:
         if self.session is not None:
             self._end_session("agent stopping")
         self._kill_orphans()
+        self._unwatch_presence()
         if self.port.fd is not None:
             if self.port_state == "active" and self.outq.size:
                 try:
@@ -323,11 +329,42 @@ class Agent:
     def _enter_absent(self, initial=False):
         self.port_state = "absent"
         self.set_interest(self.port.fd, 0)
-        log.info("%s: no host connected; checking every %g s", self.port, HUP_CHECK)
-        self.timers.call_later(HUP_CHECK, self._check_host)
+        log.info("%s: no host connected; waiting for one", self.port)
+        self._watch_presence()
+        if self._host_timer is not None:
+            self._host_timer.cancel()  # one timer chain, however often hosts come and go
+        self._host_timer = self.timers.call_later(HUP_CHECK, self._check_host)
+        self._check_host(timer=False)  # it may have come before the watch was in place
 
-    def _check_host(self):
+    def _watch_presence(self):
+        self._unwatch_presence()
+        try:
+            watch = select.epoll()
+        except (AttributeError, OSError):  # no epoll: the timer alone
+            return
+        try:
+            watch.register(self.port.fd, select.EPOLLIN | select.EPOLLOUT | select.EPOLLET)
+            watch.poll(0)  # the current state (HUP) is reported once; only changes matter
+        except OSError:
+            watch.close()
+            return
+        self._presence = watch
+        self.set_interest(watch.fileno(), self.EV_READ, self._on_presence)
+
+    def _unwatch_presence(self):
+        watch, self._presence = self._presence, None
+        if watch is not None:
+            self.set_interest(watch.fileno(), 0)
+            watch.close()
+
+    def _on_presence(self, mask):
+        if self._presence is not None:
+            self._presence.poll(0)  # consume the edge
+        self._check_host(timer=False)
+
+    def _check_host(self, timer=True):
         if self.port_state != "absent" or self.port.fd is None:
+            self._unwatch_presence()
             return
         try:
             present = self.port.host_present()
@@ -335,14 +372,16 @@ class Agent:
             log.warning("%s: %s", self.port, exc)
             present = False
         if present:
+            self._unwatch_presence()
             self.port_state = "active"
             log.info("host connected")
             # _after_io registers the fd for reading
         elif self.port.replaced():
+            self._unwatch_presence()
             log.info("%s was unplugged or replaced; reopening it by name", self.port)
             self._close_port(reopen_in=0)
-        else:
-            self.timers.call_later(HUP_CHECK, self._check_host)
+        elif timer:
+            self._host_timer = self.timers.call_later(HUP_CHECK, self._check_host)
 
     def _host_gone(self, why):
         log.info("host disconnected (%s)", why)
@@ -357,6 +396,7 @@ class Agent:
             self._close_port(reopen_in=self.port.retry_interval)
 
     def _close_port(self, reopen_in):
+        self._unwatch_presence()
         if self.port.fd is not None:
             self.set_interest(self.port.fd, 0)
             self.port.close()
