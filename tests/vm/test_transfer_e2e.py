@@ -637,6 +637,9 @@ def handle(args, ctx):
                 "next": None}
     if kind == "absolute":
         return {"entries": [{"path": "/tmp/abs.txt", "type": "file", "size": 3}], "next": None}
+    if kind == "hugetime":  # os.utime on the host would raise OverflowError
+        return {"entries": [{"path": "ok.txt", "type": "file", "size": 3, "mtime_ns": 2 ** 80}],
+                "next": None}
     return {"entries": [{"path": "link", "type": "symlink", "target": args["outside"]},
                         {"path": "link/planted.txt", "type": "file", "size": 3, "mtime_ns": 0}],
             "next": None}
@@ -699,7 +702,7 @@ def test_policy_roots(hookvm, tmp_path):
     assert len(errs) == 2 and "write_roots" in errs[0] and "read_roots" in errs[1]
 
 
-@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hugetime"])
 def test_hostile_pull_writes_nothing_outside(hookvm, tmp_path, kind):
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -717,7 +720,7 @@ def test_hostile_pull_writes_nothing_outside(hookvm, tmp_path, kind):
 
         c.call = call
         with pytest.raises(E.ProtocolError):
-            await HT.pull_tree(c, "/tmp/hostile", str(dest), _list_op="evil.list")
+            await HT.pull_tree(c, "/tmp/hostile", str(dest), _list_op="evil.list", preserve=True)
 
     run(hookvm, go)
     assert os.listdir(outside) == []

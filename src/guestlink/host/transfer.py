@@ -39,6 +39,10 @@ GUEST_MODE_BITS = 0o1777
 #: Entries a recursive pull accepts from the guest's listing (the guest could page forever).
 MAX_TREE_ENTRIES = 1_000_000
 PROGRESS_INTERVAL = 0.1
+#: Bounds on what the guest may give as a time (ns), size, uid or gid: outside them the host's
+#: os calls would raise OverflowError instead of doing something wrong.
+MIN_NS, MAX_NS = -(1 << 63), (1 << 63) - 1
+MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change"
 
 
 @dataclass
@@ -180,8 +184,9 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
                      "offset": f.int("offset", min=0),
                      "size": f.int("size", default=None, min=0),
                      "mode": f.int("mode", default=None, min=0, max=0o7777),
-                     "mtime_ns": f.int("mtime_ns", default=None),
-                     "uid": f.int("uid", default=None, min=0), "gid": f.int("gid", default=None, min=0),
+                     "mtime_ns": f.int("mtime_ns", default=None, min=MIN_NS, max=MAX_NS),
+                     "uid": f.int("uid", default=None, min=0, max=MAX_ID),
+                     "gid": f.int("gid", default=None, min=0, max=MAX_ID),
                      "path": f.str("path", default=""),
                      "offsets": ev.get("offsets")}  # batch: checked by its caller
         except ProtocolViolation as exc:
@@ -639,8 +644,8 @@ def _finish_pulled(fd, dest, e, preserve, mask):
     """Owner, mode and mtime of a pulled file (from the guest's listing, never setuid/setgid)."""
     mode, uid, gid, mtime_ns = e.get("mode"), e.get("uid"), e.get("gid"), e.get("mtime_ns")
     if preserve:
-        if _is_int(uid) and uid >= 0 and os.geteuid() == 0:
-            os.fchown(fd, uid, gid if _is_int(gid) and gid >= 0 else -1)
+        if _is_int(uid) and 0 <= uid <= MAX_ID and os.geteuid() == 0:
+            os.fchown(fd, uid, gid if _is_int(gid) and 0 <= gid <= MAX_ID else -1)
         if _is_int(mode):
             os.fchmod(fd, mode & GUEST_MODE_BITS)
         os.utime(fd, ns=(mtime_ns, mtime_ns))
@@ -727,7 +732,8 @@ async def pull_tree(client, remote, local, *, preserve=False, resume=False, chec
             os.symlink(e["target"], dest)
         elif kind == "file":
             size, mtime_ns = e.get("size"), e.get("mtime_ns")
-            if not (_is_int(size) and size >= 0 and _is_int(mtime_ns)):
+            if not (_is_int(size) and 0 <= size <= MAX_NS and _is_int(mtime_ns)
+                    and MIN_NS <= mtime_ns <= MAX_NS):
                 raise E.ProtocolError("bad size or mtime for %r in the guest's listing" % rel)
             files.append((parts, _join_remote(remote, rel), e))
     grand_total = sum(e["size"] for _, _, e in files)
@@ -742,8 +748,9 @@ async def pull_tree(client, remote, local, *, preserve=False, resume=False, chec
         mode = e.get("mode")
         if isinstance(mode, int):
             os.chmod(dest, mode & GUEST_MODE_BITS)
-        if preserve and isinstance(e.get("mtime_ns"), int):
-            os.utime(dest, ns=(e["mtime_ns"], e["mtime_ns"]), follow_symlinks=False)
+        mtime_ns = e.get("mtime_ns")
+        if preserve and _is_int(mtime_ns) and MIN_NS <= mtime_ns <= MAX_NS:
+            os.utime(dest, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
     total.seconds = time.monotonic() - t0
     return total
 
