@@ -293,7 +293,7 @@ def test_transfers_queue_per_vm(vm, tmp_path):
 def test_concurrent_cli_commands_queue_per_vm(vm, tmp_path):
     """QEMU serves one client per VM: a second `guestlink` command waits for the first (and
     says for whom) instead of timing out; with --queue-timeout 0 it fails at once, clearly."""
-    from guestlink.host.vmlock import lock_path
+    from guestlink.host.vmlock import VMLock
     srcs = []
     for i in range(2):
         p = tmp_path / ("c%d.bin" % i)
@@ -301,18 +301,27 @@ def test_concurrent_cli_commands_queue_per_vm(vm, tmp_path):
             for _ in range(48):
                 f.write(os.urandom(1 << 20))
         srcs.append(p)
-    procs = [subprocess.Popen([sys.executable, "-m", "guestlink", "cp", str(p),
-                               ":/tmp/conc%d.bin" % i], env=cli_env(vm), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, p in enumerate(srcs)]
-    outs = [p.communicate(timeout=180) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    waited = [(i, err) for i, (_, err) in enumerate(outs) if "waiting for the VM" in err]
-    assert len(waited) == 1, outs  # exactly one had to wait, for the other, named by pid
-    i, err = waited[0]
-    other = procs[1 - i]
-    assert ("guestlink: waiting for the VM: it is in use by pid %d (guestlink cp %s"
-            % (other.pid, srcs[1 - i])) in err
+
+    def start_cp(i):
+        return subprocess.Popen([sys.executable, "-m", "guestlink", "cp", str(srcs[i]),
+                                 ":/tmp/conc%d.bin" % i], env=cli_env(vm), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for_holder(proc):
+        """Until ``proc`` holds the VM (a client killed earlier may have left its lock file)."""
+        deadline = time.monotonic() + 30
+        while not (VMLock(vm.ctl_path).holder("") + " ").startswith("pid %d " % proc.pid):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+
+    first = start_cp(0)
+    wait_for_holder(first)
+    second = start_cp(1)  # while the first is still sending its 48 MiB
+    outs = [p.communicate(timeout=180) for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outs
+    assert outs[0][1] == ""
+    assert outs[1][1] == ("guestlink: waiting for the VM: it is in use by pid %d (guestlink cp %s "
+                          ":/tmp/conc0.bin)\n" % (first.pid, srcs[0]))
     r = run(vm, lambda c: guest_sh(c, "sha256sum /tmp/conc0.bin /tmp/conc1.bin; "
                                       "rm -f /tmp/conc0.bin /tmp/conc1.bin"))
     assert [l.split()[0] for l in r.splitlines()] == [sha(p) for p in srcs]
@@ -321,10 +330,7 @@ def test_concurrent_cli_commands_queue_per_vm(vm, tmp_path):
                           env=cli_env(vm), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(lock_path(vm.ctl_path)):  # the cp holds the VM
-            assert time.monotonic() < deadline and cp.poll() is None, cp.communicate()
-            time.sleep(0.01)
+        wait_for_holder(cp)
         r = subprocess.run([sys.executable, "-m", "guestlink", "ping", "--queue-timeout", "0"],
                            env=cli_env(vm), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, timeout=60)
