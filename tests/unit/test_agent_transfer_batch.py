@@ -2,7 +2,6 @@
 unix socket as the data port and the real copy engine as the host, no VM."""
 import hashlib
 import os
-import queue
 import socket
 import sys
 import threading
@@ -18,28 +17,8 @@ from guestlink.agent.execs import OpError  # noqa: E402
 from guestlink.agent.transfers import FileOps  # noqa: E402
 from guestlink.protocol import Fields, codes  # noqa: E402
 from guestlink.protocol import transfer as T  # noqa: E402
+from test_agent_transfer_cancel import StubAgent  # noqa: E402
 from test_host_fakeagent import short_tmp  # noqa: E402
-
-
-class StubAgent:
-    def __init__(self, config):
-        self.config = config
-        self.session = types.SimpleNamespace(transfers={})
-        self.results = queue.Queue()
-        self.events = []
-        self.replies = []
-
-    def post_result(self, token, value):
-        self.results.put(value)
-
-    def send_event(self, rid, event):
-        self.events.append(event)
-
-    def reply(self, rid, result):
-        self.replies.append(("ok", result))
-
-    def error(self, rid, code, message, details=None):
-        self.replies.append(("error", code, message, details))
 
 
 @pytest.fixture

@@ -351,9 +351,27 @@ async def main():
     async with connect(ctl=sys.argv[1], data=sys.argv[2]) as c:
         def cb(done, total):
             print(done, flush=True)
-        await c.push(sys.argv[3], sys.argv[4], progress=cb)
+        way, src, dst = sys.argv[3:6]
+        copy = c.push if way == "push" else c.pull
+        await copy(src, dst, recursive=sys.argv[6:] == ["-r"], progress=cb)
 asyncio.run(main())
 """
+
+
+def _kill_at(vm, args, at):
+    """Run KILLER (``args``: push|pull SRC DST [-r]) and SIGKILL it once ``at`` bytes are done."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, vm.ctl_path, vm.data_path] + args,
+                            env=cli_env(vm), stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if int(line) >= at:
+                break
+        else:
+            pytest.fail("the copy ended before it could be killed")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(10)
+    time.sleep(0.5)  # the agent notices the host went away
 
 
 def test_kill_host_mid_push_then_resume(vm, tmp_path, run_cli):
@@ -361,18 +379,7 @@ def test_kill_host_mid_push_then_resume(vm, tmp_path, run_cli):
     with open(src, "wb") as f:
         for _ in range(64):
             f.write(os.urandom(1 << 20))
-    proc = subprocess.Popen([sys.executable, "-c", KILLER, vm.ctl_path, vm.data_path, str(src),
-                             "/tmp/resume.bin"], env=cli_env(vm), stdout=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if int(line) >= 16 << 20:
-                break
-        else:
-            pytest.fail("the push ended before it could be killed")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(10)
-    time.sleep(0.5)  # the agent notices the host went away
+    _kill_at(vm, ["push", str(src), "/tmp/resume.bin"], 16 << 20)
     r = run_cli("cp", "--resume", "--json", str(src), ":/tmp/resume.bin")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
@@ -435,35 +442,6 @@ def test_recursive_copy_of_many_files_goes_in_batches(vm, tmp_path):
     assert len(re.findall(r"transfer \d+: file \d+ of 256, ", log)) == 2 * 256
 
 
-KILLER_TREE = r"""
-import asyncio, sys
-from guestlink.host.client import connect
-async def main():
-    async with connect(ctl=sys.argv[1], data=sys.argv[2]) as c:
-        def cb(done, total):
-            print(done, flush=True)
-        if sys.argv[3] == "push":
-            await c.push(sys.argv[4], sys.argv[5], recursive=True, progress=cb)
-        else:
-            await c.pull(sys.argv[4], sys.argv[5], recursive=True, progress=cb)
-asyncio.run(main())
-"""
-
-
-def _kill_at(vm, args, at):
-    proc = subprocess.Popen([sys.executable, "-c", KILLER_TREE, vm.ctl_path, vm.data_path] + args,
-                            env=cli_env(vm), stdout=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if int(line) >= at:
-                break
-        else:
-            pytest.fail("the copy ended before it could be killed")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(10)
-    time.sleep(0.5)  # the agent notices the host went away
-
 
 def test_kill_host_mid_batch_then_resume_both_ways(vm, tmp_path, run_cli):
     """A recursive copy killed inside a batch: the files before stay, the one in flight keeps its
@@ -477,7 +455,7 @@ def test_kill_host_mid_batch_then_resume_both_ways(vm, tmp_path, run_cli):
     (tree / "sub" / "z.txt").write_bytes(b"last\n")
     run_cli("exec", "--", "sh", "-c", "rm -rf /tmp/kt && mkdir /tmp/kt")
     mark = len(vm.console_text())
-    _kill_at(vm, ["push", str(tree), "/tmp/kt"], 16 << 20)
+    _kill_at(vm, ["push", str(tree), "/tmp/kt", "-r"], 16 << 20)
     r = run_cli("exec", "--", "sh", "-c", "cd /tmp/kt/kt && cat a.txt && ls -a . sub")
     assert r.stdout.startswith("first\n") and ".guestlink-" in r.stdout and "z.txt" not in r.stdout
     r = run_cli("cp", "-r", "--resume", str(tree), ":/tmp/kt")
@@ -491,7 +469,7 @@ def test_kill_host_mid_batch_then_resume_both_ways(vm, tmp_path, run_cli):
 
     back = tmp_path / "back"
     back.mkdir()
-    _kill_at(vm, ["pull", "/tmp/kt/kt", str(back)], 16 << 20)
+    _kill_at(vm, ["pull", "/tmp/kt/kt", str(back), "-r"], 16 << 20)
     partials = [p for p in (back / "kt").iterdir() if p.name.startswith(".guestlink-")]
     assert (back / "kt" / "a.txt").read_bytes() == b"first\n" and len(partials) == 1
     have = partials[0].stat().st_size

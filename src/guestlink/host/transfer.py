@@ -498,6 +498,24 @@ def _batches(files, preserve, items=None):
         yield batch
 
 
+def _batch_verifier(paths):
+    """verify() for _transfer_one: the agent's reply lists each file of the batch (``paths``, the
+    guest paths) with the size and digest this side sent or received."""
+    def verify(reply, result, args):
+        files = reply.get("files")
+        if not isinstance(files, list) or len(files) != len(result):
+            raise E.ProtocolError("the agent's reply does not list the batch's files")
+        for entry, (nbytes, digest), path in zip(files, result, paths):
+            if not isinstance(entry, dict):
+                raise E.ProtocolError("bad file entry in the agent's reply")
+            if entry.get("digest") != digest or entry.get("size") != nbytes:
+                raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "%s: the agent reports %s %s "
+                                         "(%s bytes), this side %s (%d bytes)" % (
+                                             path, args.get("checksum"), entry.get("digest"),
+                                             entry.get("size"), digest, nbytes))
+    return verify
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -546,21 +564,9 @@ async def _push_batch(client, batch, *, preserve, resume, checksum, progress, ti
             done.append((nbytes, digest))
         return done
 
-    def verify(reply, result, args):
-        files = reply.get("files")
-        if not isinstance(files, list) or len(files) != len(result):
-            raise E.ProtocolError("the agent's reply does not list the batch's files")
-        for entry, (nbytes, digest), (local, target, _) in zip(files, result, batch):
-            if not isinstance(entry, dict):
-                raise E.ProtocolError("bad file entry in the agent's reply")
-            if entry.get("digest") != digest or entry.get("size") != nbytes:
-                raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "%s: the agent reports %s %s "
-                                         "(%s bytes), this side %s (%d bytes)" % (
-                                             target, checksum, entry.get("digest"),
-                                             entry.get("size"), digest, nbytes))
-
     reply, ready, result, seconds = await _transfer_one(
-        client, "push", args, engine, progress, grand_total, timeout, verify=verify)
+        client, "push", args, engine, progress, grand_total, timeout,
+        verify=_batch_verifier([target for _, target, _ in batch]))
     return sum(n for n, _ in result), result[-1][1]
 
 
@@ -615,19 +621,10 @@ async def _pull_batch(client, root, batch, *, preserve, resume, checksum, progre
         chan.write_all([T.encode_ack(T.batch_tid(tid, len(plan) - 1))])
         return done
 
-    def verify(reply, result, args):
-        files = reply.get("files")
-        if not isinstance(files, list) or len(files) != len(result):
-            raise E.ProtocolError("the agent's reply does not list the batch's files")
-        for entry, (nbytes, digest), (_, path, _) in zip(files, result, batch):
-            if not isinstance(entry, dict) or entry.get("digest") != digest or \
-                    entry.get("size") != nbytes:
-                raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "%s: the agent's reply does not "
-                                         "match what was received" % path)
-
     try:
         reply, ready, result, seconds = await _transfer_one(
-            client, "pull", args, engine, progress, grand_total, timeout, verify=verify)
+            client, "pull", args, engine, progress, grand_total, timeout,
+            verify=_batch_verifier([path for _, path, _ in batch]))
     except (E.ConnectionLost, E.RequestTimeout):
         state["keep"] = True
         raise
