@@ -2,39 +2,17 @@
 unix socket as the data port and the real copy engine as the host, no VM."""
 import hashlib
 import os
-import socket
 import sys
 import threading
-import types
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from guestlink.agent import copyengine as CE  # noqa: E402
-from guestlink.agent.config import Config  # noqa: E402
 from guestlink.agent.execs import OpError  # noqa: E402
-from guestlink.agent.transfers import FileOps  # noqa: E402
 from guestlink.protocol import Fields, codes  # noqa: E402
 from guestlink.protocol import transfer as T  # noqa: E402
-from test_agent_transfer_cancel import StubAgent  # noqa: E402
-from test_host_fakeagent import short_tmp  # noqa: E402
-
-
-@pytest.fixture
-def bed(tmp_path):
-    d = short_tmp(tmp_path)
-    target = os.path.join(d, "files")
-    os.mkdir(target)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(os.path.join(d, "data.sock"))
-    server.listen(1)
-    config = Config()
-    config.data_device = "unix:" + os.path.join(d, "data.sock")
-    config.write_roots = [target]
-    agent = StubAgent(config)
-    yield types.SimpleNamespace(target=target, server=server, agent=agent, files=FileOps(agent))
-    server.close()
 
 
 def _open(bed, entries, tid=0xFFFFFFFE, **extra):
