@@ -1,4 +1,4 @@
-"""Batch push (``cp -r``: several files on one opening of the data port), agent side, with a
+"""Batch transfers (``cp -r``: several files on one opening of the data port), agent side, with a
 unix socket as the data port and the real copy engine as the host, no VM."""
 import hashlib
 import os
