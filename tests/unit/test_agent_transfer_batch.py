@@ -136,6 +136,21 @@ def _pull_entries(paths):
             for p in paths]
 
 
+def _pull_batch(bed, paths, tid, out, after_open=None):
+    """Pull ``paths`` as one batch into ``out``/r0, r1, ... -> (received (size, digest) per file,
+    the host's error, the agent's result, the agent's error)."""
+    bed.agent.config.read_roots = [bed.target]
+    ev = _open(bed, _pull_entries(paths), tid=tid, direction="pull", checksum="crc32")
+    if after_open is not None:
+        after_open()
+    out.mkdir()
+    host, got, error = _host_receive(bed, tid, ev["nonce"], len(paths), str(out))
+    tr, result, err = bed.agent.results.get(timeout=20)
+    bed.files.finished(tr, result, err)
+    host.close()
+    return got, error, result, err
+
+
 def test_batch_pull_sends_every_file_on_one_opening(bed, tmp_path):
     payloads = [b"", os.urandom(T.DEFAULT_CHUNK * 2 + 1), b"z"]
     paths = []
@@ -143,14 +158,8 @@ def test_batch_pull_sends_every_file_on_one_opening(bed, tmp_path):
         paths.append("%s/p%d" % (bed.target, i))
         with open(paths[-1], "wb") as f:
             f.write(p)
-    bed.agent.config.read_roots = [bed.target]
-    ev = _open(bed, _pull_entries(paths), tid=5, direction="pull", checksum="crc32")
     out = tmp_path / "out"
-    out.mkdir()
-    host, got, error = _host_receive(bed, 5, ev["nonce"], 3, str(out))
-    tr, result, err = bed.agent.results.get(timeout=20)
-    bed.files.finished(tr, result, err)
-    host.close()
+    got, error, result, err = _pull_batch(bed, paths, 5, out)
     assert err is None and error is None
     assert [(f["path"], f["size"], f["digest"]) for f in result["files"]] == [
         (p, n, d) for p, (n, d) in zip(paths, got)]
@@ -164,16 +173,13 @@ def test_batch_pull_of_a_file_that_changes_names_it_and_says_so_on_the_data_port
         paths.append("%s/c%d" % (bed.target, i))       # waits in it until the host reads
         with open(paths[-1], "wb") as f:
             f.write(os.urandom(size))
-    bed.agent.config.read_roots = [bed.target]
-    ev = _open(bed, _pull_entries(paths), tid=9, direction="pull", checksum="crc32")
-    with open(paths[1], "ab") as f:  # after the agent's checks, before it sends
-        f.write(b"more")
-    out = tmp_path / "out"
-    out.mkdir()
-    host, got, error = _host_receive(bed, 9, ev["nonce"], 3, str(out))
-    tr, result, err = bed.agent.results.get(timeout=20)
-    bed.files.finished(tr, result, err)
-    host.close()
+
+    def change_the_second():  # after the agent's checks, before it sends
+        with open(paths[1], "ab") as f:
+            f.write(b"more")
+
+    got, error, result, err = _pull_batch(bed, paths, 9, tmp_path / "out",
+                                          after_open=change_the_second)
     assert len(got) == 1 and error.code == codes.CHANGED and paths[1] in str(error)
     kind, code, message, details = bed.agent.replies[0]
     assert (kind, code) == ("error", codes.CHANGED) and paths[1] in message

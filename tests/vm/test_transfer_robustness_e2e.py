@@ -56,17 +56,22 @@ def partials(directory):
                                          PARTIAL_PREFIX + "*" + PARTIAL_SUFFIX)))
 
 
-def rchar(pid):
-    """Bytes ``pid`` has read so far with read-like system calls (read, pread, sendfile...): a
-    measure of how far a push has read its source, whatever way the copy engine reads it."""
+def _proc_number(pid, name, key):
+    """The number after ``key`` in /proc/PID/NAME, or 0 once the process is gone."""
     try:
-        with open("/proc/%d/io" % pid) as f:
+        with open("/proc/%d/%s" % (pid, name)) as f:
             for line in f:
-                if line.startswith("rchar:"):
+                if line.startswith(key):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def rchar(pid):
+    """Bytes ``pid`` has read so far with read-like system calls (read, pread, sendfile...): a
+    measure of how far a push has read its source, whatever way the copy engine reads it."""
+    return _proc_number(pid, "io", "rchar:")
 
 
 def partial_size(directory):
@@ -362,14 +367,7 @@ async def _peak_kib(c, pid):
 
 
 def _hwm_kib(pid):
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0  # gone (or a zombie: no memory any more)
+    return _proc_number(pid, "status", "VmHWM:")  # 0: gone (or a zombie: no memory any more)
 
 
 def _reap(proc, read_stdout, timeout=600):

@@ -400,12 +400,10 @@ class FileOps:
                       len(tr.batch), tr.final, tr.offset)
             try:
                 tr.fd = os.open(tr.final, os.O_RDONLY | os.O_CLOEXEC)
-                st0 = os.fstat(tr.fd)
 
-                def check(st0=st0, item=item):
+                def check(item=item):  # as listed, before the first byte and after the last
                     st = os.fstat(tr.fd)
-                    if (st.st_size, st.st_mtime_ns) != (item["size"], item["mtime_ns"]) or \
-                            (st.st_size, st.st_mtime_ns) != (st0.st_size, st0.st_mtime_ns):
+                    if (st.st_size, st.st_mtime_ns) != (item["size"], item["mtime_ns"]):
                         raise CE.TransferError(codes.CHANGED, "%s changed while it was being sent"
                                                % tr.final)
                 check()
