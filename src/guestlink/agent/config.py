@@ -8,6 +8,8 @@ import os
 import re
 import shlex
 
+from ..protocol.ports import CTL_NAME, DATA_NAME
+
 DEFAULT_CONFIG_PATH = "/etc/guestlink/agent.conf"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -36,8 +38,8 @@ class Config:
     """Every setting of the agent. Attribute names equal the config-file keys."""
 
     def __init__(self):
-        self.ctl_name = "org.guestlink.ctl"
-        self.data_name = "org.guestlink.data"
+        self.ctl_name = CTL_NAME
+        self.data_name = DATA_NAME
         self.ctl_device = ""  # empty: find the port by name; "unix:PATH" for development
         self.data_device = ""  # the same for the data port
         self.socket = "/run/guestlink/agent.sock"
