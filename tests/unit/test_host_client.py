@@ -540,7 +540,8 @@ def test_not_ready_reply_triggers_resync(path):
     """not_ready: the request did not run; side-effect-free verbs retry on the new session,
     everything else reports NotReady (safe to retry) and the client re-handshakes."""
     async def main():
-        async with FakeAgent(path) as agent:
+        # no HELLO: the SYNC the host resends on it could re-sync the agent after we reset it
+        async with FakeAgent(path, hello=False) as agent:
             async with connect(path) as vm:
                 agent.conn.synced = False  # the agent forgot us without a HELLO
                 pong = await vm.ping()  # retried once, transparently

@@ -74,6 +74,69 @@ EXEC_KILL_GRACE = 2.0
 
 _STREAM_NAMES = {STREAM_STDOUT: "stdout", STREAM_STDERR: "stderr"}
 
+#: Longest timeout accepted (seconds, ~24 days): beyond 2**31 ms the agent's and the OS's timers
+#: overflow, and no guestlink call is meant to wait that long.
+MAX_TIMEOUT = 24 * 86400.0
+
+
+def check_timeout(value: Optional[float], what: str = "timeout") -> Optional[float]:
+    """``value`` as a float if it is None or a finite number of seconds in [0, MAX_TIMEOUT];
+    otherwise ValueError (raised before anything is sent: inf, nan, negative, huge)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("%s must be a number of seconds, not %s" % (what, type(value).__name__))
+    value = float(value)
+    if not 0 <= value <= MAX_TIMEOUT:  # also false for nan
+        raise ValueError("%s must be a finite number of seconds between 0 and %d, not %r"
+                         % (what, MAX_TIMEOUT, value))
+    return value
+
+
+async def wait_within(aw, timeout: Optional[float]):
+    """Await ``aw`` for at most ``timeout`` seconds (None: no limit) -> its result, else raise
+    asyncio.TimeoutError. The one timed wait of the host code: asyncio.wait_for before Python
+    3.12 loses a cancellation of the caller that coincides with ``aw`` completing (Ctrl-C was
+    swallowed); here the caller's cancellation always wins."""
+    if timeout is None:
+        return await aw
+    if hasattr(asyncio, "timeout"):  # 3.11+: counts cancellations, so none is lost
+        async with asyncio.timeout(timeout):
+            return await aw
+    return await _wait_within_compat(aw, timeout)
+
+
+async def _wait_within_compat(aw, timeout: float):
+    """wait_within for Python < 3.11 (no asyncio.timeout)."""
+    loop = asyncio.get_running_loop()
+    inner = asyncio.ensure_future(aw)
+    if inner.done():
+        return inner.result()
+    waiter = loop.create_future()
+
+    def wake(_=None):
+        if not waiter.done():
+            waiter.set_result(None)
+
+    handle = loop.call_later(max(0.0, timeout), wake)
+    inner.add_done_callback(wake)
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        # even when ``inner`` finished in the same loop iteration: the cancellation wins
+        inner.cancel()
+        inner.add_done_callback(_consume)
+        raise
+    finally:
+        handle.cancel()
+        inner.remove_done_callback(wake)
+    if not inner.done():
+        inner.cancel()
+        await asyncio.wait([inner])
+        if inner.cancelled():
+            raise asyncio.TimeoutError()
+    return inner.result()
+
 
 class Runstate(enum.Enum):
     IDLE = "idle"
@@ -267,11 +330,11 @@ class Client:
         self._resolver = resolver
         self.ctl = str(ctl) if ctl else None
         self.data = str(data) if data else None
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self.reconnect = reconnect
         self._max_payload = max_payload
         self._queue_size = queue_size
-        self.queue_timeout = queue_timeout
+        self.queue_timeout = check_timeout(queue_timeout, "queue_timeout")
         self._on_queue = on_queue
         self._vmlock = None
         self._state = Runstate.IDLE
@@ -326,7 +389,7 @@ class Client:
             await self._take_vm_lock()
             conn = await self._open_conn(resolve=False)
             try:
-                await asyncio.wait_for(asyncio.shield(conn.handshake), self.timeout)
+                await wait_within(asyncio.shield(conn.handshake), self.timeout)
             except asyncio.TimeoutError:
                 raise E.AgentNotResponding(
                     "the guest agent did not answer on %s within %g s (is the agent running in the "
@@ -429,7 +492,7 @@ class Client:
                     # The reader never pauses, so a frame that stalls this long was cut off by an
                     # agent that died mid-write; what follows must not be eaten as its payload.
                     try:
-                        data = await asyncio.wait_for(conn.reader.read(65536), PARTIAL_FRAME_STALL)
+                        data = await wait_within(conn.reader.read(65536), PARTIAL_FRAME_STALL)
                     except asyncio.TimeoutError:
                         data = None
                 if data is not None and not data:
@@ -724,7 +787,7 @@ class Client:
             timeout = self.timeout
         if timeout is None:
             return None
-        return asyncio.get_running_loop().time() + max(0.0, timeout)
+        return asyncio.get_running_loop().time() + check_timeout(timeout)
 
     @staticmethod
     def _remaining(deadline):
@@ -739,7 +802,7 @@ class Client:
         could not happen before the deadline, ValueError if the frame cannot be encoded.
         """
         try:
-            await asyncio.wait_for(self._send_loop(call, make_frame, extra), self._remaining(deadline))
+            await wait_within(self._send_loop(call, make_frame, extra), self._remaining(deadline))
         except asyncio.TimeoutError:
             if not call.sent:
                 self._pending.pop(call.id, None)
@@ -786,7 +849,7 @@ class Client:
 
     async def _await_reply(self, call, deadline, what):
         try:
-            return await asyncio.wait_for(asyncio.shield(call.future), self._remaining(deadline))
+            return await wait_within(asyncio.shield(call.future), self._remaining(deadline))
         except asyncio.TimeoutError:
             self._forget(call, cancel=True)
             raise E.RequestTimeout("no reply to %s from the agent within the timeout" % what) from None
@@ -808,7 +871,7 @@ class Client:
         cancellation the call is forgotten and CANCEL sent."""
         await self._send_call(call, lambda id_: m.encode_request(id_, op, args), deadline)
         try:
-            await asyncio.wait_for(asyncio.wait([first, call.future],
+            await wait_within(asyncio.wait([first, call.future],
                                                 return_when=asyncio.FIRST_COMPLETED),
                                    self._remaining(deadline))
         except asyncio.TimeoutError:
@@ -975,6 +1038,7 @@ class Client:
         guest path ``remote`` over the data channel -> TransferResult. ``progress(done, total)``
         is called in the event loop (total is None for a stream)."""
         from . import transfer
+        check_timeout(timeout)
         return await transfer.push(self, str(local), str(remote), recursive=recursive,
                                    preserve=preserve, resume=resume, checksum=checksum,
                                    progress=progress, timeout=timeout)
@@ -984,6 +1048,7 @@ class Client:
         """Copy the guest path ``remote`` to ``local`` (a path, an existing directory, or ``-``
         for stdout) -> TransferResult. Same options as :meth:`push`."""
         from . import transfer
+        check_timeout(timeout)
         return await transfer.pull(self, str(remote), str(local), recursive=recursive,
                                    preserve=preserve, resume=resume, checksum=checksum,
                                    progress=progress, timeout=timeout)
@@ -1033,7 +1098,7 @@ class Client:
                     pass
         if writer is not None:
             try:
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                await wait_within(writer.wait_closed(), 1.0)
             except Exception:
                 pass
         lock, self._vmlock = self._vmlock, None
@@ -1128,7 +1193,8 @@ class Subscription:
         close() or the client's close, asyncio.TimeoutError after ``timeout`` seconds.
 
         Iterating (``async for``) ends quietly on close instead of raising EOFError."""
-        msg = await asyncio.wait_for(self._next(), timeout) if timeout is not None else await self._next()
+        timeout = check_timeout(timeout)
+        msg = await wait_within(self._next(), timeout)
         if msg is None:
             raise EOFError("subscription to %r closed" % self.topic)
         return msg
@@ -1193,7 +1259,7 @@ def _exec_request(cmd, shell, env, env_clear, cwd, stdin, timeout, output_limit)
     if stdin:
         req["stdin"] = True
     if timeout is not None:
-        if timeout <= 0:
+        if check_timeout(timeout) <= 0:
             raise ValueError("timeout must be positive")
         req["timeout"] = timeout
     if output_limit is not None:
@@ -1412,7 +1478,7 @@ class Process:
         sent = await client._send_frames(call, [m.encode_cancel(call.id)])
         if sent:
             try:
-                await asyncio.wait_for(asyncio.shield(call.future),
+                await wait_within(asyncio.shield(call.future),
                                        client.timeout if client.timeout is not None else DEFAULT_TIMEOUT)
             except (E.GuestlinkError, asyncio.TimeoutError):
                 pass

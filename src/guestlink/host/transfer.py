@@ -31,6 +31,7 @@ from ..protocol import Fields, ProtocolViolation, codes
 from ..protocol import messages as m
 from ..protocol import transfer as T
 from . import errors as E
+from .client import wait_within
 
 BUSY_RETRY = 15.0  # seconds to retry while the agent's data port is still busy
 #: Mode bits a pull takes from the guest: never setuid/setgid (the guest is untrusted; a pull
@@ -226,12 +227,15 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
                 # a sender error (e.g. the agent refused) may still be on its way on control; and
                 # the agent drops its temp file before it answers
                 try:
-                    await asyncio.wait_for(asyncio.shield(call.future), 0.5)
+                    await wait_within(asyncio.shield(call.future), 0.5)
                 except E.GuestlinkError as exc2:
                     if not ours:
                         raise exc2 from None
-                except (asyncio.TimeoutError, asyncio.CancelledError):
+                except asyncio.TimeoutError:
                     pass
+                except asyncio.CancelledError:
+                    if not call.future.cancelled():
+                        raise  # ours (Ctrl-C), not the call's: never swallowed
                 raise _engine_error(exc) from None
             payload = await client._await_reply(call, client._deadline(max(client.timeout or 0, 30.0)),
                                                 "transfer.open")
