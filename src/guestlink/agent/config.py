@@ -3,14 +3,18 @@
 The file is read with configparser; every key is documented in ``agent/README.md``.
 """
 import configparser
+import errno
 import fnmatch
 import os
 import re
 import shlex
+import stat
+from typing import Optional, Tuple
 
 from ..protocol.ports import CTL_NAME, DATA_NAME
 
 DEFAULT_CONFIG_PATH = "/etc/guestlink/agent.conf"
+MAX_CONFIG_SIZE = 1 << 20
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _SIZE_RE = re.compile(r"\A\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*\Z", re.IGNORECASE)
@@ -32,6 +36,79 @@ _KEYS = {
 
 class ConfigError(Exception):
     """The configuration file or a flag is invalid; the message is meant for the user."""
+
+
+class UntrustedFile(Exception):
+    """A file or directory the agent (often root) must not take orders from; one-line message."""
+
+
+# -- trusted files ---------------------------------------------------------------------------
+#
+# The config and the handler files decide what the agent runs as root, so only their owner (root
+# or the agent's own user) may be able to change them: anyone else who can write one of them, or
+# the directory holding it, could make the agent run anything. Each check is made with fstat on
+# the descriptor that is then read (opened without following a final symlink), never by path, so
+# nothing can be swapped in between.
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted under the expected name must not hang the agent.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def check_trusted(st: os.stat_result, path: str) -> None:
+    """Raise UntrustedFile unless ``st`` is owned by root or us and not writable by group/other."""
+    if st.st_uid not in (0, os.geteuid()):
+        raise UntrustedFile("%s is owned by uid %d, not by root or the agent's user" % (path, st.st_uid))
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UntrustedFile("%s is writable by its group or by others (mode %04o)" % (
+            path, stat.S_IMODE(st.st_mode)))
+
+
+def _open_checked(path: str, flags: int, dir_fd: Optional[int] = None,
+                  shown: Optional[str] = None) -> Tuple[int, os.stat_result]:
+    shown = shown or path
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UntrustedFile("%s is a symbolic link" % shown)
+        raise
+    try:
+        st = os.fstat(fd)
+        check_trusted(st, shown)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def open_trusted_dir(path: str) -> int:
+    """A descriptor of the directory ``path`` after checking it; FileNotFoundError if missing."""
+    return _open_checked(path, _DIR_FLAGS)[0]
+
+
+def read_trusted_file(dir_fd: int, name: str, shown: str, limit: int) -> bytes:
+    """The contents of regular file ``name`` in the (checked) directory ``dir_fd``, at most
+    ``limit`` bytes, after checking the file; UntrustedFile (or OSError) otherwise."""
+    fd, st = _open_checked(name, _FILE_FLAGS, dir_fd=dir_fd, shown=shown)
+    try:
+        if not stat.S_ISREG(st.st_mode):
+            raise UntrustedFile("%s is not a regular file" % shown)
+        if st.st_size > limit:
+            raise UntrustedFile("%s is larger than %d bytes" % (shown, limit))
+        chunks = []
+        total = 0
+        while total <= limit:
+            chunk = os.read(fd, limit + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise UntrustedFile("%s is larger than %d bytes" % (shown, limit))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class Config:
@@ -141,12 +218,18 @@ def read_config_file(config, path, required):
     """Apply the INI file at ``path`` to ``config``. A missing file is an error only if required."""
     parser = configparser.ConfigParser(interpolation=None, empty_lines_in_values=False)
     try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f, path)
+        dir_fd = open_trusted_dir(os.path.dirname(path) or ".")
+        try:
+            data = read_trusted_file(dir_fd, os.path.basename(path), path, MAX_CONFIG_SIZE)
+        finally:
+            os.close(dir_fd)
+        parser.read_string(data.decode("utf-8"), path)
     except FileNotFoundError:
         if required:
             raise ConfigError("config file %s does not exist" % path)
         return config
+    except UntrustedFile as exc:
+        raise ConfigError("refusing config file %s: %s" % (path, exc))
     except OSError as exc:
         raise ConfigError("cannot read config file %s: %s" % (path, exc.strerror or exc))
     except UnicodeDecodeError:

@@ -33,6 +33,9 @@ KILL_AFTER = 2.0
 EXIT_GRACE = 0.5
 FINAL_DRAIN_MAX = 1 << 20
 MAX_ARG = 128 * 1024
+#: Longest exec timeout accepted. A longer one is a mistake or an attack (2**64 s, 1e308 s): it
+#: is refused rather than clamped, so the caller learns its number was not taken as meant.
+MAX_EXEC_TIMEOUT = 365 * 86400.0
 
 
 class OpError(Exception):
@@ -71,7 +74,7 @@ def parse_exec_args(args, config):
             raise ProtocolViolation("exec: invalid environment variable name or value %r" % k)
     env = {} if args.bool("env_clear", default=False) else dict(os.environ)
     env.update(env_add)
-    timeout = args.number("timeout", default=None, min=0)
+    timeout = args.number("timeout", default=None, min=0, max=MAX_EXEC_TIMEOUT)
     if config.max_timeout:
         timeout = config.max_timeout if timeout is None else min(timeout, config.max_timeout)
     limit = args.int("output_limit", default=config.max_output, min=0)

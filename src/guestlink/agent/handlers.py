@@ -3,17 +3,20 @@
 Handlers run in a small pool of daemon worker threads so a slow handler never blocks the loop;
 each result is posted back to the loop through a queue and the loop's self-pipe.
 """
-import glob
 import importlib.util
 import logging
 import os
 import queue
 import threading
 import traceback
+from typing import Callable, Dict, Optional, Sequence
 
 from ..protocol.messages import OP_RE
+from .config import UntrustedFile, open_trusted_dir, read_trusted_file
 
 log = logging.getLogger("guestlink.agent")
+
+MAX_HANDLER_SIZE = 4 << 20
 
 
 class HandlerContext:
@@ -32,37 +35,73 @@ class HandlerContext:
         self._send_message(topic, bytes(data))
 
 
-def load_handlers(directory, builtin):
-    """Return {op: handle function} for every valid handler file in ``directory``."""
+def load_handlers(directory: str, builtin: Sequence[str]) -> Dict[str, Callable]:
+    """Return {op: handle function} for every valid, trusted handler file in ``directory``.
+
+    The directory and each file must be owned by root (or the agent's user) and not writable by
+    group or others (see config.check_trusted); a file that is not is skipped with one log line.
+    Each file is read from the descriptor that was checked, and compiled from those bytes.
+    """
     handlers = {}
-    if not directory or not os.path.isdir(directory):
-        if directory:
-            log.debug("handlers directory %s does not exist; no user handlers", directory)
+    if not directory:
         return handlers
-    for path in sorted(glob.glob(os.path.join(directory, "*.py"))):
-        op = os.path.basename(path)[:-3]
-        if not OP_RE.match(op):
-            log.warning("handler %s skipped: %r is not a valid op name (%s)", path, op, OP_RE.pattern)
-            continue
-        if op in builtin:
-            log.warning("handler %s skipped: it would shadow the built-in op %r", path, op)
-            continue
-        try:
-            spec = importlib.util.spec_from_file_location(
-                "guestlink_handler_" + op.replace(".", "_").replace("-", "_"), path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        except Exception as exc:  # a broken handler file must not stop the agent
-            log.error("handler %s skipped: loading it failed: %s: %s\n%s", path, type(exc).__name__,
-                      exc, traceback.format_exc().rstrip())
-            continue
-        handle = getattr(module, "handle", None)
-        if not callable(handle):
-            log.warning("handler %s skipped: it defines no handle(args, ctx) function", path)
-            continue
-        handlers[op] = handle
-        log.info("loaded handler %s from %s", op, path)
+    try:
+        dir_fd = open_trusted_dir(directory)
+    except FileNotFoundError:
+        log.debug("handlers directory %s does not exist; no user handlers", directory)
+        return handlers
+    except UntrustedFile as exc:
+        log.error("no user handlers loaded: %s", exc)
+        return handlers
+    except OSError as exc:
+        log.error("no user handlers loaded: cannot open %s: %s", directory, exc.strerror or exc)
+        return handlers
+    try:
+        names = sorted(n for n in os.listdir(dir_fd) if n.endswith(".py") and not n.startswith("."))
+        for name in names:
+            handle = _load_handler(dir_fd, directory, name, builtin)
+            if handle is not None:
+                handlers[name[:-3]] = handle
+    finally:
+        os.close(dir_fd)
     return handlers
+
+
+def _load_handler(dir_fd: int, directory: str, name: str,
+                  builtin: Sequence[str]) -> Optional[Callable]:
+    """The ``handle`` function of handler file ``name``, or None (after logging why)."""
+    path = os.path.join(directory, name)
+    op = name[:-3]
+    if not OP_RE.match(op):
+        log.warning("handler %s skipped: %r is not a valid op name (%s)", path, op, OP_RE.pattern)
+        return None
+    if op in builtin:
+        log.warning("handler %s skipped: it would shadow the built-in op %r", path, op)
+        return None
+    try:
+        source = read_trusted_file(dir_fd, name, path, MAX_HANDLER_SIZE)
+    except UntrustedFile as exc:
+        log.error("handler skipped: %s", exc)
+        return None
+    except OSError as exc:
+        log.error("handler %s skipped: cannot read it: %s", path, exc.strerror or exc)
+        return None
+    try:
+        spec = importlib.util.spec_from_loader(
+            "guestlink_handler_" + op.replace(".", "_").replace("-", "_"), loader=None, origin=path)
+        module = importlib.util.module_from_spec(spec)
+        module.__file__ = path
+        exec(compile(source, path, "exec"), module.__dict__)
+    except Exception as exc:  # a broken handler file must not stop the agent
+        log.error("handler %s skipped: loading it failed: %s: %s\n%s", path, type(exc).__name__,
+                  exc, traceback.format_exc().rstrip())
+        return None
+    handle = getattr(module, "handle", None)
+    if not callable(handle):
+        log.warning("handler %s skipped: it defines no handle(args, ctx) function", path)
+        return None
+    log.info("loaded handler %s from %s", op, path)
+    return handle
 
 
 class WorkerPool:

@@ -3,11 +3,15 @@ import collections
 import errno
 import heapq
 import itertools
+import math
 import os
 import time
 
-IOV_MAX = 64
-TIMER_SLACK = 0.002  # seconds  # chunks per writev/sendmsg call; well below the kernel's 1024
+IOV_MAX = 64  # chunks per writev/sendmsg call; well below the kernel's 1024
+TIMER_SLACK = 0.002  # seconds
+#: Longest single wait the loop hands to select(): epoll and poll overflow on timeouts beyond
+#: ~24.8 days (INT_MAX milliseconds), so a far timer is reached by waking up now and then instead.
+MAX_WAIT = 3600.0
 
 
 class Timer:
@@ -31,18 +35,20 @@ class Timers:
         self._seq = itertools.count()
 
     def call_later(self, delay, callback):
+        if not math.isfinite(delay):
+            raise ValueError("timer delay must be a finite number of seconds, not %r" % (delay,))
         timer = Timer(self.clock() + max(0.0, delay), callback)
         heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
         return timer
 
     def timeout(self):
-        """Seconds until the next active timer, or None when there is none."""
+        """Seconds until the next active timer (at most MAX_WAIT), or None when there is none."""
         heap = self._heap
         while heap and not heap[0][2].active:
             heapq.heappop(heap)
         if not heap:
             return None
-        return max(0.0, heap[0][0] - self.clock())
+        return min(MAX_WAIT, max(0.0, heap[0][0] - self.clock()))
 
     def run_due(self, on_error=None):
         """Run the due timers. ``on_error(exc)`` handles a callback's exception (re-raise to stop)."""

@@ -212,7 +212,14 @@ class Agent:
         except Exception:
             log.exception("unexpected error in the loop (the agent keeps running)")
         timeout = self.timers.timeout()
-        events = self.sel.select(timeout)
+        try:
+            events = self.sel.select(timeout)
+        except Exception:
+            # Not expected (Timers bounds the wait), but every session depends on this loop: one
+            # bad wait must not end it. The pause keeps a persistent failure from spinning.
+            log.exception("waiting for events failed (the agent keeps running)")
+            time.sleep(0.1)
+            events = []
         self.stats["wakeups"] += 1
         for key, mask in events:
             if key.fd not in self._interest:

@@ -5,9 +5,12 @@ function validates what it returns and raises ProtocolViolation (never anything 
 because the bytes come from the other side, which neither side trusts.
 """
 
+import itertools
 import json
+import math
 import re
 import struct
+from typing import Optional
 
 from . import codes
 from .frames import FLAG_EOF, FrameType, encode_frame
@@ -23,6 +26,12 @@ MAX_NONCE = 64
 MAX_TOPIC = 128
 MAX_MESSAGE_DATA = 256 * 1024
 MAX_OP = 64
+#: Deepest nesting of arrays/objects either side sends or accepts: far more than any message
+#: needs, far less than what would exhaust the decoder's recursion (or the consumer's).
+MAX_JSON_DEPTH = 64
+#: Longest run of digits in a number: bounds the quadratic cost of int() on a hostile payload
+#: (Python < 3.11 has no limit of its own); a float's repr never has more than 17.
+MAX_NUMBER_DIGITS = 64
 TOPIC_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")
 OP_RE = re.compile(r"\A[a-z][a-z0-9_.-]{0,63}\Z")
 
@@ -35,33 +44,94 @@ class ProtocolViolation(Exception):
         self.code = code
 
 
-# --- JSON ------------------------------------------------------------------------------------
+# --- JSON ---------------------------------------------------------------------------------------
+#
+# The one JSON loader of the protocol (control channel and data port alike): bounded in size,
+# nesting depth and number length, and refusing NaN and infinities (including 1e400, which the
+# stdlib silently turns into inf), so every consumer gets finite, shallow values or a
+# ProtocolViolation.
 
 def _reject_constant(name):
     raise ProtocolViolation("JSON constant %s is not allowed" % name)
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolViolation("JSON number %s is out of range" % text[:40])
+    return value
+
+
 # Built once: json.dumps/loads with options construct a new encoder/decoder on every call, which
 # is a measurable share of a ping's cost in an emulated guest.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+# The shape check runs before the decoder, so it must not recurse either, and it works on the UTF-8
+# bytes with C-level operations only (it sees every payload): strings are cut out first (so
+# brackets and digits inside them do not count), then digits and brackets are looked at. For
+# anything json.loads accepts this reads exactly the structure the decoder will build (a string
+# ends at the first unescaped quote for both); for anything else the decoder fails anyway.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789" + bytes(c for c in range(256) if not 48 <= c <= 57),
+                                  b"0" * 10 + b" " * 246)
+_LONG_NUMBER = b"0" * (MAX_NUMBER_DIGITS + 1)
+_NOT_BRACKET = bytes(c for c in range(256) if c not in b"[]{}")
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def json_shape_problem(data: bytes) -> Optional[str]:
+    """Why the JSON ``data`` is nested too deep or has too long a number, or None."""
+    if b"\\" in data:
+        bare = _JSON_STRING.sub(b"", data)
+    else:  # the common case, and several times faster: quotes alternate
+        bare = b"".join(data.split(b'"')[0::2])
+    if _LONG_NUMBER in bare.translate(_DIGITS_AS_ZERO):
+        return "a number has more than %d digits" % MAX_NUMBER_DIGITS
+    if bare.count(b"[") + bare.count(b"{") > MAX_JSON_DEPTH:
+        brackets = bare.translate(None, _NOT_BRACKET)
+        if max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets))) > MAX_JSON_DEPTH:
+            return "arrays and objects are nested more than %d deep" % MAX_JSON_DEPTH
+    return None
 
 
 def dump_json(obj):
-    data = _ENCODER.encode(obj).encode("utf-8")
+    """Encode a payload; ValueError (or TypeError for a non-JSON type) if the peer would refuse it."""
+    try:
+        text = _ENCODER.encode(obj)
+    except RecursionError:
+        raise ValueError("JSON payload is nested too deeply to encode")
+    except ValueError as exc:
+        if "JSON compliant" not in str(exc):
+            raise
+        raise ValueError("JSON payload contains NaN or an infinite number, which the protocol "
+                         "does not allow")
+    data = text.encode("utf-8")
     if len(data) > MAX_JSON_PAYLOAD:
         raise ValueError("JSON payload of %d bytes exceeds %d" % (len(data), MAX_JSON_PAYLOAD))
+    problem = json_shape_problem(data)
+    if problem is not None:
+        raise ValueError("JSON payload refused: %s" % problem)
     return data
 
 
 def load_json_object(payload, what="payload"):
+    """Decode a JSON object received from the peer, or raise ProtocolViolation (nothing else)."""
     if len(payload) > MAX_JSON_PAYLOAD:
         raise ProtocolViolation("%s of %d bytes exceeds %d" % (what, len(payload), MAX_JSON_PAYLOAD),
                                 codes.TOO_LARGE)
+    data = bytes(payload)
+    problem = json_shape_problem(data)
+    if problem is not None:
+        raise ProtocolViolation("%s is refused: %s" % (what, problem))
     try:
-        obj = _DECODER.decode(bytes(payload).decode("utf-8"))
-    except ProtocolViolation:
-        raise
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation("%s is not valid UTF-8 JSON: %s" % (what, str(exc)[:200]))
+    try:
+        obj = _DECODER.decode(text)
+    except ProtocolViolation as exc:
+        raise ProtocolViolation("%s is refused: %s" % (what, exc))
     except (ValueError, RecursionError) as exc:
         raise ProtocolViolation("%s is not valid UTF-8 JSON: %s" % (what, str(exc)[:200]))
     if not isinstance(obj, dict):
@@ -120,7 +190,9 @@ class Fields:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self._bad(key, "a number")
-        if value != value or (min is not None and value < min) or (max is not None and value > max):
+        if ((isinstance(value, float) and not math.isfinite(value))
+                or (min is not None and value < min)
+                or (max is not None and value > max)):
             raise self._bad(key, "a number in [%s, %s]" % (min, max))
         return value
 

@@ -14,7 +14,6 @@ Nothing here performs I/O; the copy engine (``guestlink.agent.copyengine``) driv
 """
 
 import hashlib
-import json
 import posixpath
 import struct
 import zlib
@@ -22,7 +21,7 @@ import zlib
 from . import codes
 from .frames import (HEADER, HEADER_SIZE, MAGIC, TRAILER, TRAILER_SIZE, VERSION, FrameType,
                      encode_frame, encode_header)
-from .messages import MAX_JSON_PAYLOAD, ProtocolViolation, dump_json
+from .messages import ProtocolViolation, dump_json, load_json_object
 
 OFFSET = struct.Struct("!Q")
 OFFSET_SIZE = OFFSET.size
@@ -111,7 +110,7 @@ def encode_hello(tid, nonce, sender):
 
 def parse_hello(payload):
     """Returns (tid, nonce, from) or raises ProtocolViolation."""
-    obj = _load(payload, "DATA_HELLO")
+    obj = load_json_object(payload, "DATA_HELLO")
     tid, nonce, sender = obj.get("transfer"), obj.get("nonce"), obj.get("from")
     if (not isinstance(tid, int) or isinstance(tid, bool) or not 0 < tid <= MAX_TID
             or not isinstance(nonce, str) or not isinstance(sender, str)):
@@ -152,7 +151,7 @@ def encode_ack(tid):
 
 def parse_end(payload):
     """Returns a dict with either size/algorithm/digest, error/message, or ok."""
-    obj = _load(payload, "DATA_END")
+    obj = load_json_object(payload, "DATA_END")
     if "error" in obj:
         code = obj.get("error")
         msg = obj.get("message", "")
@@ -166,18 +165,6 @@ def parse_end(payload):
             or algorithm not in ALGORITHMS or not isinstance(digest, str) or len(digest) > 256):
         raise ProtocolViolation("DATA_END needs size (int >= 0), algorithm and digest")
     return {"size": size, "algorithm": algorithm, "digest": digest}
-
-
-def _load(payload, what):
-    if len(payload) > MAX_JSON_PAYLOAD:
-        raise ProtocolViolation("%s too large" % what, codes.TOO_LARGE)
-    try:
-        obj = json.loads(bytes(payload).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolViolation("%s is not UTF-8 JSON" % what)
-    if not isinstance(obj, dict):
-        raise ProtocolViolation("%s must be a JSON object" % what)
-    return obj
 
 
 class Header:
