@@ -497,6 +497,9 @@ def build_parser():
     from . import libvirt_cli
 
     libvirt_cli.add_parsers(sub, EPILOG)
+    from . import doctor
+
+    doctor.add_parser(sub)
     return parser
 
 
@@ -610,6 +613,10 @@ def main(argv=None):
         return EXIT_USAGE
     if args.command == "agent-bundle":
         return cmd_agent_bundle(args)
+    if args.command == "doctor":
+        from . import doctor
+
+        return doctor.run(args)
     if args.command == "image":
         from .image import cli as image_cli
 

@@ -413,6 +413,22 @@ class GuestfsBackend(Backend):
             self._last_error = exc
             return False
 
+    def _appliance_failed(self):
+        """Why the appliance did not start, in one line. `guestfish --remote` reports only its
+        exit status; the usual cause, supermin finding no kernel, is checked by doctor's rules."""
+        from ..doctor import check_supermin_kernel
+
+        kernel = check_supermin_kernel(env=self.env)
+        if not kernel.ok:
+            why = "%s; fix: %s" % (kernel.detail, kernel.fix)
+        else:
+            errors = [ln.strip() for ln in getattr(self._last_error, "stderr", "").splitlines()
+                      if "error:" in ln]
+            why = errors[-1] if errors else str(self._last_error)
+        return BackendUnavailable("the libguestfs appliance did not start: %s (run `guestlink "
+                                  "doctor` for what this host lacks, libguestfs-test-tool for "
+                                  "the appliance's own log)" % why)
+
     def _stop_server(self):
         if self.pid is None:
             return
@@ -438,13 +454,11 @@ class GuestfsBackend(Backend):
                 stack.enter_context(sub.pop_all())
         if not ok:
             if self.env.get("LIBGUESTFS_BACKEND_SETTINGS"):
-                raise BackendUnavailable("the libguestfs appliance did not start: %s"
-                                         % self._last_error)
+                raise self._appliance_failed()
             self.log("guestfs: appliance failed to start; retrying with TCG (force_tcg)")
             self.env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
             if not self._start(info, stack, tmp):
-                raise BackendUnavailable("the libguestfs appliance did not start: %s"
-                                         % self._last_error)
+                raise self._appliance_failed()
         self.log("guestfs: appliance up in %.1f s" % (time.monotonic() - t0))
         fslist = self._fish("list-filesystems").stdout
         devices = []
