@@ -464,6 +464,9 @@ def nbd_setup(tmp_path, fail_on=None):
     return backend, runner, str(dev / "nbd0")
 
 
+SAFE = "nodev,nosuid,noexec"  # an untrusted filesystem's devices/setuid/programs stay inert
+
+
 def summarize(calls):
     out = []
     for c in calls:
@@ -484,10 +487,11 @@ def test_nbd_command_sequence_and_cleanup(tmp_path):
         tmpdir = os.path.dirname(root)
     assert summarize(runner.calls) == [
         ["modprobe", "nbd", "max_part=16"],
-        ["qemu-nbd", "--connect=" + dev, "--format=qcow2", "/img/disk.qcow2"],
-        ["mount", "-t", "ext4", dev + "p1", "MNT"],   # partition 1: no /etc/os-release
+        ["qemu-nbd", "--connect=" + dev, "--image-opts",
+         "driver=qcow2,file.driver=file,file.filename=/img/disk.qcow2,backing="],
+        ["mount", "-t", "ext4", "-o", SAFE, dev + "p1", "MNT"],  # partition 1: no os-release
         ["umount", "MNT"],
-        ["mount", "-t", "ext4", dev + "p2", "MNT"],   # the root
+        ["mount", "-t", "ext4", "-o", SAFE, dev + "p2", "MNT"],  # the root
         ["umount", "MNT"],
         ["qemu-nbd", "--disconnect", dev],
     ]
@@ -499,7 +503,7 @@ def test_nbd_explicit_partition(tmp_path):
     with ExitStack() as stack:
         backend.open(ImageInfo("/i.raw", "raw", 16 << 20), stack, partition=2)
     assert [c for c in summarize(runner.calls) if c[0] == "mount"] == [
-        ["mount", "-t", "ext4", dev + "p2", "MNT"]]
+        ["mount", "-t", "ext4", "-o", SAFE, dev + "p2", "MNT"]]
 
 
 def test_nbd_failed_mount_still_disconnects(tmp_path):
@@ -508,7 +512,7 @@ def test_nbd_failed_mount_still_disconnects(tmp_path):
         with ExitStack() as stack:
             backend.open(ImageInfo("/i.qcow2", "qcow2", 16 << 20), stack, partition=2)
     assert summarize(runner.calls)[-2:] == [
-        ["mount", "-t", "ext4", dev + "p2", "MNT"],
+        ["mount", "-t", "ext4", "-o", SAFE, dev + "p2", "MNT"],
         ["qemu-nbd", "--disconnect", dev]]
     assert not [p for p in os.listdir("/tmp") if p.startswith("guestlink-image-")
                 and os.path.realpath("/tmp/" + p) in str(runner.calls)]

@@ -23,8 +23,8 @@ import tempfile
 import time
 from contextlib import ExitStack
 
-from .disk import (CommandFailed, Runner, candidates, check_writable, choose_partitions,
-                   describe_partition, image_info)
+from .disk import (CommandFailed, Runner, SAFE_MOUNT, blockdev_options, candidates, check_image,
+                   choose_partitions, describe_partition, image_info, image_opts, mount_options)
 from .errors import BackendUnavailable, ImageError, ImageInUse, NoRootFilesystem
 
 AUTO_ORDER = ("nbd", "loop", "guestfs")
@@ -103,8 +103,9 @@ class Backend:
         stack.callback(self._rmdir, path)
         return path
 
-    def _mount(self, stack, device, fstype, mnt):
-        self.runner.run(["mount", "-t", fstype, device, mnt])
+    def _mount(self, stack, device, fstype, mnt, read_only=False):
+        self.runner.run(["mount", "-t", fstype, "-o", mount_options(fstype, read_only), device,
+                         mnt])
         stack.callback(self._umount, mnt)
 
     def _umount(self, mnt):
@@ -118,7 +119,7 @@ class Backend:
                 time.sleep(0.25)  # busy for a moment (e.g. a just-closed file)
         self.runner.run(["umount", "-l", mnt], check=False)
 
-    def _root_helper(self, device_for, data, size, partition, stack, tmp):
+    def _root_helper(self, device_for, data, size, partition, stack, tmp, read_only=False):
         """Mount the candidate partitions of raw disk ``data`` one by one until one holds
         /etc/os-release; returns (mnt, description). ``device_for(partition)`` returns the block
         device for a partition (registering its own cleanup on the stack it is given)."""
@@ -130,7 +131,7 @@ class Backend:
             sub = ExitStack()
             with sub:
                 dev = device_for(part, sub)
-                self._mount(sub, dev, fstype, mnt)
+                self._mount(sub, dev, fstype, mnt, read_only)
                 if partition is not None or _is_root(mnt):
                     stack.enter_context(sub.pop_all())
                     return mnt, describe_partition(part, fstype)
@@ -172,13 +173,16 @@ class LoopBackend(Backend):
             data = self._convert(info, stack, tmp)
 
         def device_for(part, sub):
-            dev = self.runner.run(["losetup", "--find", "--show", "--offset", str(part.start),
-                                   "--sizelimit", str(part.size), data]).stdout.strip()
+            dev = self.runner.run(["losetup", "--find", "--show"]
+                                  + (["--read-only"] if info.read_only else [])
+                                  + ["--offset", str(part.start), "--sizelimit", str(part.size),
+                                     data]).stdout.strip()
             sub.callback(self._detach, dev)
             return dev
 
         size = info.virtual_size
-        mnt, desc = self._root_helper(device_for, data, size, partition, stack, tmp)
+        mnt, desc = self._root_helper(device_for, data, size, partition, stack, tmp,
+                                      info.read_only)
         how = "raw file" if info.format == "raw" else (
             "qemu-storage-daemon FUSE export" if data.endswith("export.raw") else "converted copy")
         return mnt, "%s via loop device (%s)" % (desc, how)
@@ -195,15 +199,14 @@ class LoopBackend(Backend):
         exp = os.path.join(tmp, "export.raw")
         open(exp, "w").close()
         stack.callback(lambda: os.path.exists(exp) and not _mounted(exp) and os.unlink(exp))
-        file_node = {"driver": "file", "filename": info.path, "node-name": "file0"}
-        if force:
-            file_node["locking"] = "off"
+        disk_node = blockdev_options(info, force)
+        file_node = dict(disk_node.pop("file"), **{"node-name": "file0"})
+        disk_node.update({"file": "file0", "node-name": "disk0"})
         cmd = ["qemu-storage-daemon",
                "--blockdev", json.dumps(file_node),
-               "--blockdev", json.dumps({"driver": info.format, "file": "file0",
-                                         "node-name": "disk0"}),
+               "--blockdev", json.dumps(disk_node),
                "--export", json.dumps({"type": "fuse", "id": "exp0", "node-name": "disk0",
-                                       "mountpoint": exp, "writable": True})]
+                                       "mountpoint": exp, "writable": not info.read_only})]
         errlog = open(os.path.join(tmp, "qsd.log"), "w+")
         stack.callback(lambda: (errlog.close(), os.unlink(errlog.name)))
         proc = self.runner.popen(cmd, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
@@ -241,11 +244,13 @@ class LoopBackend(Backend):
         """Last resort without qemu-storage-daemon: convert to raw, convert back on success."""
         raw = os.path.join(tmp, "converted.raw")
         stack.callback(lambda: os.path.exists(raw) and os.unlink(raw))
-        # registered before the mount steps, so it runs after they are undone
-        stack.callback(self._convert_back, info, raw, tmp)
+        if not info.read_only:
+            # registered before the mount steps, so it runs after they are undone
+            stack.callback(self._convert_back, info, raw, tmp)
         self.log("converting %s (%s) to a temporary raw copy (no qemu-storage-daemon)"
                  % (info.path, info.format))
-        self.runner.run(["qemu-img", "convert", "-f", info.format, "-O", "raw", info.path, raw])
+        self.runner.run(["qemu-img", "convert", "--image-opts", image_opts(info), "-O", "raw",
+                         raw])
         return raw
 
     def _convert_back(self, info, raw, tmp):
@@ -320,9 +325,11 @@ class NbdBackend(Backend):
         tmp = self._tempdir(stack)
         name = self._free_device()
         dev = os.path.join(self.dev_dir, name)
-        cmd = ["qemu-nbd", "--connect=" + dev, "--format=" + info.format]
+        # --image-opts names the driver (the format) and turns the backing file off
+        cmd = ["qemu-nbd", "--connect=" + dev] + (["--read-only"] if info.read_only else []) + [
+            "--image-opts", image_opts(info, force)]
         try:
-            self.runner.run(cmd + [info.path])
+            self.runner.run(cmd)
         except CommandFailed as exc:
             if "lock" in exc.stderr.lower():
                 raise ImageInUse("%s is in use (a running VM holds its lock)" % info.path)
@@ -341,7 +348,8 @@ class NbdBackend(Backend):
                                  % pdev)
             return pdev
 
-        mnt, desc = self._root_helper(device_for, dev, None, partition, stack, tmp)
+        mnt, desc = self._root_helper(device_for, dev, None, partition, stack, tmp,
+                                      info.read_only)
         return mnt, "%s via %s" % (desc, dev)
 
     def _disconnect(self, dev):
@@ -392,7 +400,8 @@ class GuestfsBackend(Backend):
         out_path = os.path.join(tmp, "listen.out")
         with open(out_path, "w+") as out:
             proc = self.runner.popen(
-                ["guestfish", "--listen", "--format=" + info.format, "-a", info.path],
+                ["guestfish", "--listen"] + (["--ro"] if info.read_only else [])
+                + ["--format=" + info.format, "-a", info.path],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env,
                 start_new_session=True)
             proc.wait(60)  # the parent prints GUESTFISH_PID=N and exits; the server stays
@@ -466,10 +475,11 @@ class GuestfsBackend(Backend):
             dev, _, fstype = line.partition(":")
             devices.append((dev.strip(), fstype.strip()))
         root_dev = self._find_root(devices, partition)
-        self._fish("mount", root_dev, "/")
+        self._fish("mount-ro" if info.read_only else "mount", root_dev, "/")
         stack.callback(self._fish, "umount-all", check=False)
         mnt = self._mkdir(stack, os.path.join(tmp, "root"))
-        self._fish("mount-local", mnt)
+        self._fish("mount-local", mnt, *(["readonly:true"] if info.read_only else []),
+                   "options:" + ",".join(SAFE_MOUNT))
         run = self.runner.popen(["guestfish", "--remote=%d" % self.pid, "--", "mount-local-run"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=self.env, start_new_session=True)
@@ -532,16 +542,20 @@ BACKENDS = {"nbd": NbdBackend, "loop": LoopBackend, "guestfs": GuestfsBackend}
 
 
 def open_root(image, stack, backend="auto", partition=None, force=False, log=None, runner=None,
-              factories=None):
+              factories=None, fmt=None, read_only=False, allow_backing=False):
     """Open IMAGE's root filesystem as a directory; returns (root, backend object, description).
+
+    The format is ``fmt`` or follows from the name (never probed). ``read_only`` opens it
+    without writing and shares QEMU's lock (a running VM's disk can be read).
 
     ``auto`` tries nbd, loop, guestfs in that order: the first whose requirements are met and
     that opens the image wins; when none does, one error lists what each one lacks."""
     log = log or (lambda line: None)
     runner = runner or Runner()
     factories = factories or BACKENDS
-    check_writable(image)
-    info = image_info(image, runner, force)
+    check_image(image, writable=not read_only)
+    info = image_info(image, runner, force, fmt=fmt, read_only=read_only,
+                      allow_backing=allow_backing)
     names = list(AUTO_ORDER) if backend == "auto" else [backend]
     problems = []
     for name in names:

@@ -8,6 +8,7 @@ import sys
 import time
 from contextlib import ExitStack
 
+from .disk import FORMATS
 from .errors import EXIT_INTERRUPTED, ImageError
 from .tree import DEFAULT_CTL, DEFAULT_DATA, INIT_KINDS, Installer, Tree, status
 
@@ -43,13 +44,20 @@ def add_parser(sub):
     common.add_argument("--root", metavar="DIR",
                         help="an already-mounted guest root directory instead of IMAGE")
     common.add_argument("--backend", choices=("auto", "nbd", "guestfs", "loop"), default="auto")
+    common.add_argument("--format", choices=FORMATS, metavar="FORMAT",
+                        help="the image format (%s); default: from the name (.raw/.img: raw, "
+                             ".qcow2: qcow2), never guessed from the contents" % ", ".join(FORMATS))
+    common.add_argument("--allow-backing-file", action="store_true",
+                        help="open a qcow2 whose header names a backing or data file (a host "
+                             "path); only for images you trust")
     part = common.add_mutually_exclusive_group()
     part.add_argument("--partition", type=int, metavar="N",
                       help="the root filesystem's partition number (0 or 1: whole-disk filesystem)")
     part.add_argument("--root-auto", action="store_true",
                       help="find the partition holding /etc/os-release (the default)")
     common.add_argument("--force", action="store_true",
-                        help="open the image even if its QEMU lock says a VM is using it")
+                        help="install/remove: open the image even if its QEMU lock says a VM is "
+                             "using it (status always reads read-only, sharing the lock)")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -150,8 +158,11 @@ def _run(args, stack, log):
     else:
         from .backends import open_root
         partition = args.partition
+        # status reads only: a read-only open sharing QEMU's lock works on a running VM's disk
         root, backend, where = open_root(args.image, stack, args.backend, partition, args.force,
-                                         log=log)
+                                         log=log, fmt=args.format,
+                                         read_only=args.image_command == "status",
+                                         allow_backing=args.allow_backing_file)
         log("root filesystem: %s" % where)
         if fault:
             fault("opened")

@@ -6,13 +6,31 @@ Partition tables are read here (MBR with logical partitions, GPT) instead of rel
 
 import json
 import os
+import stat
 import struct
 import subprocess
 from dataclasses import dataclass
+from typing import Dict, List, Optional
 
+from ..protocol.safetext import printable
 from .errors import EXIT_DATAERR, ImageError, ImageInUse, ReadOnly, BackendUnavailable
 
 SECTOR = 512
+EXIT_USAGE = 2
+
+# Formats guestlink opens. Left out on purpose: vmdk (descriptors name extent files on the host)
+# and qed (backing files); each format here is opened with its driver named explicitly.
+FORMATS = ("raw", "qcow2", "vdi", "vhdx", "vpc")
+# Formats whose header can name a backing file; they are opened with "backing": null.
+BACKING_FORMATS = ("qcow2",)
+# A name may stand in for --format; the contents never do (the guest writes them).
+EXTENSION_FORMATS = {".raw": "raw", ".img": "raw", ".qcow2": "qcow2"}
+# Mount options for a filesystem the guest controls: its device nodes, setuid files and
+# programs must never act on the host.
+SAFE_MOUNT = ("nodev", "nosuid", "noexec")
+# Read-only mounts must not replay a journal (that writes the device, and a read-only loop or
+# nbd device refuses it).
+NO_REPLAY = {"ext4": "noload", "ext3": "noload", "xfs": "norecovery", "btrfs": "nologreplay"}
 
 
 class Runner:
@@ -44,41 +62,68 @@ class CommandFailed(ImageError):
 
 @dataclass
 class ImageInfo:
-    path: str
-    format: str
+    path: str                    # absolute: never read by QEMU as "json:", "nbd:", "file:"
+    format: str                  # from --format or the file name, never probed
     virtual_size: int
+    read_only: bool = False      # ``image status``: read-only open, QEMU lock shared
+    allow_backing: bool = False  # --allow-backing-file: the user trusts the backing chain
 
 
-def check_writable(path):
-    """Refuse images we could not write back to (read-only file, read-only host filesystem)."""
+def image_format(path: str, fmt: Optional[str] = None) -> str:
+    """The image's format from ``--format`` or its name. Never from its contents: a guest can
+    write a qcow2 header naming host files into its own raw disk."""
+    if fmt:
+        if fmt not in FORMATS:
+            raise ImageError("unsupported --format %s (supported: %s)"
+                             % (printable(fmt), ", ".join(FORMATS)), EXIT_USAGE)
+        return fmt
+    ext = os.path.splitext(path)[1].lower()
+    if ext in EXTENSION_FORMATS:
+        return EXTENSION_FORMATS[ext]
+    raise ImageError("cannot tell the format of %s from its name (.raw, .img, .qcow2): give "
+                     "--format %s" % (printable(path), "|".join(FORMATS)), EXIT_USAGE)
+
+
+def check_image(path: str, writable: bool = True) -> None:
+    """Refuse what is no image, and (``writable``) images we could not write back to
+    (read-only file, read-only host filesystem)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ImageError("no such image: %s" % path, EXIT_DATAERR)
+        raise ImageError("no such image: %s" % printable(path), EXIT_DATAERR)
     except OSError as exc:
-        raise ImageError("cannot access %s: %s" % (path, exc.strerror), EXIT_DATAERR)
-    if not (os.path.isfile(path) or os.path.exists(path) and _is_block(st)):
-        raise ImageError("not a disk image file: %s" % path, EXIT_DATAERR)
-    if not st.st_mode & 0o222:
+        raise ImageError("cannot access %s: %s" % (printable(path), exc.strerror), EXIT_DATAERR)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ImageError("not a disk image file: %s" % printable(path), EXIT_DATAERR)
+    if writable and not st.st_mode & 0o222:
         raise ReadOnly("the image is read-only (mode %o): %s; nothing was changed"
-                       % (st.st_mode & 0o777, path))
+                       % (st.st_mode & 0o777, printable(path)))
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK)
         os.close(fd)
     except OSError as exc:
+        if not writable:
+            raise ImageError("cannot read %s: %s" % (printable(path), exc.strerror),
+                             EXIT_DATAERR)
         raise ReadOnly("the image cannot be opened for writing (%s): %s; nothing was changed"
-                       % (exc.strerror, path))
+                       % (exc.strerror, printable(path)))
 
 
-def _is_block(st):
-    import stat as _stat
-    return _stat.S_ISBLK(st.st_mode)
+def check_writable(path: str) -> None:
+    check_image(path, writable=True)
 
 
-def image_info(path, runner, force=False):
-    """Format and size from ``qemu-img info``. Without ``force``, QEMU's image lock is honoured:
-    an image that a running VM has open is refused (ImageInUse)."""
-    cmd = ["qemu-img", "info", "--output=json"] + (["-U"] if force else []) + [path]
+def image_info(path: str, runner: "Runner", force: bool = False, fmt: Optional[str] = None,
+               read_only: bool = False, allow_backing: bool = False) -> ImageInfo:
+    """Size (and a check of the header) from ``qemu-img info -f FORMAT``: the format is given,
+    never probed. Without ``force`` or ``read_only``, QEMU's image lock is honoured: an image
+    that a running VM has open is refused (ImageInUse). A header naming a backing file or an
+    external data file (host paths!) is refused unless ``allow_backing``."""
+    fmt = image_format(path, fmt)
+    path = os.path.abspath(path)
+    cmd = ["qemu-img", "info", "-f", fmt, "--output=json"] + (
+        ["-U"] if force or read_only else []) + [path]
+    shown = printable(path)
     try:
         proc = runner.run(cmd)
     except BackendUnavailable:
@@ -86,14 +131,83 @@ def image_info(path, runner, force=False):
     except CommandFailed as exc:
         if "lock" in exc.stderr.lower():
             raise ImageInUse("%s is in use (a running VM holds its lock): stop the VM first, "
-                             "or use --force if you know it is not running" % path)
-        raise ImageError("cannot read %s: %s" % (path, exc.stderr.strip().splitlines()[-1]
-                                                 if exc.stderr.strip() else exc), EXIT_DATAERR)
+                             "or use --force if you know it is not running" % shown)
+        raise ImageError("cannot read %s as %s: %s" % (
+            shown, fmt, printable(exc.stderr.strip().splitlines()[-1]) if exc.stderr.strip()
+            else exc), EXIT_DATAERR)
     try:
         info = json.loads(proc.stdout)
-        return ImageInfo(path, info["format"], int(info["virtual-size"]))
-    except (ValueError, KeyError) as exc:
-        raise ImageError("unexpected qemu-img info output for %s: %s" % (path, exc))
+        size = int(info["virtual-size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ImageError("unexpected qemu-img info output for %s: %s" % (shown, exc))
+    if not allow_backing:
+        for what, name in _external_files(info):
+            raise ImageError("%s (%s) names a %s %s on this host; refusing to open it (it may "
+                             "be a host file or disk the image wants to read or write); pass "
+                             "--allow-backing-file if you trust this image"
+                             % (shown, fmt, what, printable(name)), EXIT_DATAERR)
+    return ImageInfo(path, fmt, size, read_only=read_only, allow_backing=allow_backing)
+
+
+def _external_files(info: Dict) -> List[tuple]:
+    """[(what, host path)] that ``qemu-img info`` says the image header names."""
+    out = []
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    if backing:
+        out.append(("backing file", str(backing)))
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    if isinstance(data, dict) and data.get("data-file"):
+        out.append(("data file", str(data["data-file"])))
+    return out
+
+
+def _qemu_opt(value) -> str:
+    if value is None:
+        return ""  # "backing=": no backing file (the key=value spelling of null)
+    if value is True or value is False:
+        return "on" if value else "off"
+    return str(value).replace(",", ",,")  # a comma in a path must not start another option
+
+
+def blockdev_options(info: ImageInfo, force: bool = False) -> Dict:
+    """QAPI BlockdevOptions for the image, as nested dicts: driver named, no backing file
+    (even one the header check missed), read-only with the lock shared for ``info.read_only``,
+    QEMU locking off for ``force``."""
+    file = {"driver": "file", "filename": info.path}
+    node = {"driver": info.format, "file": file}
+    if info.format in BACKING_FORMATS and not info.allow_backing:
+        node["backing"] = None
+    if info.read_only:
+        for n in (node, file):
+            n["read-only"] = True
+            n["force-share"] = True
+    elif force:
+        file["locking"] = "off"
+    return node
+
+
+def image_opts(info: ImageInfo, force: bool = False) -> str:
+    """:func:`blockdev_options` in the ``--image-opts`` key=value syntax of qemu-nbd/qemu-img."""
+    def flat(d: Dict, prefix: str) -> List[str]:
+        out = []
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out += flat(v, prefix + k + ".")
+            else:
+                out.append("%s%s=%s" % (prefix, k, _qemu_opt(v)))
+        return out
+
+    return ",".join(flat(blockdev_options(info, force), ""))
+
+
+def mount_options(fstype: Optional[str], read_only: bool) -> str:
+    opts = list(SAFE_MOUNT)
+    if read_only:
+        opts.append("ro")
+        if fstype in NO_REPLAY:
+            opts.append(NO_REPLAY[fstype])
+    return ",".join(opts)
 
 
 # --- partitions and filesystems ------------------------------------------------------------
@@ -116,14 +230,25 @@ def _guid(raw):
     return "%08x-%04x-%04x-%s-%s" % (a, b, c, raw[8:10].hex(), raw[10:16].hex())
 
 
-def partitions(f, disk_size):
-    """The partitions of the disk open as binary file ``f`` ([] when there is no table)."""
+# Bounds on what a (crafted) partition table makes us read: the Linux kernel gives up on an
+# extended-partition chain after 100 hops; real GPTs have 128 entries of 128 bytes.
+MAX_EBR_HOPS = 100
+MAX_GPT_ENTRIES = 1024
+GPT_ENTRY_SIZES = range(128, 4096 + 1, 8)
+
+
+def partitions(f, disk_size: Optional[int]) -> List[Partition]:
+    """The partitions of the disk open as binary file ``f`` ([] when there is no table).
+    Partitions that do not lie inside the disk are left out."""
+    if disk_size is None:
+        f.seek(0, os.SEEK_END)
+        disk_size = f.tell()
     mbr = _read(f, 0, SECTOR)
     if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
         return []
     entries = [struct.unpack_from("<B3sB3sII", mbr, 446 + 16 * i) for i in range(4)]
     if any(e[2] == 0xEE for e in entries):
-        return _gpt(f)
+        return _gpt(f, disk_size)
     if _fs_type_at(f, 0):  # a filesystem boot sector (FAT) also ends in 55 AA
         return []
     out = []
@@ -131,15 +256,19 @@ def partitions(f, disk_size):
         if ptype == 0 or count == 0:
             continue
         if ptype in (0x05, 0x0F, 0x85):
-            out += _logical(f, lba)
+            out += _logical(f, lba, disk_size)
             continue
         out.append(Partition(i + 1, lba * SECTOR, count * SECTOR, "%02x" % ptype))
-    return out
+    return [p for p in out if _inside(p, disk_size)]
 
 
-def _logical(f, ext_lba):
+def _inside(p: Partition, disk_size: int) -> bool:
+    return p.size > 0 and p.start + p.size <= disk_size
+
+
+def _logical(f, ext_lba: int, disk_size: int) -> List[Partition]:
     out, number, ebr_lba, seen = [], 5, ext_lba, set()
-    while ebr_lba not in seen and len(out) < 128:
+    while ebr_lba not in seen and len(seen) < MAX_EBR_HOPS and ebr_lba * SECTOR < disk_size:
         seen.add(ebr_lba)
         ebr = _read(f, ebr_lba * SECTOR, SECTOR)
         if len(ebr) < SECTOR or ebr[510:512] != b"\x55\xaa":
@@ -155,11 +284,16 @@ def _logical(f, ext_lba):
     return out
 
 
-def _gpt(f):
+def _gpt(f, disk_size: int) -> List[Partition]:
     hdr = _read(f, SECTOR, 92)
     if hdr[:8] != b"EFI PART":
         return []
     entries_lba, count, esize = struct.unpack_from("<QII", hdr, 72)
+    if count > MAX_GPT_ENTRIES or esize not in GPT_ENTRY_SIZES \
+            or entries_lba * SECTOR + count * esize > disk_size:
+        raise ImageError("the image's GPT header is damaged or crafted (%d entries of %d bytes "
+                         "at sector %d of a %d-byte disk)" % (count, esize, entries_lba, disk_size),
+                         EXIT_DATAERR)
     table = _read(f, entries_lba * SECTOR, count * esize)
     out = []
     for i in range(count):
@@ -167,7 +301,9 @@ def _gpt(f):
         if len(e) < 56 or e[:16] == b"\0" * 16:
             continue
         first, last = struct.unpack_from("<QQ", e, 32)
-        out.append(Partition(i + 1, first * SECTOR, (last - first + 1) * SECTOR, _guid(e[:16])))
+        p = Partition(i + 1, first * SECTOR, (last - first + 1) * SECTOR, _guid(e[:16]))
+        if _inside(p, disk_size):
+            out.append(p)
     return out
 
 
