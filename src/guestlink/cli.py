@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ._version import __version__
+from .protocol.safetext import printable
 
 # --- exit codes (sysexits.h style): the one table ---------------------------------------------
 
@@ -104,7 +105,9 @@ class UsageError(Exception):
 
 
 def _fail(message):
-    sys.stderr.write("guestlink: error: %s\n" % message)
+    """The one error-printing path: messages quote the guest (error texts, names), so they are
+    escaped; one line, always."""
+    sys.stderr.write("guestlink: error: %s\n" % printable(message))
 
 
 # --- VM addressing ----------------------------------------------------------------------------
@@ -187,8 +190,8 @@ async def cmd_ping(vm, args):
     if args.json:
         _print_json({"rtt": rtt, "hostname": vm.agent.hostname, "agent_version": vm.agent.version})
     else:
-        print("pong from %s (agent %s): %.2f ms" % (vm.agent.hostname or "?", vm.agent.version,
-                                                     rtt * 1000))
+        print("pong from %s (agent %s): %.2f ms" % (printable(vm.agent.hostname or "?"),
+                                                     printable(vm.agent.version), rtt * 1000))
     return EXIT_OK
 
 
@@ -211,7 +214,7 @@ async def cmd_info(vm, args):
         ("commands", " ".join(info["capabilities"])),
     ]
     for key, value in lines:
-        print("%-10s %s" % (key + ":", value))
+        print("%-10s %s" % (key + ":", printable(value)))  # every value comes from the guest
     return EXIT_OK
 
 
@@ -294,7 +297,18 @@ async def cmd_exec(vm, args):
     elif result.timed_out:
         print("guestlink: error: the command ran past --timeout %g s and was killed in the guest"
               % args.timeout, file=sys.stderr)
+    if not args.json:
+        _say_truncated(result)
     return _exec_status(result)
+
+
+def _say_truncated(result):
+    """Streamed output cut at the output limit must not pass for the whole output."""
+    cut = [name for name, flag in (("stdout", result.stdout_truncated),
+                                   ("stderr", result.stderr_truncated)) if flag]
+    if cut:
+        sys.stderr.write("guestlink: warning: the command's %s was cut at the output limit; the "
+                         "rest was dropped\n" % " and ".join(cut))
 
 
 async def cmd_send(vm, args):
@@ -382,24 +396,23 @@ def run_agent(argv):
 
 # --- parser -----------------------------------------------------------------------------------
 
+def _seconds(value, positive=False):
+    """A --timeout-like option: a finite number of seconds up to the library's MAX_TIMEOUT (inf,
+    nan and huge values are usage errors, not tracebacks or never-ending waits)."""
+    from .host.client import MAX_TIMEOUT
+
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % value)
+    if not (0 < number if positive else 0 <= number) or not number <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError("must be a %snumber of seconds up to %d (about 24 days)"
+                                         % ("positive " if positive else "", MAX_TIMEOUT))
+    return number
+
+
 def _positive(value):
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return number
-
-
-def _seconds(value):
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % value)
-    if not number >= 0:
-        raise argparse.ArgumentTypeError("must be a number of seconds, 0 or more")
-    return number
+    return _seconds(value, positive=True)
 
 
 def build_parser():
@@ -572,7 +585,7 @@ async def _run_vm_command(args):
 
 
 def _say_queued(holder):
-    sys.stderr.write("guestlink: waiting for the VM: it is in use by %s\n" % holder)
+    sys.stderr.write("guestlink: waiting for the VM: it is in use by %s\n" % printable(holder))
     sys.stderr.flush()
 
 
@@ -582,6 +595,10 @@ async def _main_async(args):
     interrupted = []
 
     def on_sigint():
+        if interrupted:
+            # a second Ctrl-C: the user will not wait for the clean-up (the guest confirming the
+            # cancel, a transfer winding down); end now, whatever the event loop is doing
+            os._exit(EXIT_INTERRUPTED)
         interrupted.append(True)
         task.cancel()
 
@@ -590,7 +607,9 @@ async def _main_async(args):
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals
         pass
     try:
-        return await _run_vm_command(args)
+        status = await _run_vm_command(args)
+        # interrupted, yet the command completed: Ctrl-C still means 130 (the work may be partial)
+        return EXIT_INTERRUPTED if interrupted else status
     except asyncio.CancelledError:
         if interrupted:
             return EXIT_INTERRUPTED
@@ -600,9 +619,21 @@ async def _main_async(args):
             loop.remove_signal_handler(signal.SIGINT)
         except (NotImplementedError, RuntimeError, ValueError):
             pass
+        if interrupted:  # still while asyncio.run and the interpreter wind down (thread joins)
+            signal.signal(signal.SIGINT, lambda signum, frame: os._exit(EXIT_INTERRUPTED))
 
 
 def main(argv=None):
+    """The ``guestlink`` command: exit status per :data:`EXIT_CODES`; never a traceback."""
+    try:
+        return _main(argv)
+    except Exception as exc:  # a bug, or guest data the library failed to turn into an error
+        from .agent.cli import internal_error
+
+        return internal_error("guestlink", exc)
+
+
+def _main(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "agent":
         return run_agent(argv[1:])

@@ -9,8 +9,15 @@ import json
 import sys
 
 from . import libvirt as L
+from .protocol.safetext import printable
 
 COMMANDS = ("libvirt", "list")
+
+
+def _positive(value):
+    from .cli import _positive as positive_seconds
+
+    return positive_seconds(value)
 
 
 def _add_connect(p):
@@ -75,7 +82,7 @@ def add_parsers(sub, epilog=None):
     _add_connect(p)
     _add_names(p)
     p.add_argument("--all", action="store_true", help="also list domains that are not running")
-    p.add_argument("--timeout", type=float, default=3.0, metavar="S",
+    p.add_argument("--timeout", type=_positive, default=3.0, metavar="S",
                    help="seconds to wait for each agent (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -187,9 +194,10 @@ async def _list(args):
         return 0
     header = ("Id", "Name", "State", "Channel", "Agent", "Hostname")
     table = [header]
-    for d in out:
-        table.append((str(d["id"]) if d["id"] is not None else "-", d["name"], d["state"],
-                      d["channel"], d["agent_version"] or "-", d["hostname"] or "-"))
+    for d in out:  # the agent's version and hostname come from the guest: escaped
+        table.append(tuple(printable(c) for c in (
+            str(d["id"]) if d["id"] is not None else "-", d["name"], d["state"], d["channel"],
+            d["agent_version"] or "-", d["hostname"] or "-")))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for i, row in enumerate(table):
         print(" " + "   ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -199,9 +207,9 @@ async def _list(args):
         print("\nlibvirt: %s via %s" % (be.uri, be.name))
         for d in out:
             if d["ctl"]:
-                print("%s: ctl %s, data %s" % (d["name"], d["ctl"], d["data"] or "-"))
+                print(printable("%s: ctl %s, data %s" % (d["name"], d["ctl"], d["data"] or "-")))
             if d["error"]:
-                print("%s: agent: %s" % (d["name"], d["error"]))
+                print(printable("%s: agent: %s" % (d["name"], d["error"])))
     return 0
 
 

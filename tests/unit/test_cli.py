@@ -1,4 +1,5 @@
 """The guestlink CLI: exit codes, one-line errors, output formats, against the fake agent."""
+import asyncio
 import json
 import os
 import signal
@@ -14,7 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import guestlink  # noqa: E402
 from guestlink import cli  # noqa: E402
-from test_host_fakeagent import DESCRIPTION, ThreadedAgent, short_tmp  # noqa: E402
+from guestlink.protocol import FrameType  # noqa: E402
+from guestlink.protocol import messages as m  # noqa: E402
+from test_host_fakeagent import (DESCRIPTION, INFO, Reply, ThreadedAgent, raw_frame,  # noqa: E402
+                                 short_tmp)
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(guestlink.__file__)))
 
@@ -298,3 +302,193 @@ def test_ctrl_c_cancels_the_remote_command_and_exits_130(path):
     assert line == b"sleeping\n"
     assert proc.returncode == 130 and err == b""
     assert len(agent.cancels) == 1
+
+
+# --- a hostile guest: escaping, no tracebacks, finite timeouts, truncation ------------------------
+
+EVIL = "\x1b]0;pwned\x07\x1b[2J\x1b[H\u202eroot@host:~# \x9b31m\x7f"
+
+
+def assert_inert(text):
+    """Nothing a terminal would act on: no ESC/CSI/BEL/DEL or bidi override, at most newlines."""
+    for bad in ("\x1b", "\x9b", "\x07", "\x7f", "\u202e"):
+        assert bad not in text, repr(text)
+
+
+def test_guest_strings_are_escaped_in_every_text_output(capsys, path):
+    hostile_info = dict(INFO, hostname=EVIL, os_release={"PRETTY_NAME": EVIL}, python=EVIL,
+                        addresses=[{"interface": EVIL, "family": "inet", "address": EVIL}],
+                        kernel={"release": EVIL, "version": EVIL, "machine": EVIL},
+                        agent_version=EVIL, boot_id=EVIL)
+
+    async def info(conn, id_, args):
+        return hostile_info
+
+    async def greet(conn, id_, args):
+        raise Reply("internal", "failed: " + EVIL)
+
+    async def evil_exec(conn, id_, args):
+        raise Reply("not_found", "no such program: " + EVIL)
+
+    helper = ThreadedAgent(path, handlers={"info": info, "greet": greet, "exec": evil_exec})
+    helper.agent.description.update(hostname=EVIL, agent_version=EVIL)
+    with helper:
+        code, out, err = gl(capsys, "ping", "--ctl", path)
+        assert code == 0 and out.startswith("pong from \\x1b]0;pwned\\x07")
+        assert_inert(out + err)
+        code, out, err = gl(capsys, "info", "--ctl", path)
+        assert code == 0 and "hostname:  \\x1b]0;pwned" in out and out.count("\n") == 8
+        assert_inert(out + err)
+        code, out, err = gl(capsys, "info", "--ctl", path, "--json")  # JSON escapes by itself
+        assert code == 0 and json.loads(out)["hostname"] == EVIL
+        assert_inert(out + err)
+        code, out, err = gl(capsys, "call", "--ctl", path, "greet")
+        assert code == 70 and "failed: \\x1b]0;pwned" in one_line(err)
+        assert_inert(out + err)
+        code, out, err = gl(capsys, "exec", "-n", "--ctl", path, "--", "x")
+        assert code == 127 and "no such program: \\x1b" in one_line(err)
+        assert_inert(out + err)
+
+
+def test_an_agent_connection_error_is_logged_escaped(capsys, caplog, path):
+    helper = ThreadedAgent(path)
+    with helper as agent:
+        def evil_error():
+            for conn in agent.conns:
+                conn.send(raw_frame(FrameType.ERROR, json.dumps(
+                    {"code": "internal", "message": EVIL}).encode(), 0))
+
+        async def greet(conn, id_, args):
+            evil_error()
+            await asyncio.sleep(0.2)
+            return {"ok": True}
+
+        agent.handlers["greet"] = greet
+        code, out, err = gl(capsys, "call", "--ctl", path, "greet")
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert code == 0 and "connection error: internal: \\x1b]0;pwned" in logged
+    assert_inert(out + err + logged)
+
+
+def test_an_unexpected_exception_is_one_escaped_line_exit_70(capsys, path, monkeypatch):
+    from guestlink.protocol import ProtocolViolation
+
+    async def leaky(vm, args):
+        raise ProtocolViolation("bad reply " + EVIL + "\nsecond line")
+
+    monkeypatch.setitem(cli.COMMANDS, "ping", leaky)
+    with ThreadedAgent(path):
+        code, out, err = gl(capsys, "ping", "--ctl", path)
+        assert code == 70 and out == ""
+        assert err.startswith("guestlink: internal error: ProtocolViolation: bad reply \\x1b]0;")
+        assert err.endswith("\\x0asecond line; please report it\n") and err.count("\n") == 1
+        assert_inert(err)
+        monkeypatch.setenv("GUESTLINK_DEBUG", "1")
+        code, out, err = gl(capsys, "ping", "--ctl", path)
+    assert code == 70 and "Traceback (most recent call last)" in err
+    assert err.endswith("; please report it\n")
+
+
+def test_the_agent_cli_has_the_same_last_resort(capsys, monkeypatch):
+    from guestlink.agent import cli as agent_cli
+
+    def broken(args):
+        raise KeyError("\x1b[2Jboom")
+
+    monkeypatch.setattr(agent_cli, "cmd_send", broken)
+    monkeypatch.delenv("GUESTLINK_DEBUG", raising=False)
+    code = agent_cli.main(["send", "topic", "data"])
+    out, err = capsys.readouterr()
+    assert code == 70 and out == ""
+    assert err == "guestlink-agent: internal error: KeyError: '\\x1b[2Jboom'; please report it\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["ping", "--timeout", "inf"], ["ping", "--timeout", "nan"], ["info", "--timeout", "-1"],
+    ["ping", "--timeout", "1e12"], ["exec", "--timeout", "inf", "--", "true"],
+    ["exec", "--connect-timeout", "nan", "--", "true"], ["ping", "--queue-timeout", "inf"],
+    ["ping", "--queue-timeout", "-0.5"], ["list", "--timeout", "inf"],
+], ids=" ".join)
+def test_non_finite_or_huge_timeouts_are_usage_errors(capsys, path, argv):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv + (["--ctl", path] if argv[0] != "list" else []))
+    out, err = capsys.readouterr()
+    assert exc.value.code == cli.EXIT_USAGE and out == ""
+    assert "number of seconds" in err and "Traceback" not in err
+
+
+def test_exec_says_when_the_agent_cut_its_output(capsys, path):
+    async def cut(conn, id_, args):
+        conn.send(m.encode_event(id_, {"event": "started", "pid": 7}))
+        conn.send(m.encode_stream(id_, 1, b"first part"))
+        conn.send(m.encode_stream(id_, 1, b"", eof=True))
+        conn.send(m.encode_stream(id_, 2, b"", eof=True))
+        return {"returncode": 0, "stdout_truncated": True, "stderr_truncated": False}
+
+    with ThreadedAgent(path, handlers={"exec": cut}):
+        code, out, err = gl(capsys, "exec", "-n", "--ctl", path, "--", "big")
+        assert code == 0 and out == "first part"
+        assert err == ("guestlink: warning: the command's stdout was cut at the output limit; "
+                       "the rest was dropped\n")
+        code, out, err = gl(capsys, "exec", "-n", "--json", "--ctl", path, "--", "big")
+        assert code == 0 and json.loads(out)["stdout_truncated"] is True and err == ""
+
+
+def _stubborn_exec(conn, id_, args):
+    """A command whose cancel the guest never confirms (a hung process, a slow agent)."""
+    async def handler(conn, id_, args):
+        conn.send(m.encode_event(id_, {"event": "started", "pid": 9}))
+        conn.send(m.encode_stream(id_, 1, b"running\n"))
+        while True:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                continue
+    return handler(conn, id_, args)
+
+
+def test_ctrl_c_twice_ends_at_once_when_the_guest_does_not_confirm(path):
+    with ThreadedAgent(path, handlers={"exec": _stubborn_exec}) as agent:
+        proc = spawn("exec", "-n", "--ctl", path, "--connect-timeout", "60", "--", "hang",
+                     stdin=subprocess.DEVNULL)
+        try:
+            assert proc.stdout.readline() == b"running\n"
+            proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 5
+            while not agent.cancels and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert agent.cancels, "the first Ctrl-C did not cancel the command in the guest"
+            assert proc.poll() is None  # it waits for the guest to confirm the cancel
+            started = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=5)
+            elapsed = time.monotonic() - started
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130 and elapsed < 3
+    assert b"Traceback" not in err
+
+
+def test_ctrl_c_during_a_request_storm_always_exits_130(path):
+    """Ctrl-C lands while replies complete in a tight loop (the race wait_for lost): the first
+    SIGINT ends the command every time, promptly."""
+    async def spam_exec(conn, id_, args):
+        conn.send(m.encode_event(id_, {"event": "started", "pid": 3}))
+        while True:
+            conn.send(m.encode_stream(id_, 2, b"."))
+            await asyncio.sleep(0.001)
+
+    with ThreadedAgent(path, handlers={"exec": spam_exec}):
+        for _ in range(3):
+            proc = spawn("exec", "-n", "--ctl", path, "--", "spam", stdin=subprocess.DEVNULL)
+            try:
+                assert proc.stderr.read(1) == b"."
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=15)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate(timeout=10)
+            assert proc.returncode == 130

@@ -1,7 +1,8 @@
 """``guestlink-agent``: a thin argparse front end (run / send / listen).
 
 Exit codes: 0 ok; 1 error; 2 the agent is not running (its socket is missing or refuses);
-3 no host is connected; 64 usage error; 78 configuration error.
+3 no host is connected; 64 usage error; 70 internal error (a bug: one line, no traceback unless
+GUESTLINK_DEBUG=1); 78 configuration error.
 """
 import argparse
 import base64
@@ -10,8 +11,10 @@ import logging
 import os
 import sys
 import time
+import traceback
 
 from .. import _version
+from ..protocol.safetext import printable
 from . import client as _client
 from .config import DEFAULT_CONFIG_PATH, LOG_LEVELS, Config, ConfigError, load_config
 
@@ -21,6 +24,7 @@ EXIT_ERROR = 1
 EXIT_NO_AGENT = _client.EXIT_NO_AGENT
 EXIT_NO_HOST = _client.EXIT_NO_HOST
 EXIT_USAGE = 64
+EXIT_INTERNAL = 70  # EX_SOFTWARE
 EXIT_CONFIG = 78
 
 
@@ -72,6 +76,23 @@ def build_parser():
                              'the data is not UTF-8)')
     listen.add_argument("--socket", metavar="PATH", help="the agent's local socket")
     return parser
+
+
+def internal_error(prog: str, exc: BaseException) -> int:
+    """The last resort of both CLIs (this one and the host's ``guestlink``): an unexpected
+    exception becomes one escaped line and EXIT_INTERNAL, never a traceback on the operator's
+    terminal (its text may come from the other side); GUESTLINK_DEBUG=1 adds the traceback."""
+    if os.environ.get("GUESTLINK_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    summary = printable("%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__)
+    if len(summary) > 300:
+        summary = summary[:297] + "..."
+    try:
+        sys.stderr.write("%s: internal error: %s; please report it\n" % (prog, summary))
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # stderr is gone: the exit status still says it
+    return EXIT_INTERNAL
 
 
 def fail(message, code):
@@ -200,3 +221,5 @@ def main(argv=None):
         return cmd_listen(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        return internal_error(PROG, exc)

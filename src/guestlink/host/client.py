@@ -50,6 +50,7 @@ from ..protocol import (STREAM_STDERR, STREAM_STDIN, STREAM_STDOUT, CorruptFrame
                         codes)
 from ..protocol import messages as m
 from ..protocol.frames import MAX_ID
+from ..protocol.safetext import printable
 from . import errors as E
 from .vmlock import VMLock
 
@@ -422,7 +423,7 @@ class Client:
             self._vmlock = None
 
     def _queued(self, holder):
-        log.info("guestlink: %s is in use by %s; waiting", self.ctl, holder)
+        log.info("guestlink: %s is in use by %s; waiting", self.ctl, printable(holder))
         if self._on_queue is not None:
             self._on_queue(holder)
 
@@ -631,7 +632,8 @@ class Client:
             code, message, details = m.parse_error(payload)
         except ProtocolViolation:
             return
-        log.warning("guestlink agent reported a connection error: %s: %s", code, message)
+        log.warning("guestlink agent reported a connection error: %s: %s", printable(code),
+                    printable(message))
         if code == codes.PROTOCOL_MISMATCH:
             self._handshake_failed(conn, E.ProtocolMismatch(
                 "the agent refused protocol %d: %s" % (m.PROTOCOL_VERSION, message), details))
@@ -664,7 +666,7 @@ class Client:
             topic, data = m.parse_message(payload)
         except ProtocolViolation as exc:
             self.stats["bad_messages"] += 1
-            log.debug("ignored a malformed MESSAGE: %s", exc)
+            log.debug("ignored a malformed MESSAGE: %s", printable(exc))
             return
         self.stats["messages"] += 1
         msg = Message(topic, data)
