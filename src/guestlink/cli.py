@@ -61,6 +61,10 @@ exit status:
 environment:
   GUESTLINK_CTL, GUESTLINK_DATA   defaults for --ctl and --data
   GUESTLINK_DOMAIN                default libvirt domain (when no --ctl/$GUESTLINK_CTL)
+  GUESTLINK_CTL_NAME, GUESTLINK_DATA_NAME
+                                  defaults for --ctl-name and --data-name (a domain's
+                                  channel names; else its guestlink metadata, else
+                                  org.guestlink.ctl and org.guestlink.data)
   LIBVIRT_DEFAULT_URI             default for --connect (else qemu:///system)
 """
 
@@ -120,6 +124,10 @@ class Target:
     data: Optional[str] = None
     domain: Optional[str] = None   # the libvirt domain the paths were read from
     uri: Optional[str] = None      # its libvirt URI (--connect; None: the default)
+    # the domain's channel names as given (--ctl-name/$GUESTLINK_CTL_NAME...); None: its metadata's,
+    # else the defaults (guestlink.libvirt.choose_names), read again on every reconnection
+    ctl_name: Optional[str] = None
+    data_name: Optional[str] = None
 
 
 def resolve_target(args, domain=None):
@@ -128,10 +136,13 @@ def resolve_target(args, domain=None):
     A libvirt domain (``guestlink COMMAND DOMAIN``, ``--domain``, or ``domain=`` from a ``VM:PATH``
     argument; URI from ``--connect``) is resolved through its live XML
     (:func:`guestlink.libvirt.resolve_domain`); else ``--ctl``/``--data``, else
-    $GUESTLINK_CTL/$GUESTLINK_DATA, else $GUESTLINK_DOMAIN.
+    $GUESTLINK_CTL/$GUESTLINK_DATA, else $GUESTLINK_DOMAIN. A domain's channel names: as given
+    (``--ctl-name``/``--data-name``, else $GUESTLINK_CTL_NAME/$GUESTLINK_DATA_NAME), else recorded
+    in its metadata, else the defaults.
     """
     uri = getattr(args, "libvirt_uri", None)
     ctl, data = getattr(args, "ctl", None), getattr(args, "data", None)
+    given_names = getattr(args, "ctl_name", None) or getattr(args, "data_name", None)
     if domain is None:
         named = {d for d in (getattr(args, "domain", None), getattr(args, "domain_arg", None)) if d}
         if len(named) > 1:
@@ -144,11 +155,17 @@ def resolve_target(args, domain=None):
     if domain:
         cache = args.__dict__.setdefault("_libvirt_targets", {})
         if (domain, uri) not in cache:
-            from .libvirt import resolve_domain
+            from . import libvirt
 
-            c, d = resolve_domain(domain, uri)
-            cache[(domain, uri)] = Target(ctl=c, data=d, domain=domain, uri=uri)
+            names = libvirt.names_from_env(getattr(args, "ctl_name", None),
+                                           getattr(args, "data_name", None))
+            c, d = libvirt.resolve_domain(domain, uri, *names)
+            cache[(domain, uri)] = Target(ctl=c, data=d, domain=domain, uri=uri, ctl_name=names[0],
+                                          data_name=names[1])
         return cache[(domain, uri)]
+    if given_names:
+        raise UsageError("--ctl-name/--data-name name a libvirt domain's channels: give a domain, "
+                         "not --ctl/--data")
     ctl = ctl or os.environ.get("GUESTLINK_CTL")
     data = data or os.environ.get("GUESTLINK_DATA") or None
     if not ctl:
@@ -312,10 +329,10 @@ def _say_truncated(result):
 
 
 async def cmd_send(vm, args):
-    if args.data == "-":
+    if args.message == "-":
         data = sys.stdin.buffer.read()
     else:
-        data = args.data.encode("utf-8")
+        data = args.message.encode("utf-8")
     try:
         delivered = await vm.publish(args.topic, data, timeout=args.timeout)
     except ValueError as exc:
@@ -436,6 +453,12 @@ def build_parser():
     group.add_argument("--connect", metavar="URI", dest="libvirt_uri",
                        help="libvirt URI for --domain, as for virsh (default: "
                             "$LIBVIRT_DEFAULT_URI, else qemu:///system)")
+    group.add_argument("--ctl-name", metavar="N",
+                       help="the domain's control channel name (default: $GUESTLINK_CTL_NAME, else "
+                            "the name in its guestlink metadata, else org.guestlink.ctl)")
+    group.add_argument("--data-name", metavar="N",
+                       help="the domain's data channel name (default: $GUESTLINK_DATA_NAME, else "
+                            "the name in its guestlink metadata, else org.guestlink.data)")
     group.add_argument("--queue-timeout", type=_seconds, metavar="S",
                        help="a VM serves one guestlink command at a time: wait at most S seconds "
                             "for the one using it (default: until it finishes; 0: fail at once)")
@@ -479,7 +502,7 @@ def build_parser():
 
     p = vm_command("send", "send a topic message to the guest's subscribers")
     p.add_argument("topic")
-    p.add_argument("data", metavar="DATA|-", help="the message, or - to read it from stdin")
+    p.add_argument("message", metavar="DATA|-", help="the message, or - to read it from stdin")
 
     p = vm_command("listen", "print the guest's messages on a topic",
                    timeout_help="seconds to connect (default 10)")
@@ -569,7 +592,8 @@ async def _run_vm_command(args):
     connect_timeout = args.connect_timeout if args.command in ("exec", "run") else args.timeout
     # one-shot commands must not silently wait for a VM that went away; listen keeps listening
     reconnect = args.command == "listen"
-    where = (dict(domain=target.domain, uri=target.uri) if target.domain  # follows restarts
+    where = (dict(domain=target.domain, uri=target.uri, ctl_name=target.ctl_name,
+                  data_name=target.data_name) if target.domain  # follows restarts
              else dict(ctl=target.ctl, data=target.data))
     try:
         async with connect(timeout=connect_timeout, reconnect=reconnect,

@@ -6,9 +6,14 @@ The one entry point other code needs is :func:`resolve_domain`::
     ctl, data = resolve_domain("vm1", "qemu:///system")
 
 It reads the domain's *live* XML, finds the two ``<channel type='unix'>`` elements by their target
-names (``org.guestlink.ctl`` / ``org.guestlink.data`` by default) and returns the socket paths libvirt
-reports (never constructed: their location moved between libvirt versions). Failures raise a
-:class:`LibvirtError` subclass with a one-line message.
+names and returns the socket paths libvirt reports (never constructed: their location moved between
+libvirt versions). Failures raise a :class:`LibvirtError` subclass with a one-line message.
+
+Channel names, each chosen on its own (:func:`choose_names`): the ones given (``ctl_name=``,
+``data_name=``; the CLI's ``--ctl-name``/``--data-name`` or $GUESTLINK_CTL_NAME/$GUESTLINK_DATA_NAME),
+else the ones recorded in the domain's ``<metadata>`` (``<guestlink:channels ctl=... data=.../>``,
+written by ``guestlink libvirt attach`` and printed by ``guestlink libvirt xml`` for custom names),
+else ``org.guestlink.ctl`` / ``org.guestlink.data``.
 
 libvirt is reached through libvirt-python when it is importable, else through the ``virsh``
 command (``dumpxml``, ``list``, ``attach-device``...). Only XML is parsed, never virsh's tables.
@@ -19,16 +24,26 @@ This module is host-only and imported lazily (the guest agent never imports it).
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
 from .host.errors import ConnectError
+from .protocol.ports import CTL_NAME, DATA_NAME
+from .protocol.safetext import printable
 
-CTL_NAME = "org.guestlink.ctl"
-DATA_NAME = "org.guestlink.data"
+#: environment defaults for --ctl-name / --data-name
+CTL_NAME_ENV = "GUESTLINK_CTL_NAME"
+DATA_NAME_ENV = "GUESTLINK_DATA_NAME"
+#: namespace of guestlink's element in a domain's <metadata>. Never change it: domains defined
+#: with it must keep working (a new layout gets a new URI, read alongside this one).
+METADATA_URI = "https://guestlink.invalid/xmlns/1"
+#: the prefix libvirt gives that namespace (virsh metadata --key)
+METADATA_KEY = "guestlink"
+METADATA_TAG = "{%s}channels" % METADATA_URI
 DEFAULT_PORTS = 16
 #: user alias marking the virtio-serial controller that ``attach`` added (``detach`` removes only it)
 CONTROLLER_ALIAS = "ua-guestlink-vser"
@@ -36,7 +51,7 @@ FALLBACK_URI = "qemu:///system"
 #: longest AF_UNIX path (sun_path is 108 bytes, NUL-terminated)
 MAX_SOCKET_PATH = 107
 
-ATTACH_HINT = "guestlink libvirt attach DOMAIN --config (then restart the domain)"
+ET.register_namespace(METADATA_KEY, METADATA_URI)  # serialise as guestlink:, not ns0:
 
 
 # --- errors (each one line; the CLI maps them to exit codes) ---------------------------------
@@ -138,11 +153,30 @@ def channel_elements(ctl_name=CTL_NAME, data_name=DATA_NAME, socket_dir=None, po
             channel_element(data_name, 2, index, paths[1])]
 
 
+def metadata_element(ctl_name: str, data_name: str, namespaced: bool = True) -> ET.Element:
+    """guestlink's record of a domain's channel names, for its ``<metadata>``. libvirt's metadata
+    API takes the element without namespace (it adds METADATA_URI with prefix METADATA_KEY)."""
+    return ET.Element(METADATA_TAG if namespaced else "channels", ctl=ctl_name, data=data_name)
+
+
 def channels_xml(ctl_name=CTL_NAME, data_name=DATA_NAME, socket_dir=None, ports=DEFAULT_PORTS,
                  index=0, indent=""):
-    """The text ``guestlink libvirt xml`` prints: paste it into the domain's ``<devices>``."""
+    """The text ``guestlink libvirt xml`` prints: paste it into the domain's ``<devices>``.
+
+    With other names than the defaults it also holds, after a comment, a ``<metadata>`` element for
+    the domain (directly under ``<domain>``) recording them, so that addressing the domain by name
+    finds these channels without --ctl-name/--data-name."""
     els = channel_elements(ctl_name, data_name, socket_dir, ports, index)
-    return "\n".join(to_string(el, indent) for el in els) + "\n"
+    text = "\n".join(to_string(el, indent) for el in els) + "\n"
+    if (ctl_name, data_name) == (CTL_NAME, DATA_NAME):
+        return text  # the defaults need no record: the output stays one paste into <devices>
+    # by hand: ElementTree would declare the namespace on <metadata>, and the line alone (to paste
+    # into an existing <metadata>) must carry it
+    record = to_string(metadata_element(ctl_name, data_name), indent + "  ")
+    return (indent + "<!-- into the domain's <devices> (virsh edit DOMAIN): -->\n" + text + indent
+            + "<!-- into the domain: directly under <domain> (if it has a <metadata> already, put "
+              "the guestlink:channels line into it); it tells guestlink these channel names: -->\n"
+            + indent + "<metadata>\n" + record + "\n" + indent + "</metadata>\n")
 
 
 # --- XML parsing -------------------------------------------------------------------------------
@@ -168,6 +202,8 @@ class DomainXML:
     controllers: Dict[int, Tuple[int, Optional[str]]]
     used_ports: Dict[int, set]     # virtio-serial controller index -> port numbers taken
     root: ET.Element = field(repr=False, compare=False, default=None)
+    #: (ctl, data) names from guestlink's <metadata> element; None where it names none
+    recorded: Tuple[Optional[str], Optional[str]] = (None, None)
 
     @property
     def running(self):
@@ -221,25 +257,99 @@ def parse_domain_xml(text):
                 controller=controller, port=port, element=ch))
     dom_id = _int(root.get("id"))
     return DomainXML(name=root.findtext("name", ""), uuid=root.findtext("uuid", ""), id=dom_id,
-                     channels=channels, controllers=controllers, used_ports=used, root=root)
+                     channels=channels, controllers=controllers, used_ports=used, root=root,
+                     recorded=_recorded_names(root))
 
 
-def find_sockets(dom, ctl_name=CTL_NAME, data_name=DATA_NAME):
-    """(ctl_path, data_path or None) from a running domain's live XML, or raise."""
+def _recorded_names(root: ET.Element) -> Tuple[Optional[str], Optional[str]]:
+    record = root.find("metadata/" + METADATA_TAG)
+    if record is None:
+        return None, None
+    return record.get("ctl") or None, record.get("data") or None
+
+
+# --- which channel names ------------------------------------------------------------------------
+
+GIVEN, RECORDED, DEFAULT = "given", "recorded in the domain's metadata", "the default"
+
+
+class ChannelNames(NamedTuple):
+    ctl: str
+    data: str
+    ctl_source: str     # GIVEN, RECORDED or DEFAULT
+    data_source: str
+
+    def describe(self) -> str:
+        """'ctl X and data Y (SOURCE)', each name escaped: a domain's metadata supplies them."""
+        if self.ctl_source == self.data_source:
+            return "ctl %s and data %s (%s)" % (printable(self.ctl), printable(self.data),
+                                                 self.ctl_source)
+        return "ctl %s (%s) and data %s (%s)" % (printable(self.ctl), self.ctl_source,
+                                                 printable(self.data), self.data_source)
+
+
+def names_from_env(ctl_name: Optional[str] = None, data_name: Optional[str] = None,
+                   environ: Optional[Mapping[str, str]] = None
+                   ) -> Tuple[Optional[str], Optional[str]]:
+    """The names given on a command line, else $GUESTLINK_CTL_NAME / $GUESTLINK_DATA_NAME; None
+    where neither says (then the domain's metadata, then the defaults decide)."""
+    env = os.environ if environ is None else environ
+    return (ctl_name or env.get(CTL_NAME_ENV) or None,
+            data_name or env.get(DATA_NAME_ENV) or None)
+
+
+def choose_names(dom: Optional[DomainXML], ctl_name: Optional[str] = None,
+                 data_name: Optional[str] = None) -> ChannelNames:
+    """Each channel's name: the one given, else the one recorded in ``dom``'s metadata, else the
+    default."""
+    recorded = dom.recorded if dom is not None else (None, None)
+    chosen = []
+    for given, rec, default in ((ctl_name, recorded[0], CTL_NAME),
+                                (data_name, recorded[1], DATA_NAME)):
+        chosen.append((given, GIVEN) if given else (rec, RECORDED) if rec else (default, DEFAULT))
+    return ChannelNames(chosen[0][0], chosen[1][0], chosen[0][1], chosen[1][1])
+
+
+def attach_hint(domain: str, ctl_name: str = CTL_NAME, data_name: str = DATA_NAME) -> str:
+    """The command that adds the channels to ``domain`` (names spelt out unless the defaults)."""
+    names = ""
+    if (ctl_name, data_name) != (CTL_NAME, DATA_NAME):
+        names = " --ctl-name %s --data-name %s" % (shlex.quote(ctl_name), shlex.quote(data_name))
+    return "guestlink libvirt attach %s%s --config (then restart the domain)" % (
+        shlex.quote(domain), names)
+
+
+def find_sockets(dom, ctl_name=None, data_name=None):
+    """(ctl_path, data_path or None) from a running domain's live XML, or raise.
+
+    The names: as :func:`choose_names` (given, else recorded in the domain, else the defaults)."""
+    name = printable(dom.name)
     if not dom.running:
         raise DomainNotRunning("libvirt domain %s is not running (start it: virsh start %s)"
-                               % (dom.name, dom.name))
-    ctl = dom.channels.get(ctl_name)
+                               % (name, printable(shlex.quote(dom.name))))
+    names = choose_names(dom, ctl_name, data_name)
+    ctl = dom.channels.get(names.ctl)
     if ctl is None:
-        raise NoChannels("libvirt domain %s has no guestlink channel %s; add them with: %s"
-                         % (dom.name, ctl_name, ATTACH_HINT.replace("DOMAIN", dom.name)))
+        raise NoChannels(no_channel_message(dom, names))
     if ctl.type != "unix" or not ctl.path:
-        raise NoChannels("libvirt domain %s: channel %s is not a unix socket (type %r); guestlink "
+        raise NoChannels("libvirt domain %s: channel %s is not a unix socket (type %s); guestlink "
                          "needs <channel type='unix'> (see guestlink libvirt xml)"
-                         % (dom.name, ctl_name, ctl.type))
-    data = dom.channels.get(data_name)
+                         % (name, printable(names.ctl), printable(repr(ctl.type))))
+    data = dom.channels.get(names.data)
     data_path = data.path if data is not None and data.type == "unix" and data.path else None
     return ctl.path, data_path
+
+
+def no_channel_message(dom: DomainXML, names: ChannelNames) -> str:
+    """One line: the domain lacks the control channel; what was looked for, what it has, the fix."""
+    have = ", ".join(printable(n) for n in dom.channels) or "none"
+    text = ("libvirt domain %s has no guestlink channel %s (looked for %s; its virtio channels: "
+            "%s); add them with: %s" % (printable(dom.name), printable(names.ctl), names.describe(),
+                                        have, printable(attach_hint(dom.name, names.ctl,
+                                                                    names.data))))
+    if dom.channels:
+        text += ", or name the ones it has with --ctl-name/--data-name"
+    return text
 
 
 # --- attach / detach plans (pure: XML in, device XML out) --------------------------------------
@@ -374,25 +484,34 @@ class VirshBackend(_Backend):
     def state(self, domain):
         return self._run("domstate", "--domain", domain, domain=domain).strip()
 
+    def _change(self, domain, live, config, *args):
+        flags = (["--live"] if live else []) + (["--config"] if config else [])
+        try:
+            self._run(*args, *flags, domain=domain)
+        except (DomainNotFound, LibvirtUnavailable, LibvirtPermissionDenied):
+            raise
+        except LibvirtError as exc:
+            raise AttachError(str(exc))
+
     def _device(self, verb, domain, xml, live, config):
         import tempfile
 
         with tempfile.NamedTemporaryFile("w", suffix=".xml", prefix="guestlink-") as f:
             f.write(xml)
             f.flush()
-            flags = (["--live"] if live else []) + (["--config"] if config else [])
-            try:
-                self._run(verb, "--domain", domain, "--file", f.name, *flags, domain=domain)
-            except (DomainNotFound, LibvirtUnavailable, LibvirtPermissionDenied):
-                raise
-            except LibvirtError as exc:
-                raise AttachError(str(exc))
+            self._change(domain, live, config, verb, "--domain", domain, "--file", f.name)
 
     def attach(self, domain, xml, live, config):
         self._device("attach-device", domain, xml, live, config)
 
     def detach(self, domain, xml, live, config):
         self._device("detach-device", domain, xml, live, config)
+
+    def set_metadata(self, domain: str, xml: Optional[str], live: bool, config: bool) -> None:
+        """Replace guestlink's <metadata> element (``xml`` without namespace); None removes it."""
+        what = ["--set", xml, "--key", METADATA_KEY] if xml is not None else ["--remove"]
+        self._change(domain, live, config, "metadata", "--domain", domain, "--uri", METADATA_URI,
+                     *what)
 
 
 class PythonBackend(_Backend):
@@ -474,22 +593,32 @@ class PythonBackend(_Backend):
             raise self._error(exc, domain) from None
         return names.get(st, "no state")
 
-    def _device(self, verb, domain, xml, live, config):
+    def _change(self, domain, live, config, call):
+        """``call(virDomain, flags)``, its errors mapped as a device change's."""
         lv = self.lv
         flags = (lv.VIR_DOMAIN_AFFECT_LIVE if live else 0) | (
             lv.VIR_DOMAIN_AFFECT_CONFIG if config else 0)
         dom = self._lookup(domain)
         try:
-            getattr(dom, verb)(xml, flags)
+            call(dom, flags)
         except lv.libvirtError as exc:
             err = self._error(exc, domain)
             raise (AttachError(str(err)) if type(err) is LibvirtError else err) from None
+
+    def _device(self, verb, domain, xml, live, config):
+        self._change(domain, live, config, lambda dom, flags: getattr(dom, verb)(xml, flags))
 
     def attach(self, domain, xml, live, config):
         self._device("attachDeviceFlags", domain, xml, live, config)
 
     def detach(self, domain, xml, live, config):
         self._device("detachDeviceFlags", domain, xml, live, config)
+
+    def set_metadata(self, domain: str, xml: Optional[str], live: bool, config: bool) -> None:
+        """Replace guestlink's <metadata> element (``xml`` without namespace); None removes it."""
+        key = METADATA_KEY if xml is not None else None
+        self._change(domain, live, config, lambda dom, flags: dom.setMetadata(
+            self.lv.VIR_DOMAIN_METADATA_ELEMENT, xml, key, METADATA_URI, flags))
 
 
 def backend(uri=None):
@@ -510,10 +639,11 @@ def backend(uri=None):
 
 # --- the resolver ----------------------------------------------------------------------------
 
-def resolve_domain(name, uri=None, ctl_name=CTL_NAME, data_name=DATA_NAME, *, backend_=None):
+def resolve_domain(name, uri=None, ctl_name=None, data_name=None, *, backend_=None):
     """(ctl_path, data_path) of a running libvirt domain, by name or UUID, from its live XML.
 
-    ``data_path`` is None when the domain has only the control channel. Raises DomainNotFound,
+    Channel names: ``ctl_name``/``data_name`` when given, else the ones recorded in the domain's
+    metadata, else the defaults (:func:`choose_names`). ``data_path`` is None when the domain has only the control channel. Raises DomainNotFound,
     DomainNotRunning, NoChannels, LibvirtUnavailable or LibvirtPermissionDenied (all
     :class:`LibvirtError`, a ConnectError)."""
     if not name:
@@ -523,7 +653,7 @@ def resolve_domain(name, uri=None, ctl_name=CTL_NAME, data_name=DATA_NAME, *, ba
     return find_sockets(dom, ctl_name, data_name)
 
 
-def resolver(name, uri=None, ctl_name=CTL_NAME, data_name=DATA_NAME):
+def resolver(name, uri=None, ctl_name=None, data_name=None):
     """A zero-argument callable returning (ctl, data) afresh for ``name``; the host client calls it
     before every (re)connection, so it follows the domain across restarts (new socket paths)."""
     def resolve():
@@ -552,19 +682,51 @@ def _affected(be, domain, live, config):
     return out, implied
 
 
-def attach(domain, uri=None, *, live=False, config=False, ctl_name=CTL_NAME, data_name=DATA_NAME,
-           socket_dir=None, ports=DEFAULT_PORTS, backend_=None):
-    """Add the controller/channels to ``domain`` where missing. Idempotent.
+def _recorded_pair(dom: DomainXML) -> Tuple[str, str]:
+    """The names guestlink's metadata in ``dom`` leads to (a name it lacks: the default)."""
+    return dom.recorded[0] or CTL_NAME, dom.recorded[1] or DATA_NAME
 
-    Returns {"config"|"live": [what was added] ([] = already there), "notes": [str]}. libvirt
-    cannot hot-plug a virtio-serial controller: a running domain without one gets the channels
-    at its next start (an error with an explicit ``live=True``, a note otherwise)."""
+
+def _metadata_change(dom: DomainXML, names: Tuple[str, str], attaching: bool):
+    """What to do to guestlink's metadata in ``dom``: (xml, description) to set (``xml``) or remove
+    (None) it, or None to leave it. Attaching records names that the metadata and defaults do not
+    already lead to; detaching removes a record of exactly the names detached."""
+    has_record = dom.recorded != (None, None)
+    if attaching:
+        if _recorded_pair(dom) == names:
+            return None
+        el = metadata_element(names[0], names[1], namespaced=False)
+        return to_string(el), "metadata %s:channels ctl=%s data=%s" % (METADATA_KEY, *names)
+    if has_record and _recorded_pair(dom) == names:
+        return None, "metadata %s:channels" % METADATA_KEY
+    return None
+
+
+def _first_names(be, domain, targets, ctl_name, data_name) -> Tuple[str, str]:
+    """The names for attach/detach, chosen once from the first XML changed (the persistent config
+    when it is), so that config and live get the same pair."""
+    dom = parse_domain_xml(be.dumpxml(domain, inactive=targets[0][1]))
+    return tuple(choose_names(dom, ctl_name, data_name)[:2])
+
+
+def attach(domain, uri=None, *, live=False, config=False, ctl_name=None, data_name=None,
+           socket_dir=None, ports=DEFAULT_PORTS, backend_=None):
+    """Add the controller/channels to ``domain`` where missing, and record their names in its
+    metadata unless the defaults are theirs. Idempotent.
+
+    Names: ``ctl_name``/``data_name``, else those recorded in the domain, else the defaults.
+    Returns {"config"|"live": [what was added] ([] = already there), "notes": [str],
+    "names": [ctl, data]}. libvirt cannot hot-plug a virtio-serial controller: a running domain
+    without one gets the channels at its next start (an error with an explicit ``live=True``, a
+    note otherwise)."""
     be = backend_ or backend(uri)
     result = {"notes": []}
     targets, implied = _affected(be, domain, live, config)
+    names = _first_names(be, domain, targets, ctl_name, data_name)
+    result["names"] = list(names)
     for label, inactive in targets:
         dom = parse_domain_xml(be.dumpxml(domain, inactive=inactive))
-        plan = plan_attach(dom, ctl_name, data_name, socket_dir, ports)
+        plan = plan_attach(dom, names[0], names[1], socket_dir, ports)
         if not inactive and any(el.tag == "controller" for el in plan):
             msg = ("libvirt cannot hot-plug a virtio-serial controller into the running domain %s"
                    % domain)
@@ -577,24 +739,35 @@ def attach(domain, uri=None, *, live=False, config=False, ctl_name=CTL_NAME, dat
         for el in plan:
             be.attach(domain, to_string(el), live=not inactive, config=inactive)
             added.append(_describe(el))
+        change = _metadata_change(dom, names, attaching=True)
+        if change is not None:
+            be.set_metadata(domain, change[0], live=not inactive, config=inactive)
+            added.append(change[1])
         result[label] = added
     return result
 
 
-def detach(domain, uri=None, *, live=False, config=False, ctl_name=CTL_NAME, data_name=DATA_NAME,
+def detach(domain, uri=None, *, live=False, config=False, ctl_name=None, data_name=None,
            backend_=None):
-    """Remove the channels (and the controller ``attach`` added, if nothing else uses it)."""
+    """Remove the channels (and the controller ``attach`` added, if nothing else uses it), and
+    guestlink's metadata when it records these names. Names as for :func:`attach`."""
     be = backend_ or backend(uri)
     result = {"notes": []}
     targets, _ = _affected(be, domain, live, config)
+    names = _first_names(be, domain, targets, ctl_name, data_name)
+    result["names"] = list(names)
     for label, inactive in targets:
         dom = parse_domain_xml(be.dumpxml(domain, inactive=inactive))
         removed = []
-        for el in plan_detach(dom, ctl_name, data_name):
+        for el in plan_detach(dom, names[0], names[1]):
             if el.tag == "controller" and not inactive:
                 continue  # libvirt cannot hot-unplug a virtio-serial controller; --config does it
             be.detach(domain, to_string(el), live=not inactive, config=inactive)
             removed.append(_describe(el))
+        change = _metadata_change(dom, names, attaching=False)
+        if change is not None:
+            be.set_metadata(domain, change[0], live=not inactive, config=inactive)
+            removed.append(change[1])
         result[label] = removed
     return result
 
@@ -620,10 +793,12 @@ class DomainEntry:
     state: str
     ctl: Optional[Channel]
     data: Optional[Channel]
+    names: Optional[ChannelNames] = None    # the channel names looked for in this domain
 
 
-def list_domains(uri=None, ctl_name=CTL_NAME, data_name=DATA_NAME, *, backend_=None):
-    """Every domain (running first, by id; then the others by name) with its guestlink channels."""
+def list_domains(uri=None, ctl_name=None, data_name=None, *, backend_=None):
+    """Every domain (running first, by id; then the others by name) with its guestlink channels
+    (names per domain as :func:`choose_names`)."""
     be = backend_ or backend(uri)
     rows = []
     for uuid in be.list_uuids():
@@ -632,14 +807,16 @@ def list_domains(uri=None, ctl_name=CTL_NAME, data_name=DATA_NAME, *, backend_=N
             state = be.state(uuid)
         except DomainNotFound:  # undefined meanwhile
             continue
+        names = choose_names(dom, ctl_name, data_name)
         rows.append(DomainEntry(name=dom.name, uuid=dom.uuid, id=dom.id if dom.running else None,
-                                state=state, ctl=dom.channels.get(ctl_name),
-                                data=dom.channels.get(data_name)))
+                                state=state, ctl=dom.channels.get(names.ctl),
+                                data=dom.channels.get(names.data), names=names))
     rows.sort(key=lambda r: (r.id is None, r.id or 0, r.name))
     return rows
 
 
-__all__ = ["CTL_NAME", "DATA_NAME", "LibvirtError", "LibvirtUnavailable", "LibvirtPermissionDenied",
+__all__ = ["CTL_NAME", "DATA_NAME", "CTL_NAME_ENV", "DATA_NAME_ENV", "METADATA_URI",
+           "ChannelNames", "choose_names", "names_from_env", "metadata_element", "LibvirtError", "LibvirtUnavailable", "LibvirtPermissionDenied",
            "DomainNotFound", "DomainNotRunning", "NoChannels", "AttachError", "default_uri",
            "channels_xml", "channel_elements", "parse_domain_xml", "find_sockets", "plan_attach",
            "plan_detach", "backend", "resolve_domain", "resolver", "attach", "detach",

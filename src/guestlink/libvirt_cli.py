@@ -26,11 +26,14 @@ def _add_connect(p):
                         "qemu:///system)")
 
 
-def _add_names(p):
-    p.add_argument("--ctl-name", default=L.CTL_NAME, metavar="N",
-                   help="control channel's port name (default %s)" % L.CTL_NAME)
-    p.add_argument("--data-name", default=L.DATA_NAME, metavar="N",
-                   help="data channel's port name (default %s)" % L.DATA_NAME)
+def _add_names(p, recorded=True):
+    where = " (default: $%s, else the name recorded in the domain's metadata, else %s)"
+    if not recorded:
+        where = " (default: $%s, else %s)"
+    p.add_argument("--ctl-name", metavar="N", help="control channel's port name"
+                   + where % (L.CTL_NAME_ENV, L.CTL_NAME))
+    p.add_argument("--data-name", metavar="N", help="data channel's port name"
+                   + where % (L.DATA_NAME_ENV, L.DATA_NAME))
 
 
 def add_parsers(sub, epilog=None):
@@ -45,8 +48,10 @@ def add_parsers(sub, epilog=None):
     x = lsub.add_parser("xml", help="print the virtio-serial controller and channel XML",
                         description="print a <controller type='virtio-serial'> and two "
                                     "<channel type='unix'> elements to paste into a domain's "
-                                    "<devices> (virsh edit DOMAIN)")
-    _add_names(x)
+                                    "<devices> (virsh edit DOMAIN); with other channel names "
+                                    "than the defaults, also a <metadata> element recording them "
+                                    "for the domain")
+    _add_names(x, recorded=False)
     x.add_argument("--socket-dir", metavar="DIR",
                    help="put the host sockets in DIR (default: libvirt places them)")
     x.add_argument("--ports", type=int, default=L.DEFAULT_PORTS, metavar="N",
@@ -108,15 +113,17 @@ def run(args):
 
 
 def _xml(args):
-    sys.stdout.write(L.channels_xml(args.ctl_name, args.data_name, args.socket_dir, args.ports,
+    names = L.choose_names(None, *L.names_from_env(args.ctl_name, args.data_name))
+    sys.stdout.write(L.channels_xml(names.ctl, names.data, args.socket_dir, args.ports,
                                     args.index))
     return 0
 
 
 def _attach_detach(args):
     be = L.backend(args.libvirt_uri)
-    kw = dict(live=args.live, config=args.config, ctl_name=args.ctl_name,
-              data_name=args.data_name, backend_=be)
+    ctl_name, data_name = L.names_from_env(args.ctl_name, args.data_name)
+    kw = dict(live=args.live, config=args.config, ctl_name=ctl_name, data_name=data_name,
+              backend_=be)
     verb = args.libvirt_command
     if verb == "attach":
         result = L.attach(args.domain, socket_dir=args.socket_dir, ports=args.ports, **kw)
@@ -143,7 +150,7 @@ def _attach_detach(args):
     return 0
 
 
-async def _probe(entry, ctl_name, data_name, uri, timeout):
+async def _probe(entry, timeout):
     """Ask a running domain's agent for its description; fills agent fields, never raises."""
     from .host import errors as E
     from .host.client import connect
@@ -164,13 +171,13 @@ async def _probe(entry, ctl_name, data_name, uri, timeout):
 async def _list(args):
     be = L.backend(args.libvirt_uri)
     loop = asyncio.get_running_loop()
+    names = L.names_from_env(args.ctl_name, args.data_name)
     rows = await loop.run_in_executor(None, lambda: L.list_domains(
-        args.libvirt_uri, args.ctl_name, args.data_name, backend_=be))
+        args.libvirt_uri, *names, backend_=be))
     if not args.all:
         rows = [r for r in rows if r.id is not None]
     probes = await asyncio.gather(*[
-        _probe(r, args.ctl_name, args.data_name, be.uri, args.timeout) if r.id is not None
-        else _none() for r in rows])
+        _probe(r, args.timeout) if r.id is not None else _none() for r in rows])
     out = []
     for r, probe in zip(rows, probes):
         if r.ctl is None:
@@ -183,6 +190,7 @@ async def _list(args):
             "id": r.id, "name": r.name, "uuid": r.uuid, "state": r.state,
             "channel": channel,
             "ctl": r.ctl.path if r.ctl else None, "data": r.data.path if r.data else None,
+            "ctl_name": r.names.ctl, "data_name": r.names.data,
             "data_channel": (r.data.state or "unknown") if r.data and r.id is not None else None,
             "agent_version": probe["agent"]["version"] if probe["agent"] else None,
             "hostname": probe["agent"]["hostname"] if probe["agent"] else None,

@@ -201,6 +201,20 @@ class FakeBackend:
             else:
                 raise AssertionError("nothing matches %s" % xml)
 
+    def set_metadata(self, dom, xml, live, config):
+        """As virDomainSetMetadata: one element per namespace, replaced; xml None removes it."""
+        self.calls.append(("metadata", xml, live, config))
+        for root in self._roots(live, config):
+            metadata = root.find("metadata")
+            if metadata is None:
+                metadata = ET.SubElement(root, "metadata")
+            for old in metadata.findall(L.METADATA_TAG):
+                metadata.remove(old)
+            if xml is not None:
+                el = ET.fromstring(xml)
+                el.tag = "{%s}%s" % (L.METADATA_URI, el.tag)
+                metadata.append(el)
+
 
 def test_attach_is_idempotent_and_detach_undoes_it():
     be = FakeBackend(domain(QEMU_GA, running=False))
@@ -237,7 +251,8 @@ def test_attach_running_without_controller():
     result = L.attach("vm1", backend_=be)
     assert len(result["config"]) == 2 and len(result["live"]) == 2 and not result["notes"]
     assert L.CTL_NAME in L.parse_domain_xml(be.dumpxml("vm1")).channels
-    assert L.attach("vm1", backend_=be) == {"config": [], "live": [], "notes": []}
+    assert L.attach("vm1", backend_=be) == {"config": [], "live": [], "notes": [],
+                                            "names": [L.CTL_NAME, L.DATA_NAME]}
     be2 = FakeBackend(domain("", running=False), running=True)
     with pytest.raises(L.AttachError, match="cannot hot-plug"):
         L.attach("vm1", live=True, backend_=be2)
@@ -312,6 +327,7 @@ class FakeLibvirt:
     VIR_ERR_NO_DOMAIN, VIR_ERR_AUTH_FAILED, VIR_ERR_ACCESS_DENIED = 42, 45, 55
     VIR_ERR_NO_CONNECT, VIR_ERR_SYSTEM_ERROR, VIR_ERR_RPC = 5, 38, 39
     VIR_DOMAIN_XML_INACTIVE, VIR_DOMAIN_AFFECT_LIVE, VIR_DOMAIN_AFFECT_CONFIG = 2, 1, 2
+    VIR_DOMAIN_METADATA_ELEMENT = 2
 
     class libvirtError(Exception):
         def __init__(self, code, msg):
@@ -326,6 +342,7 @@ class FakeLibvirt:
 
     def __init__(self, open_error=None):
         self.open_error = open_error
+        self.metadata_calls = []
 
     def open(self, uri):
         if self.open_error:
@@ -335,6 +352,9 @@ class FakeLibvirt:
         class Dom:
             def XMLDesc(self, flags):
                 return LIVE
+
+            def setMetadata(self, kind, xml, key, uri, flags):
+                lv.metadata_calls.append((kind, xml, key, uri, flags))
 
         class Conn:
             def lookupByName(self, name):
@@ -366,7 +386,8 @@ def test_python_backend():
 
 @pytest.fixture
 def no_env(monkeypatch):
-    for var in ("GUESTLINK_CTL", "GUESTLINK_DATA", "GUESTLINK_DOMAIN"):
+    for var in ("GUESTLINK_CTL", "GUESTLINK_DATA", "GUESTLINK_DOMAIN", L.CTL_NAME_ENV,
+                L.DATA_NAME_ENV):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -466,3 +487,305 @@ def test_connect_domain_uses_resolver(monkeypatch, tmp_path):
     assert calls == ["vm1"]
     with pytest.raises(ValueError, match="not both"):
         connect(ctl="/x", domain="vm1")
+
+
+# --- custom channel names: recorded in <metadata>, chosen given > recorded > default --------------
+
+CUSTOM = ("<controller type='virtio-serial' index='0' ports='16'/>"
+          "<channel type='unix'><source mode='bind' path='/s/gl.ctl'/>"
+          "<target type='virtio' name='gl.ctl' state='connected'/>"
+          "<address type='virtio-serial' controller='0' bus='0' port='1'/></channel>"
+          "<channel type='unix'><source mode='bind' path='/s/gl.data'/>"
+          "<target type='virtio' name='gl.data'/>"
+          "<address type='virtio-serial' controller='0' bus='0' port='2'/></channel>")
+
+
+def with_metadata(xml, record):
+    """``xml`` (a domain) with ``record`` pasted into a new <metadata> under <domain>."""
+    return xml.replace("<devices>", "<metadata>%s</metadata><devices>" % record, 1)
+
+
+def test_channels_xml_custom_names_prints_the_metadata_record():
+    text = L.channels_xml("gl.ctl", "gl.data")
+    root = ET.fromstring("<paste>%s</paste>" % text)
+    assert [el.tag for el in root] == ["controller", "channel", "channel", "metadata"]
+    assert [c.find("target").get("name") for c in root.findall("channel")] == ["gl.ctl", "gl.data"]
+    (record,) = list(root.find("metadata"))
+    assert record.tag == "{https://guestlink.invalid/xmlns/1}channels"
+    assert record.attrib == {"ctl": "gl.ctl", "data": "gl.data"}
+    # the record line alone carries its namespace (to paste into an existing <metadata>)
+    line = next(ln for ln in text.splitlines() if ln.startswith("  <guestlink:channels"))
+    assert ET.fromstring(line.strip()).tag == record.tag
+    # pasted as the comments say, the domain reads back the names
+    devices = "".join(ET.tostring(el, encoding="unicode") for el in root if el.tag != "metadata")
+    xml = with_metadata(domain(devices), ET.tostring(record, encoding="unicode"))
+    assert L.parse_domain_xml(xml).recorded == ("gl.ctl", "gl.data")
+    # the defaults need no record: one paste into <devices>, as before
+    default = L.channels_xml()
+    assert "metadata" not in default and "<!--" not in default
+
+
+def test_recorded_names_partial_and_absent():
+    assert L.parse_domain_xml(domain(CUSTOM)).recorded == (None, None)
+    partial = with_metadata(domain(CUSTOM), "<g:channels xmlns:g='%s' ctl='gl.ctl'/>"
+                            % L.METADATA_URI)
+    assert L.parse_domain_xml(partial).recorded == ("gl.ctl", None)
+    other_ns = with_metadata(domain(CUSTOM), "<g:channels xmlns:g='urn:other' ctl='x' data='y'/>")
+    assert L.parse_domain_xml(other_ns).recorded == (None, None)
+
+
+def test_choose_names_precedence():
+    recorded = L.parse_domain_xml(with_metadata(domain(CUSTOM), L.to_string(
+        L.metadata_element("gl.ctl", "gl.data"))))
+    bare = L.parse_domain_xml(domain(CUSTOM))
+    assert L.choose_names(bare) == (L.CTL_NAME, L.DATA_NAME, L.DEFAULT, L.DEFAULT)
+    assert L.choose_names(None) == (L.CTL_NAME, L.DATA_NAME, L.DEFAULT, L.DEFAULT)
+    assert L.choose_names(recorded) == ("gl.ctl", "gl.data", L.RECORDED, L.RECORDED)
+    assert L.choose_names(recorded, "x.ctl", "x.data") == ("x.ctl", "x.data", L.GIVEN, L.GIVEN)
+    assert L.choose_names(recorded, "x.ctl") == ("x.ctl", "gl.data", L.GIVEN, L.RECORDED)
+    assert L.choose_names(bare, None, "x.data") == (L.CTL_NAME, "x.data", L.DEFAULT, L.GIVEN)
+    env = {L.CTL_NAME_ENV: "e.ctl", L.DATA_NAME_ENV: "e.data"}
+    assert L.names_from_env(environ=env) == ("e.ctl", "e.data")
+    assert L.names_from_env("o.ctl", None, environ=env) == ("o.ctl", "e.data")  # option wins
+    assert L.names_from_env(environ={L.CTL_NAME_ENV: ""}) == (None, None)
+
+
+def test_find_sockets_by_recorded_or_given_names():
+    xml = with_metadata(domain(CUSTOM), L.to_string(L.metadata_element("gl.ctl", "gl.data")))
+    assert L.find_sockets(L.parse_domain_xml(xml)) == ("/s/gl.ctl", "/s/gl.data")
+    bare = L.parse_domain_xml(domain(CUSTOM))
+    assert L.find_sockets(bare, "gl.ctl", "gl.data") == ("/s/gl.ctl", "/s/gl.data")
+    assert L.find_sockets(bare, "gl.ctl") == ("/s/gl.ctl", None)  # no org.guestlink.data
+
+
+def test_no_channel_error_names_what_it_looked_for_and_what_there_is():
+    with pytest.raises(L.NoChannels) as info:
+        L.find_sockets(L.parse_domain_xml(domain(CUSTOM)))
+    assert str(info.value) == (
+        "libvirt domain vm1 has no guestlink channel org.guestlink.ctl (looked for ctl "
+        "org.guestlink.ctl and data org.guestlink.data (the default); its virtio channels: gl.ctl, "
+        "gl.data); add them with: guestlink libvirt attach vm1 --config (then restart the "
+        "domain), or name the ones it has with --ctl-name/--data-name")
+    stale = with_metadata(domain(CUSTOM), L.to_string(L.metadata_element("old.ctl", "gl.data")))
+    with pytest.raises(L.NoChannels) as info:
+        L.find_sockets(L.parse_domain_xml(stale), None, "given.data")
+    assert ("looked for ctl old.ctl (recorded in the domain's metadata) and data given.data "
+            "(given)" in str(info.value))
+    assert ("guestlink libvirt attach vm1 --ctl-name old.ctl --data-name given.data --config"
+            in str(info.value))
+    with pytest.raises(L.NoChannels) as info:
+        L.find_sockets(L.parse_domain_xml(domain("")), "a.ctl", "a.data")
+    assert "its virtio channels: none); add them with" in str(info.value)
+    assert str(info.value).endswith("(then restart the domain)")
+
+
+def test_no_channel_error_escapes_domain_controlled_text():
+    # XML 1.0 admits no C0 control but newlines, C1 controls (CSI) and bidi overrides
+    evil = ("<channel type='unix'><source mode='bind' path='/s/x'/>"
+            "<target type='virtio' name='x&#x9b;2J&#10;'/></channel>")
+    record = "<g:channels xmlns:g='%s' ctl='c&#x9b;1m' data='d'/>" % L.METADATA_URI
+    xml = with_metadata(domain(evil, name="vm&#x202e;1"), record)
+    with pytest.raises(L.NoChannels) as info:
+        L.find_sockets(L.parse_domain_xml(xml))
+    msg = str(info.value)
+    assert msg.isprintable() and "\n" not in msg and "\u202e" not in msg
+    assert "vm\\u202e1" in msg and "x\\x9b2J\\x0a" in msg and "ctl c\\x9b1m" in msg
+    with pytest.raises(L.DomainNotRunning) as info:
+        L.find_sockets(L.parse_domain_xml(domain("", running=False, name="vm&#x9b;x")))
+    assert str(info.value).isprintable() and "vm\\x9bx" in str(info.value)
+
+
+def test_attach_records_custom_names_and_detach_removes_them():
+    be = FakeBackend(domain("", running=False))
+    result = L.attach("vm1", config=True, ctl_name="gl.ctl", data_name="gl.data", backend_=be)
+    assert result["names"] == ["gl.ctl", "gl.data"]
+    assert result["config"][-1] == "metadata guestlink:channels ctl=gl.ctl data=gl.data"
+    assert [c[0] for c in be.calls] == ["attach"] * 3 + ["metadata"]
+    assert be.calls[-1][1:] == ("<channels ctl='gl.ctl' data='gl.data'/>", False, True)
+    dom = L.parse_domain_xml(be.dumpxml("vm1"))
+    assert dom.recorded == ("gl.ctl", "gl.data") and set(dom.channels) == {"gl.ctl", "gl.data"}
+    # again without names: the recorded ones are used, nothing to do
+    n = len(be.calls)
+    assert L.attach("vm1", config=True, backend_=be)["config"] == []
+    assert len(be.calls) == n
+    # detach without names: the recorded pair goes, with its record and our controller
+    removed = L.detach("vm1", config=True, backend_=be)
+    assert removed["names"] == ["gl.ctl", "gl.data"]
+    assert removed["config"][-1] == "metadata guestlink:channels"
+    dom = L.parse_domain_xml(be.dumpxml("vm1"))
+    assert dom.recorded == (None, None) and dom.channels == {} and dom.controllers == {}
+
+
+def test_attach_default_names_records_nothing_but_replaces_another_record():
+    be = FakeBackend(domain("", running=False))
+    L.attach("vm1", config=True, backend_=be)
+    assert "metadata" not in [c[0] for c in be.calls]
+    be = FakeBackend(with_metadata(domain("", running=False), L.to_string(
+        L.metadata_element("gl.ctl", "gl.data"))))
+    result = L.attach("vm1", config=True, ctl_name=L.CTL_NAME, data_name=L.DATA_NAME, backend_=be)
+    assert result["config"][-1] == "metadata guestlink:channels ctl=%s data=%s" % (
+        L.CTL_NAME, L.DATA_NAME)
+    assert L.parse_domain_xml(be.dumpxml("vm1")).recorded == (L.CTL_NAME, L.DATA_NAME)
+    # detaching other names than recorded leaves the record alone
+    assert "metadata" not in " ".join(
+        L.detach("vm1", config=True, ctl_name="x", data_name="y", backend_=be)["config"])
+
+
+def test_attach_running_domain_records_live_too():
+    be = FakeBackend(domain(QEMU_GA, running=False), running=True)
+    result = L.attach("vm1", ctl_name="gl.ctl", data_name="gl.data", backend_=be)
+    assert result["live"][-1] == result["config"][-1] == (
+        "metadata guestlink:channels ctl=gl.ctl data=gl.data")
+    live = L.parse_domain_xml(be.dumpxml("vm1"))
+    assert live.running and live.recorded == ("gl.ctl", "gl.data")
+
+
+def test_virsh_set_metadata_command_line(tmp_path):
+    log = tmp_path / "args"
+    path = tmp_path / "virsh"
+    path.write_text("#!/bin/sh\nprintf '%%s\\n' \"$@\" >> %s\n" % log)
+    path.chmod(0o755)
+    be = L.VirshBackend("qemu:///system", virsh=str(path))
+    be.set_metadata("vm1", "<channels ctl='a' data='b'/>", live=True, config=True)
+    be.set_metadata("vm1", None, live=False, config=True)
+    args = log.read_text().splitlines()
+    first = ["-q", "-c", "qemu:///system", "metadata", "--domain", "vm1", "--uri",
+             L.METADATA_URI, "--set", "<channels ctl='a' data='b'/>", "--key", "guestlink",
+             "--live", "--config"]
+    second = ["-q", "-c", "qemu:///system", "metadata", "--domain", "vm1", "--uri",
+              L.METADATA_URI, "--remove", "--config"]
+    assert args == first + second
+    with pytest.raises(L.AttachError, match="metadata not supported"):
+        fake_virsh(tmp_path, "error: metadata not supported").set_metadata("vm1", None, True, False)
+
+
+def test_python_backend_set_metadata():
+    lv = FakeLibvirt()
+    be = L.PythonBackend("qemu:///system", module=lv)
+    be.set_metadata("gl-exp", "<channels ctl='a' data='b'/>", live=True, config=True)
+    be.set_metadata("gl-exp", None, live=False, config=True)
+    assert lv.metadata_calls == [
+        (2, "<channels ctl='a' data='b'/>", "guestlink", L.METADATA_URI, 3),
+        (2, None, None, L.METADATA_URI, 2)]
+
+
+def test_list_domains_uses_each_domains_names():
+    class Two:
+        xmls = {"u1": with_metadata(domain(CUSTOM, name="custom"), L.to_string(
+                    L.metadata_element("gl.ctl", "gl.data"))),
+                "u2": domain(CUSTOM, name="plain")}
+
+        def list_uuids(self):
+            return list(self.xmls)
+
+        def dumpxml(self, uuid, inactive=False):
+            return self.xmls[uuid]
+
+        def state(self, uuid):
+            return "running"
+
+    rows = {r.name: r for r in L.list_domains(backend_=Two())}
+    assert rows["custom"].ctl.path == "/s/gl.ctl" and rows["custom"].names.ctl_source == L.RECORDED
+    assert rows["plain"].ctl is None and rows["plain"].names.ctl == L.CTL_NAME
+    rows = {r.name: r for r in L.list_domains(None, "gl.ctl", None, backend_=Two())}
+    assert rows["plain"].ctl.path == "/s/gl.ctl" and rows["plain"].data is None
+
+
+def test_cli_names_reach_the_resolver(monkeypatch, no_env):
+    seen = []
+
+    def fake_resolve(name, uri=None, ctl_name=None, data_name=None):
+        seen.append((name, ctl_name, data_name))
+        return "/s/c", "/s/d"
+
+    monkeypatch.setattr(L, "resolve_domain", fake_resolve)
+    for argv in (["ping"], ["info"], ["send", "t", "x"], ["listen", "t"], ["call", "op"],
+                 ["shutdown"], ["reboot"], ["exec"], ["run", "s"], ["cp", "a", ":/b"]):
+        args = parse(*(argv[:1] + ["--domain", "vm1", "--ctl-name", "gl.ctl", "--data-name",
+                                   "gl.data"] + argv[1:]))
+        t = cli.resolve_target(args)
+        assert (t.ctl_name, t.data_name) == ("gl.ctl", "gl.data"), argv
+    assert set(seen) == {("vm1", "gl.ctl", "gl.data")}
+    seen.clear()
+    assert cli.resolve_target(parse("ping", "vm1")).ctl_name is None  # metadata/defaults decide
+    monkeypatch.setenv(L.CTL_NAME_ENV, "env.ctl")
+    monkeypatch.setenv(L.DATA_NAME_ENV, "env.data")
+    cli.resolve_target(parse("ping", "vm1"))
+    cli.resolve_target(parse("ping", "vm1", "--ctl-name", "opt.ctl"))
+    assert seen == [("vm1", None, None), ("vm1", "env.ctl", "env.data"),
+                    ("vm1", "opt.ctl", "env.data")]
+    with pytest.raises(cli.UsageError, match="give a domain, not --ctl"):
+        cli.resolve_target(parse("ping", "--ctl", "/x", "--ctl-name", "a"))
+    # the environment defaults do not get in the way of --ctl
+    assert cli.resolve_target(parse("ping", "--ctl", "/x")) == cli.Target("/x")
+    # send's message is not the data socket
+    assert cli.resolve_target(parse("send", "--ctl", "/x", "t", "msg")) == cli.Target("/x")
+
+
+def test_cli_passes_names_to_connect(monkeypatch, no_env):
+    from guestlink.host import client
+
+    monkeypatch.setattr(L, "resolve_domain", lambda name, uri=None, *a: ("/s/c", "/s/d"))
+    seen = {}
+
+    def fake_connect(**kw):
+        seen.update(kw)
+        raise L.NoChannels("stop here")
+
+    monkeypatch.setattr(client, "connect", fake_connect)
+    assert cli.main(["ping", "vm1", "--ctl-name", "gl.ctl"]) == cli.EXIT_CONFIG
+    assert (seen["domain"], seen["ctl_name"], seen["data_name"]) == ("vm1", "gl.ctl", None)
+
+
+def test_cli_libvirt_xml_names_from_env(monkeypatch, capsys, no_env):
+    monkeypatch.setenv(L.CTL_NAME_ENV, "e.ctl")
+    monkeypatch.setenv(L.DATA_NAME_ENV, "e.data")
+    assert cli.main(["libvirt", "xml", "--data-name", "o.data"]) == 0
+    root = ET.fromstring("<paste>%s</paste>" % capsys.readouterr().out)
+    assert [c.find("target").get("name") for c in root.findall("channel")] == ["e.ctl", "o.data"]
+    assert root.find("metadata")[0].attrib == {"ctl": "e.ctl", "data": "o.data"}
+
+
+def test_cli_attach_json_reports_names(monkeypatch, capsys, no_env):
+    be = FakeBackend(domain("", running=False))
+    monkeypatch.setattr(L, "backend", lambda uri=None: be)
+    assert cli.main(["libvirt", "attach", "vm1", "--ctl-name", "gl.ctl", "--data-name", "gl.data",
+                     "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["names"] == ["gl.ctl", "gl.data"] and len(out["config"]) == 4
+    assert cli.main(["libvirt", "detach", "vm1"]) == 0  # names from the record
+    text = capsys.readouterr().out
+    assert "removed channel gl.ctl" in text and "removed metadata guestlink:channels" in text
+    assert L.parse_domain_xml(be.dumpxml("vm1")).channels == {}
+
+
+def test_connect_domain_passes_names(monkeypatch, tmp_path):
+    import asyncio
+
+    import guestlink.sync
+    from guestlink.host import errors as E
+    from guestlink.host.client import connect
+
+    calls = []
+
+    def fake_resolve(name, uri=None, ctl_name=None, data_name=None):
+        calls.append((name, uri, ctl_name, data_name))
+        return str(tmp_path / "no.sock"), None
+
+    monkeypatch.setattr(L, "resolve_domain", fake_resolve)
+
+    async def go():
+        async with connect(domain="vm1", ctl_name="gl.ctl", data_name="gl.data", timeout=1,
+                           reconnect=False):
+            pass
+
+    with pytest.raises(E.SocketNotFound):
+        asyncio.run(go())
+    with pytest.raises(E.SocketNotFound):
+        guestlink.sync.connect(domain="vm2", uri="test:///x", ctl_name="c", timeout=1,
+                               reconnect=False)
+    assert calls == [("vm1", None, "gl.ctl", "gl.data"), ("vm2", "test:///x", "c", None)]
+    with pytest.raises(ValueError, match="need domain="):
+        connect(ctl="/x", ctl_name="gl.ctl")

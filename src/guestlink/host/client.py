@@ -272,17 +272,20 @@ def _violation(what, exc):
     return E.ProtocolError("malformed %s from the agent: %s" % (what, exc))
 
 
-def connect(ctl=None, data=None, *, domain=None, uri=None, timeout=DEFAULT_TIMEOUT, reconnect=True,
-            max_payload=None, queue_size=DEFAULT_QUEUE_SIZE, queue_timeout=None, on_queue=None):
+def connect(ctl=None, data=None, *, domain=None, uri=None, ctl_name=None, data_name=None,
+            timeout=DEFAULT_TIMEOUT, reconnect=True, max_payload=None,
+            queue_size=DEFAULT_QUEUE_SIZE, queue_timeout=None, on_queue=None):
     """Connect to the agent of one VM.
 
     ``ctl`` is the control channel's unix socket, ``data`` the data channel's (kept for file
     transfer; not opened yet). Or ``domain``: a libvirt domain name or UUID (``uri`` as virsh's
     ``--connect``; default $LIBVIRT_DEFAULT_URI, else qemu:///system) whose live XML gives both
     paths, read again before every (re)connection (see :mod:`guestlink.libvirt`; its errors are
-    ConnectErrors). ``timeout`` is the handshake timeout and every verb's default
-    timeout (None: no limit). With ``reconnect=True`` the client re-opens the socket with backoff
-    after it breaks and calls made meanwhile wait for it up to their timeout.
+    ConnectErrors); its channels are named ``ctl_name``/``data_name`` when given, else as recorded
+    in the domain's guestlink metadata, else org.guestlink.ctl/.data. ``timeout`` is the
+    handshake timeout and every verb's default timeout (None: no limit). With ``reconnect=True``
+    the client re-opens the socket with backoff after it breaks and calls made meanwhile wait for
+    it up to their timeout.
 
     A VM serves one client at a time (QEMU's chardev accepts one connection): while another
     guestlink client is connected to it, this one waits its turn (:mod:`guestlink.host.vmlock`),
@@ -298,7 +301,10 @@ def connect(ctl=None, data=None, *, domain=None, uri=None, timeout=DEFAULT_TIMEO
             raise ValueError("connect(): give either domain= or ctl=/data=, not both")
         from ..libvirt import resolver as _libvirt_resolver
 
-        resolver = _libvirt_resolver(domain, uri)
+        resolver = _libvirt_resolver(domain, uri, ctl_name, data_name)
+    elif ctl_name or data_name:
+        raise ValueError("connect(): ctl_name=/data_name= name a libvirt domain's channels; "
+                         "they need domain=")
     client = Client(ctl, data, timeout=timeout, reconnect=reconnect, max_payload=max_payload,
                     queue_size=queue_size, resolver=resolver, queue_timeout=queue_timeout,
                     on_queue=on_queue)

@@ -54,15 +54,17 @@ class _LoopThread:
             self.loop.close()
 
 
-def connect(ctl=None, data=None, *, domain=None, uri=None, timeout=DEFAULT_TIMEOUT,
-            reconnect=True, max_payload=None, queue_size=DEFAULT_QUEUE_SIZE, queue_timeout=None,
-            on_queue=None):
+def connect(ctl=None, data=None, *, domain=None, uri=None, ctl_name=None, data_name=None,
+            timeout=DEFAULT_TIMEOUT, reconnect=True, max_payload=None,
+            queue_size=DEFAULT_QUEUE_SIZE, queue_timeout=None, on_queue=None):
     """Connect (blocking) and return a :class:`SyncClient`; use it as a context manager.
-    ``domain``/``uri``: a libvirt domain instead of socket paths; ``queue_timeout``/``on_queue``:
-    waiting for another client of the VM (both as the asyncio connect())."""
+    ``domain``/``uri``: a libvirt domain instead of socket paths, ``ctl_name``/``data_name`` its
+    channel names (default: its guestlink metadata's, else the defaults); ``queue_timeout``/
+    ``on_queue``: waiting for another client of the VM (all as the asyncio connect())."""
     lt = _LoopThread()
     try:
-        client = _client.connect(ctl, data, domain=domain, uri=uri, timeout=timeout,
+        client = _client.connect(ctl, data, domain=domain, uri=uri, ctl_name=ctl_name,
+                                 data_name=data_name, timeout=timeout,
                                  reconnect=reconnect, max_payload=max_payload,
                                  queue_size=queue_size, queue_timeout=queue_timeout,
                                  on_queue=on_queue)._client
