@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional
 import pytest
 
 from guestlink.image.backends import GuestfsBackend, LoopBackend, NbdBackend, open_root
-from guestlink.image.disk import (CommandFailed, ImageInfo, Runner, candidates, image_info,
+from guestlink.image.disk import (ImageInfo, Runner, candidates, image_info, image_opts,
                                   partitions)
 from guestlink.image.errors import ImageError
 
@@ -210,6 +210,56 @@ def test_qcow2_naming_a_data_file_is_refused(tmp_path):
         r = cli("status", img, "--format", "qcow2", "--backend", "loop", timeout=60)
     assert not watch.opened
     assert r.returncode == 65 and "data file %s" % fifo in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+@pytest.mark.parametrize("how", ["fuse", "convert"])
+def test_loop_opens_qcow2_without_its_backing_file_even_unchecked(tmp_path, monkeypatch, how,
+                                                                    read_only):
+    """Defence in depth: a header the qemu-img info check did not see still pulls in no host
+    file, because the image is opened with the backing file turned off."""
+    need("qemu-img", "qemu-storage-daemon", "losetup", root=True)
+    fifo = tmp_path / "host-canary"
+    os.mkfifo(fifo)
+    img = qcow2_with_backing(tmp_path, str(fifo))
+    if how == "convert":
+        monkeypatch.setattr(LoopBackend, "_qsd_ok", staticmethod(lambda: False))
+    info = ImageInfo(str(img), "qcow2", 16 * MIB, read_only=read_only)  # no image_info check
+    with FifoWatch(fifo) as watch:
+        with pytest.raises(ImageError, match="no Linux filesystem"):
+            with ExitStack() as stack, within(60):
+                LoopBackend().open(info, stack)
+    assert not watch.opened
+
+
+def test_qemu_nbd_accepts_the_image_opts_and_skips_the_backing_file(tmp_path):
+    """The options given to qemu-nbd --connect, tried on a unix socket (no nbd module needed)."""
+    need("qemu-img", "qemu-nbd", "qemu-io")
+    fifo = tmp_path / "host-canary"
+    os.mkfifo(fifo)
+    img = qcow2_with_backing(tmp_path, str(fifo), "evil,name.qcow2")
+    sock = tmp_path / "nbd.sock"
+    for read_only in (False, True):
+        info = ImageInfo(str(img), "qcow2", 16 * MIB, read_only=read_only)
+        with FifoWatch(fifo) as watch:
+            server = subprocess.Popen(["qemu-nbd", "-k", str(sock)]
+                                      + (["--read-only"] if read_only else [])
+                                      + ["--image-opts", image_opts(info)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            try:
+                deadline = time.monotonic() + 20
+                while not sock.exists():
+                    assert server.poll() is None, server.stdout.read()
+                    assert time.monotonic() < deadline, "qemu-nbd did not start"
+                    time.sleep(0.05)
+                r = subprocess.run(["qemu-io", "-r", "-f", "raw", "nbd+unix:///?socket=%s" % sock,
+                                    "-c", "read -v 0 16"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, timeout=20)
+                assert r.returncode == 0 and "read 16/16 bytes" in r.stdout, r.stdout
+            finally:
+                server.terminate()
+                server.wait(10)
+        assert not watch.opened
 
 
 def test_allow_backing_file_opens_a_trusted_backing_chain(tmp_path):

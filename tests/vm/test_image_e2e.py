@@ -215,6 +215,35 @@ def test_loop_install_boot_upgrade_remove(disk, newer_pyz, tmp_path):
     assert leftovers(img) == []
 
 
+# --- status on a running VM's disk: read-only, QEMU's lock shared ------------------------------
+
+def test_status_on_a_running_vms_disk_reads_without_writing(disk, tmp_path):
+    img = copy_disk(disk, tmp_path)
+    r = image("install", img, "--backend", "loop")
+    assert r.returncode == 0, r.stderr
+    vm = boot(img, disk, tmp_path, "vm1")
+    try:
+        wait_ping(vm)
+        # the guest stops writing its disk, so any change below would be ours; QEMU still holds
+        # the image open read-write (its lock says so)
+        r = cli(vm, "exec", "--", "sh", "-c", "sync && mount -o remount,ro / && sync")
+        assert r.returncode == 0, r.stderr
+        before = sha(img)
+        r = image("install", img, "--backend", "loop")
+        assert r.returncode == 75 and "in use" in r.stderr, r.stderr
+        for backend in ("loop", "auto"):
+            st = status(img, "--backend", backend)
+            assert (st["installed"], st["agent_version"], st["init"]) == (True, "0.1.0", "sysv")
+            assert {f["path"]: f["state"] for f in st["files"]}[
+                "/etc/rc2.d/S01guestlink-agent"] == "present"
+            assert sha(img) == before, "image status changed the image (backend %s)" % backend
+            assert [x for x in leftovers(img) if "qemu-system" not in x] == []
+        assert wait_ping(vm, timeout=10)["agent_version"] == "0.1.0"  # the VM did not notice
+    finally:
+        vm.stop()
+    assert leftovers(img) == []
+
+
 # --- guestfs (rc.local path) ----------------------------------------------------------------
 
 def test_guestfs_install_boot_remove(disk, tmp_path):
