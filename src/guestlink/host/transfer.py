@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from ..agent import copyengine as CE
 from ..protocol import Fields, ProtocolViolation, codes
@@ -37,8 +37,13 @@ BUSY_RETRY = 15.0  # seconds to retry while the agent's data port is still busy
 #: Mode bits a pull takes from the guest: never setuid/setgid (the guest is untrusted; a pull
 #: with -p as root would otherwise plant a setuid-root file of the guest's choosing).
 GUEST_MODE_BITS = 0o1777
-#: Entries a recursive pull accepts from the guest's listing (the guest could page forever).
+#: Bounds on the guest's listing for a recursive pull (a hostile guest could page forever or
+#: pad its entries): entries, pages (each ``fs.list`` reply is at most MAX_JSON_PAYLOAD; a page
+#: must list at least one entry unless it is the last) and the bytes of names and link targets
+#: kept. Each entry is reduced to its validated fields as it arrives; unknown keys are dropped.
 MAX_TREE_ENTRIES = 1_000_000
+MAX_TREE_PAGES = 20_000
+MAX_TREE_BYTES = 64 << 20
 PROGRESS_INTERVAL = 0.1
 #: Bounds on what the guest may give as a time (ns), size, uid or gid: outside them the host's
 #: os calls would raise OverflowError instead of doing something wrong.
@@ -126,12 +131,27 @@ class _Progress:
             self.loop.call_soon_threadsafe(self.cb, pos, self.total)
 
 
+def _violation(what: str, exc: ProtocolViolation) -> E.ProtocolError:
+    from .client import _violation as violation  # one wording for every malformed reply
+    return violation(what, exc)
+
+
+def _reported_file(obj: Any, what: str) -> Tuple[int, str]:
+    """(size, digest) of one file in the agent's final reply to a transfer, type-checked."""
+    try:
+        f = Fields(obj, what)
+        return f.int("size", min=0, max=MAX_NS), f.str("digest", max_len=m.MAX_NAME)
+    except ProtocolViolation as exc:
+        raise _violation(what, exc) from None
+
+
 def _verify_one(reply, result, args):
     nbytes, digest = result
-    if reply.get("digest") != digest or reply.get("size") != nbytes:
-        raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "the agent reports %s %s (%s bytes), this "
-                                 "side %s (%d bytes)" % (args.get("checksum"), reply.get("digest"),
-                                                         reply.get("size"), digest, nbytes))
+    size, theirs = _reported_file(reply, "transfer reply")
+    if theirs != digest or size != nbytes:
+        raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "the agent reports %s %s (%d bytes), this "
+                                 "side %s (%d bytes)" % (args.get("checksum"), theirs, size, digest,
+                                                         nbytes))
 
 
 async def _transfer_one(client, direction, args, engine, progress, total, timeout,
@@ -239,7 +259,11 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
                 raise _engine_error(exc) from None
             payload = await client._await_reply(call, client._deadline(max(client.timeout or 0, 30.0)),
                                                 "transfer.open")
-            reply = m.parse_response(payload)
+            try:
+                reply = m.parse_response(payload)
+                Fields(reply, "transfer reply").str("path", default=None)
+            except ProtocolViolation as exc:
+                raise _violation("transfer reply", exc) from None
             verify(reply, result, args)
             ok = True
             return reply, ready, result, time.monotonic() - started
@@ -292,6 +316,9 @@ async def push_file(client, local, remote, *, preserve=False, resume=False, chec
 
         def engine(chan, tid, ready, prog):
             offset = ready["offset"]
+            if offset > (size if size is not None and resume else 0):
+                raise E.ProtocolError("bad ready event: field 'offset' (%d) is beyond what this "
+                                      "side sends" % offset)
             if offset:
                 os.lseek(fd, offset, os.SEEK_SET)
             chan.write_all([T.encode_hello(tid, ready["nonce"], "host")])
@@ -325,6 +352,19 @@ async def push_file(client, local, remote, *, preserve=False, resume=False, chec
             os.close(fd)
 
 
+def _receive(chan: CE.Channel, fd: int, tid: int, checksum: str, offset: int, size: int,
+             progress: Optional[Callable[[int], None]]) -> Tuple[int, str]:
+    """recv_file for a pull: never more than the ``size`` the guest announced (recv_file refuses
+    the excess; a frame too large for it is said to be more than announced, too)."""
+    try:
+        return CE.recv_file(chan, fd, tid, checksum, offset, size, progress=progress)
+    except CE.TransferError as exc:
+        if exc.code != codes.TOO_LARGE:
+            raise
+        raise CE.TransferError(exc.code, "%s (the guest announced %d bytes)" % (exc, size),
+                               exc.interrupted) from None
+
+
 def _open_partial(parent, name, offset):
     fd = os.open(os.path.join(parent, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                  0o600)
@@ -333,15 +373,83 @@ def _open_partial(parent, name, offset):
     return fd
 
 
+def _resume_from(parent: str, partial: str, size: int) -> int:
+    """Where a --resume pull continues: after the verified prefix in the hidden partial file."""
+    try:
+        pst = os.lstat(os.path.join(parent, partial))
+    except OSError:
+        return 0
+    return T.resume_offset(pst.st_size, size) if stat.S_ISREG(pst.st_mode) else 0
+
+
+def _check_space(path: str, need: int) -> None:
+    """Refuse a pull the host's file system cannot hold before anything is written. The guest's
+    announced sizes are enforced, so ``need`` is the most the pull can write."""
+    probe = path
+    while not os.path.isdir(probe):  # what the pull creates goes below the nearest existing dir
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
+    try:
+        vfs = os.statvfs(probe)
+    except OSError:
+        return
+    if vfs.f_blocks == 0:  # a file system that reports no sizes (some network or FUSE ones)
+        return
+    # root may use the blocks reserved for it
+    free = (vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail) * vfs.f_frsize
+    if need > free:
+        raise OSError(errno.ENOSPC, "not enough space on the host in %s: %d bytes needed, %d free"
+                      % (probe, need, free))
+
+
+def _fsync_dir(path: str) -> None:
+    """Make renames into ``path`` durable: a rename is recorded in the directory, which the
+    file's own fsync does not write."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory (EINVAL): nothing more to do
+        pass
+    finally:
+        os.close(fd)
+
+
+def _stat_fields(rst: Any, path: str) -> Dict[str, Any]:
+    """The agent's fs.stat reply for ``path``, every field type- and range-checked."""
+    try:
+        f = Fields(rst, "fs.stat reply")
+        return {"type": f.str("type", max_len=16),
+                "size": f.int("size", default=None, min=0, max=MAX_NS),
+                "mode": f.int("mode", default=None, min=0, max=0o7777),
+                "mtime_ns": f.int("mtime_ns", default=None, min=MIN_NS, max=MAX_NS),
+                "uid": f.int("uid", default=None, min=0, max=MAX_ID),
+                "gid": f.int("gid", default=None, min=0, max=MAX_ID)}
+    except ProtocolViolation as exc:
+        raise _violation("fs.stat reply for %r" % path, exc) from None
+
+
 async def pull_file(client, remote, local, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
                     progress=None, timeout=None, remote_stat=None, _test_corrupt=None):
-    """Pull one guest file to ``local`` (a file path, an existing directory, or ``-`` = stdout)."""
+    """Pull one guest file to ``local`` (a file path, an existing directory, or ``-`` = stdout).
+
+    At most the size fs.stat announced is accepted (the agent refuses a file whose size changed
+    since), and a pull that would not fit in the host's free space is refused before it starts."""
     if checksum not in T.ALGORITHMS:
         raise ValueError("checksum must be one of %s" % ", ".join(T.ALGORITHMS))
-    rst = remote_stat or await client.call("fs.stat", {"path": remote}, timeout=timeout)
-    if rst.get("type") == "dir":
+    rst = _stat_fields(remote_stat or await client.call("fs.stat", {"path": remote}, timeout=timeout),
+                       remote)
+    if rst["type"] == "dir":
         raise E.RemoteIsADirectory(codes.IS_A_DIRECTORY, "%s is a directory in the guest (use -r)" % remote)
-    size, mtime_ns = rst.get("size"), rst.get("mtime_ns")
+    size, mtime_ns = rst["size"], rst["mtime_ns"]
+    for key in ("size", "mtime_ns"):
+        if rst[key] is None:  # the size bounds the pull; both name its resume file
+            raise E.ProtocolError("malformed fs.stat reply for %r from the agent: no field %r"
+                                  % (remote, key))
     to_stdout = local == "-"
     if to_stdout:
         fd, dest, partial, offset = sys.stdout.fileno(), "-", None, 0
@@ -356,14 +464,8 @@ async def pull_file(client, remote, local, *, preserve=False, resume=False, chec
         if not os.path.isdir(parent):
             raise FileNotFoundError(errno.ENOENT, "local directory %s does not exist" % parent)
         partial = T.partial_name(dest, size, mtime_ns, checksum)
-        offset = 0
-        if resume:
-            try:
-                pst = os.lstat(os.path.join(parent, partial))
-                if stat.S_ISREG(pst.st_mode):
-                    offset = T.resume_offset(pst.st_size, size)
-            except FileNotFoundError:
-                pass
+        offset = _resume_from(parent, partial, size) if resume else 0
+        _check_space(parent, size - offset)
         fd = _open_partial(parent, partial, offset)
     args = {"path": remote, "checksum": checksum, "offset": offset, "size": size, "mtime_ns": mtime_ns}
     if _test_corrupt is not None:
@@ -371,8 +473,10 @@ async def pull_file(client, remote, local, *, preserve=False, resume=False, chec
     keep = False
 
     def engine(chan, tid, ready, prog):
-        nbytes, digest = CE.recv_file(chan, fd, tid, checksum, ready["offset"], ready["size"],
-                                      progress=prog)
+        if ready["offset"] != offset or ready["size"] not in (None, size):
+            raise E.ProtocolError("bad ready event: field 'offset' %d / 'size' %s where %d / %d "
+                                  "was asked" % (ready["offset"], ready["size"], offset, size))
+        nbytes, digest = _receive(chan, fd, tid, checksum, offset, size, prog)
         if not to_stdout:
             os.fsync(fd)
         chan.write_all([T.encode_ack(tid)])
@@ -403,6 +507,7 @@ async def pull_file(client, remote, local, *, preserve=False, resume=False, chec
                     os.fchmod(fd, 0o666 & ~mask)
             os.replace(final, dest)
             partial = None
+            _fsync_dir(parent)
         return TransferResult(remote, dest, nbytes, seconds, checksum, digest, 1, ready["offset"])
     finally:
         if not to_stdout:
@@ -510,18 +615,13 @@ def _batch_verifier(paths):
         if not isinstance(files, list) or len(files) != len(result):
             raise E.ProtocolError("the agent's reply does not list the batch's files")
         for entry, (nbytes, digest), path in zip(files, result, paths):
-            if not isinstance(entry, dict):
-                raise E.ProtocolError("bad file entry in the agent's reply")
-            if entry.get("digest") != digest or entry.get("size") != nbytes:
+            size, theirs = _reported_file(entry, "file entry of the transfer reply")
+            if theirs != digest or size != nbytes:
                 raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "%s: the agent reports %s %s "
-                                         "(%s bytes), this side %s (%d bytes)" % (
-                                             path, args.get("checksum"), entry.get("digest"),
-                                             entry.get("size"), digest, nbytes))
+                                         "(%d bytes), this side %s (%d bytes)" % (
+                                             path, args.get("checksum"), theirs, size, digest,
+                                             nbytes))
     return verify
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 async def _push_batch(client, batch, *, preserve, resume, checksum, progress, timeout, base,
@@ -578,21 +678,15 @@ async def _pull_batch(client, root, batch, *, preserve, resume, checksum, progre
                       grand_total):
     """Pull the files of one batch (``[(parts, guest path, listing entry)]``) in one transfer: the
     agent sends them in turn on one opening of the data port; each is received into a temp file
-    beside its destination, verified and renamed before the next. Returns (bytes, last digest)."""
+    beside its destination, verified and renamed before the next (at most its listed size is
+    accepted). Returns (bytes, last digest)."""
     plan = []
     for parts, path, e in batch:
         dest = _safe_parent(root, parts)
-        partial = T.partial_name(dest, e["size"], e["mtime_ns"], checksum)
-        offset = 0
-        if resume:
-            try:
-                pst = os.lstat(os.path.join(os.path.dirname(dest), partial))
-                if stat.S_ISREG(pst.st_mode):
-                    offset = T.resume_offset(pst.st_size, e["size"])
-            except FileNotFoundError:
-                pass
+        partial = T.partial_name(dest, e.size, e.mtime_ns, checksum)
+        offset = _resume_from(os.path.dirname(dest), partial, e.size) if resume else 0
         plan.append((parts, dest, partial, offset, e))
-    args = {"files": [{"path": path, "size": e["size"], "mtime_ns": e["mtime_ns"], "offset": offset}
+    args = {"files": [{"path": path, "size": e.size, "mtime_ns": e.mtime_ns, "offset": offset}
                       for (_, path, e), (_, _, _, offset, _) in zip(batch, plan)],
             "checksum": checksum}
     mask = os.umask(0o022)
@@ -601,27 +695,33 @@ async def _pull_batch(client, root, batch, *, preserve, resume, checksum, progre
 
     def engine(chan, tid, ready, prog):
         done, received = [], base
-        for i, (parts, dest, partial, offset, e) in enumerate(plan):
-            dest = _safe_parent(root, parts)  # again: nothing may have moved under us
-            if os.path.islink(dest):
-                os.unlink(dest)  # never write through a link
-            parent = os.path.dirname(dest)
-            fd = _open_partial(parent, partial, offset)
-            state["partial"] = os.path.join(parent, partial)
-            try:
-                nbytes, digest = CE.recv_file(chan, fd, T.batch_tid(tid, i), checksum, offset,
-                                              e["size"], progress=lambda pos, at=received: prog(at + pos))
-                os.fsync(fd)
-                _finish_pulled(fd, dest, e, preserve, mask)
-                os.replace(state["partial"], dest)
-                state["partial"] = None
-            except CE.TransferError as exc:
-                state["keep"] = exc.interrupted  # the verified prefix stays for --resume
-                raise
-            finally:
-                os.close(fd)
-            received += e["size"]
-            done.append((nbytes, digest))
+        renamed_in = set()  # directories to fsync: once each, even if a later file fails
+        try:
+            for i, (parts, dest, partial, offset, e) in enumerate(plan):
+                dest = _safe_parent(root, parts)  # again: nothing may have moved under us
+                if os.path.islink(dest):
+                    os.unlink(dest)  # never write through a link
+                parent = os.path.dirname(dest)
+                fd = _open_partial(parent, partial, offset)
+                state["partial"] = os.path.join(parent, partial)
+                try:
+                    nbytes, digest = _receive(chan, fd, T.batch_tid(tid, i), checksum, offset,
+                                              e.size, lambda pos, at=received: prog(at + pos))
+                    os.fsync(fd)
+                    _finish_pulled(fd, dest, e, preserve, mask)
+                    os.replace(state["partial"], dest)
+                    state["partial"] = None
+                    renamed_in.add(parent)
+                except CE.TransferError as exc:
+                    state["keep"] = exc.interrupted  # the verified prefix stays for --resume
+                    raise
+                finally:
+                    os.close(fd)
+                received += e.size
+                done.append((nbytes, digest))
+        finally:
+            for parent in sorted(renamed_in):
+                _fsync_dir(parent)
         chan.write_all([T.encode_ack(T.batch_tid(tid, len(plan) - 1))])
         return done
 
@@ -643,13 +743,12 @@ async def _pull_batch(client, root, batch, *, preserve, resume, checksum, progre
 
 def _finish_pulled(fd, dest, e, preserve, mask):
     """Owner, mode and mtime of a pulled file (from the guest's listing, never setuid/setgid)."""
-    mode, uid, gid, mtime_ns = e.get("mode"), e.get("uid"), e.get("gid"), e.get("mtime_ns")
     if preserve:
-        if _is_int(uid) and 0 <= uid <= MAX_ID and os.geteuid() == 0:
-            os.fchown(fd, uid, gid if _is_int(gid) and 0 <= gid <= MAX_ID else -1)
-        if _is_int(mode):
-            os.fchmod(fd, mode & GUEST_MODE_BITS)
-        os.utime(fd, ns=(mtime_ns, mtime_ns))
+        if e.uid is not None and os.geteuid() == 0:
+            os.fchown(fd, e.uid, e.gid if e.gid is not None else -1)
+        if e.mode is not None:
+            os.fchmod(fd, e.mode & GUEST_MODE_BITS)
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
     else:
         try:
             os.fchmod(fd, stat.S_IMODE(os.stat(dest).st_mode))
@@ -669,75 +768,138 @@ def _safe_parent(root, parts):
     return os.path.join(path, parts[-1])
 
 
-async def list_tree(client, remote, timeout=None, op="fs.list"):
-    entries = []
+class ListEntry(NamedTuple):
+    """One entry of the guest's recursive listing, reduced to the validated fields the host uses
+    (anything else the guest sent is dropped at once)."""
+
+    path: str
+    type: str
+    size: Optional[int]
+    mode: Optional[int]
+    mtime_ns: Optional[int]
+    uid: Optional[int]
+    gid: Optional[int]
+    target: Optional[str]
+
+
+def _list_entry(obj: Any) -> ListEntry:
+    f = Fields(obj, "listing entry")
+    return ListEntry(f.str("path"), f.str("type", max_len=16),
+                     f.int("size", default=None, min=0, max=MAX_NS),
+                     f.int("mode", default=None, min=0, max=0o7777),
+                     f.int("mtime_ns", default=None, min=MIN_NS, max=MAX_NS),
+                     f.int("uid", default=None, min=0, max=MAX_ID),
+                     f.int("gid", default=None, min=0, max=MAX_ID),
+                     f.str("target", default=None))
+
+
+async def list_tree(client, remote: str, timeout: Optional[float] = None,
+                    op: str = "fs.list") -> List[ListEntry]:
+    """The guest's recursive listing of ``remote``, page by page. Each entry is validated and
+    reduced as its page arrives; ``next`` must be ``start`` + the page's entries (null on the
+    last page, the only one that may be empty); MAX_TREE_ENTRIES, MAX_TREE_PAGES and
+    MAX_TREE_BYTES (names and link targets) bound what the host keeps. Anything else is a
+    ProtocolError."""
+    entries: List[ListEntry] = []
+    kept = 0
     start = 0
-    while start is not None:
+    pages = 0
+    while True:
         page = await client.call(op, {"path": remote, "start": start}, timeout=timeout)
-        items = page.get("entries")
-        if not isinstance(items, list):
-            raise E.ProtocolError("%s reply without entries" % op)
-        entries.extend(items)
-        if len(entries) > MAX_TREE_ENTRIES:
-            raise E.ProtocolError("the guest's listing of %s exceeds %d entries" % (
-                remote, MAX_TREE_ENTRIES))
-        nxt = page.get("next")
-        start = nxt if isinstance(nxt, int) and not isinstance(nxt, bool) and nxt > start else None
-    return entries
+        pages += 1
+        try:
+            nxt = Fields(page, "%s reply" % op).int("next", default=None, min=0)
+            items = page.get("entries")
+            if not isinstance(items, list):
+                raise ProtocolViolation("%s reply: field 'entries' must be a list" % op)
+            if nxt is not None and not items:
+                raise ProtocolViolation("%s reply: an empty page that is not the last" % op)
+            if nxt is not None and nxt != start + len(items):
+                raise ProtocolViolation("%s reply: field 'next' is %d after %d entries from %d"
+                                        % (op, nxt, len(items), start))
+            if len(entries) + len(items) > MAX_TREE_ENTRIES:
+                raise ProtocolViolation("the listing exceeds %d entries" % MAX_TREE_ENTRIES)
+            for item in items:
+                entry = _list_entry(item)
+                kept += len(entry.path) + len(entry.target or "")
+                if kept > MAX_TREE_BYTES:
+                    raise ProtocolViolation("the listing's names exceed %d bytes" % MAX_TREE_BYTES)
+                entries.append(entry)
+        except ProtocolViolation as exc:
+            raise E.ProtocolError("the guest's listing of %s: %s" % (remote, exc)) from None
+        del page, items  # the raw page (unknown keys and all) goes now, not with the next one
+        if nxt is None:
+            return entries
+        if pages >= MAX_TREE_PAGES:
+            raise E.ProtocolError("the guest's listing of %s takes more than %d pages" % (
+                remote, MAX_TREE_PAGES))
+        start = nxt
 
 
 async def pull_tree(client, remote, local, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
                     progress=None, timeout=None, _list_op="fs.list"):
     """``cp -r`` from the guest. Every name in the guest's listing is validated before anything
-    is written; a listing naming ``..``, absolute paths or anything unsafe is refused whole."""
+    is written; a listing naming ``..``, absolute paths or anything unsafe is refused whole, and
+    so is a tree larger than the host's free space.
+
+    Directories get the host's default mode (0777 & ~umask), or with ``preserve`` the guest's
+    mode without setuid/setgid; existing directories keep theirs unless ``preserve``."""
     local = os.path.abspath(local)
     root = os.path.join(local, os.path.basename(remote.rstrip("/")) or "root") \
         if os.path.isdir(local) else local
     entries = await list_tree(client, remote, timeout, _list_op)
     plan = []
     seen = set()
+    need = 0
     for e in entries:
-        if not isinstance(e, dict):
-            raise E.ProtocolError("bad listing entry from the guest")
         try:
-            parts = T.safe_relpath(e.get("path"))
+            parts = T.safe_relpath(e.path)
         except ProtocolViolation as exc:
             raise E.ProtocolError("the guest's listing is unsafe: %s" % exc) from None
         rel = "/".join(parts)
         if rel in seen:
             raise E.ProtocolError("the guest's listing names %r twice" % rel)
         seen.add(rel)
-        kind = e.get("type")
-        if kind == "symlink" and not isinstance(e.get("target"), str):
+        if e.type == "symlink" and e.target is None:
             raise E.ProtocolError("symlink %r without a target" % rel)
-        plan.append((parts, rel, kind, e))
+        if e.type == "file":
+            if e.size is None or e.mtime_ns is None:
+                raise E.ProtocolError("no size or mtime for %r in the guest's listing" % rel)
+            need += e.size
+            if resume:  # an estimate: the partial files hold what need not come again
+                dest = os.path.join(root, *parts)
+                need -= _resume_from(os.path.dirname(dest),
+                                     T.partial_name(dest, e.size, e.mtime_ns, checksum), e.size)
+        plan.append((parts, rel, e))
+    _check_space(root, need)
     total = TransferResult(remote, root, algorithm=checksum)
     t0 = time.monotonic()
     os.makedirs(root, exist_ok=True)
     if os.path.islink(root) or not os.path.isdir(root):
         raise E.ProtocolError("%s is not a directory" % root)
-    dirs = []
+    mask = os.umask(0o022)
+    os.umask(mask)
+    dirs = []  # (path, listing entry, created here)
     files = []  # (parts, guest path, listing entry): pulled in batches once every directory exists
-    for parts, rel, kind, e in plan:
+    for parts, rel, e in plan:
         dest = _safe_parent(root, parts)
-        if kind == "dir":
+        if e.type == "dir":
+            created = True
             try:
-                os.mkdir(dest, 0o700)
+                os.mkdir(dest, 0o700)  # writable for the files to come; its mode is set last
             except FileExistsError:
                 if os.path.islink(dest) or not os.path.isdir(dest):
                     raise E.ProtocolError("%s exists and is not a directory" % dest)
-            dirs.append((dest, e))
-        elif kind == "symlink":
+                created = False
+            dirs.append((dest, e, created))
+        elif e.type == "symlink":
             if os.path.lexists(dest):
                 os.unlink(dest)
-            os.symlink(e["target"], dest)
-        elif kind == "file":
-            size, mtime_ns = e.get("size"), e.get("mtime_ns")
-            if not (_is_int(size) and 0 <= size <= MAX_NS and _is_int(mtime_ns)
-                    and MIN_NS <= mtime_ns <= MAX_NS):
-                raise E.ProtocolError("bad size or mtime for %r in the guest's listing" % rel)
+            os.symlink(e.target, dest)
+        elif e.type == "file":
             files.append((parts, _join_remote(remote, rel), e))
-    grand_total = sum(e["size"] for _, _, e in files)
+    del plan, seen, entries
+    grand_total = sum(e.size for _, _, e in files)
     for batch in _batches([(None, path, None) for _, path, _ in files], False, files):
         nbytes, digest = await _pull_batch(client, root, batch, preserve=preserve, resume=resume,
                                            checksum=checksum, progress=progress, timeout=timeout,
@@ -745,13 +907,14 @@ async def pull_tree(client, remote, local, *, preserve=False, resume=False, chec
         total.bytes += nbytes
         total.files += len(batch)
         total.digest = digest
-    for dest, e in reversed(dirs):
-        mode = e.get("mode")
-        if isinstance(mode, int):
-            os.chmod(dest, mode & GUEST_MODE_BITS)
-        mtime_ns = e.get("mtime_ns")
-        if preserve and _is_int(mtime_ns) and MIN_NS <= mtime_ns <= MAX_NS:
-            os.utime(dest, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+    for dest, e, created in reversed(dirs):
+        if preserve:
+            if e.mode is not None:
+                os.chmod(dest, e.mode & GUEST_MODE_BITS)
+            if e.mtime_ns is not None:
+                os.utime(dest, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+        elif created:
+            os.chmod(dest, 0o777 & ~mask)
     total.seconds = time.monotonic() - t0
     return total
 
@@ -765,8 +928,9 @@ async def push(client, local, remote, *, recursive=False, **kw):
 
 
 async def pull(client, remote, local, *, recursive=False, _list_op="fs.list", **kw):
-    rst = await client.call("fs.stat", {"path": remote}, timeout=kw.get("timeout"))
-    if rst.get("type") == "dir" or _list_op != "fs.list":
+    rst = _stat_fields(await client.call("fs.stat", {"path": remote}, timeout=kw.get("timeout")),
+                       remote)
+    if rst["type"] == "dir" or _list_op != "fs.list":
         if not recursive:
             raise E.RemoteIsADirectory(codes.IS_A_DIRECTORY, "%s is a directory in the guest "
                                        "(use -r)" % remote)
