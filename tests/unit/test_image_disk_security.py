@@ -25,10 +25,11 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from guestlink.image.backends import GuestfsBackend, LoopBackend, NbdBackend, open_root
+from guestlink.image.backends import GuestfsBackend, LoopBackend
 from guestlink.image.disk import (ImageInfo, Runner, candidates, image_info, image_opts,
                                   partitions)
 from guestlink.image.errors import ImageError
+from test_image import ext4_at, nbd_setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIB = 1 << 20
@@ -333,8 +334,7 @@ class FakeLoopRunner:
 
 def whole_ext4(path) -> None:
     buf = bytearray(2 * MIB)
-    struct.pack_into("<H", buf, 1080, 0xEF53)
-    struct.pack_into("<II", buf, 1024 + 0x5C, 0x4, 0x2C0)
+    ext4_at(buf, 0)
     with open(path, "wb") as f:
         f.write(buf)
 
@@ -357,56 +357,26 @@ def test_loop_mounts_nodev_nosuid_noexec_and_read_only_for_status(tmp_path, read
         assert "--read-only" not in losetup and "ro" not in opts
 
 
-class FakeNbd:
-    def __init__(self, dev_dir, sys_dir, disk: bytes) -> None:
-        self.dev, self.sys, self.disk = dev_dir, sys_dir, disk
-        self.calls: List[List[str]] = []
-
-    def run(self, cmd, check=True, env=None, timeout=None, input=None):
-        self.calls.append(list(cmd))
-        if cmd[0] == "qemu-nbd" and cmd[1].startswith("--connect="):
-            with open(os.path.join(self.dev, "nbd0"), "wb") as f:
-                f.write(self.disk)
-            with open(os.path.join(self.sys, "block/nbd0/size"), "w") as f:
-                f.write("%d\n" % (len(self.disk) // 512))
-        elif cmd[0] == "mount":
-            os.makedirs(os.path.join(cmd[-1], "etc"))
-            open(os.path.join(cmd[-1], "etc/os-release"), "w").close()
-        elif cmd[0] == "umount":
-            os.unlink(os.path.join(cmd[-1], "etc/os-release"))
-            os.rmdir(os.path.join(cmd[-1], "etc"))
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-
 @pytest.mark.parametrize("read_only", [False, True])
 def test_nbd_opens_without_backing_file_and_mounts_safely(tmp_path, read_only):
-    (tmp_path / "dev").mkdir()
-    os.makedirs(tmp_path / "sys/block/nbd0")
-    (tmp_path / "dev/nbd0").write_bytes(b"")
-    (tmp_path / "sys/block/nbd0/size").write_text("0\n")
-    img = tmp_path / "d.raw"
-    whole_ext4(img)
-    runner = FakeNbd(str(tmp_path / "dev"), str(tmp_path / "sys"), img.read_bytes())
-    backend = NbdBackend(runner=runner, dev_dir=str(tmp_path / "dev"),
-                         sys_dir=str(tmp_path / "sys"), wait_timeout=0.5)
-    info = ImageInfo("/images/a,b.qcow2", "qcow2", 2 * MIB, read_only=read_only)
+    backend, runner, dev = nbd_setup(tmp_path)
+    info = ImageInfo("/images/a,b.qcow2", "qcow2", 16 * MIB, read_only=read_only)
     with ExitStack() as stack:
         backend.open(info, stack)
-    connect = runner.calls[0]
-    assert connect[:2] == ["qemu-nbd", "--connect=%s/nbd0" % (tmp_path / "dev")]
+    connect = runner.calls[1]
+    assert connect[:2] == ["qemu-nbd", "--connect=" + dev]
     opts = connect[connect.index("--image-opts") + 1]
     # the format is explicit, no backing file is opened, a comma in the path stays in the path
     items = re.split(r"(?<!,),(?!,)", opts)
     assert items[0] == "driver=qcow2" and "backing=" in items
     assert "file.filename=/images/a,,b.qcow2" in items
-    mount = [c for c in runner.calls if c[0] == "mount"][0]
-    mopts = mount[mount.index("-o") + 1].split(",")
-    assert {"nodev", "nosuid", "noexec"} <= set(mopts)
+    for mount in [c for c in runner.calls if c[0] == "mount"]:
+        mopts = mount[mount.index("-o") + 1].split(",")
+        assert {"nodev", "nosuid", "noexec"} <= set(mopts)
+        assert ("ro" in mopts) == read_only
+    assert ("--read-only" in connect) == read_only
     if read_only:
-        assert "--read-only" in connect and {"read-only=on", "force-share=on"} <= set(items)
-        assert "ro" in mopts
-    else:
-        assert "--read-only" not in connect and "ro" not in mopts
+        assert {"read-only=on", "force-share=on"} <= set(items)
 
 
 class FakeGuestfish:

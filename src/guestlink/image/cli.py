@@ -19,9 +19,15 @@ backends (--backend auto tries them in this order and says which one it used):
            export (or a qemu-img convert round trip); losetup + mount (root)
   guestfs  libguestfs appliance (guestfish) + mount-local; no root needed
 
+image format: --format, or from the name (.raw/.img: raw, .qcow2: qcow2); never guessed from
+the contents, which the guest can forge. A qcow2 whose header names a backing or data file (a
+host path) is refused unless --allow-backing-file; otherwise it is opened with no backing file.
+The guest filesystem is mounted nodev,nosuid,noexec. status opens the image read-only and shares
+QEMU's lock, so it works on a running VM's disk and changes nothing.
+
 exit status:
     0  success
-    2  usage error
+    2  usage error (also: the format cannot be told from the name; give --format)
    65  no root filesystem / unknown filesystem / unreadable image / damaged manifest
    69  no backend can run here (the message lists what each one lacks)
    70  other error

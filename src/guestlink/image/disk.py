@@ -30,7 +30,8 @@ EXTENSION_FORMATS = {".raw": "raw", ".img": "raw", ".qcow2": "qcow2"}
 SAFE_MOUNT = ("nodev", "nosuid", "noexec")
 # Read-only mounts must not replay a journal (that writes the device, and a read-only loop or
 # nbd device refuses it).
-NO_REPLAY = {"ext4": "noload", "ext3": "noload", "xfs": "norecovery", "btrfs": "nologreplay"}
+NO_REPLAY = {"ext4": "noload", "ext3": "noload", "xfs": "norecovery",
+             "btrfs": "rescue=nologreplay"}  # kernel >= 5.9; 6.x refuses plain "nologreplay"
 
 
 class Runner:
@@ -107,10 +108,6 @@ def check_image(path: str, writable: bool = True) -> None:
                              EXIT_DATAERR)
         raise ReadOnly("the image cannot be opened for writing (%s): %s; nothing was changed"
                        % (exc.strerror, printable(path)))
-
-
-def check_writable(path: str) -> None:
-    check_image(path, writable=True)
 
 
 def image_info(path: str, runner: "Runner", force: bool = False, fmt: Optional[str] = None,
