@@ -14,6 +14,8 @@ import secrets
 import sys
 import time
 
+from .protocol.safetext import printable
+
 CHECKSUMS = ("sha256", "blake2b", "crc32")
 
 
@@ -111,7 +113,7 @@ class ProgressBar:
     """A one-line progress bar on stderr (only used on a terminal)."""
 
     def __init__(self, label, stream=None):
-        self.label = label
+        self.label = printable(label)  # drawn with our own escapes: the label's must not act
         self.stream = stream or sys.stderr
         self.start = time.monotonic()
         self.shown = False

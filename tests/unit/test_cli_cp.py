@@ -103,3 +103,41 @@ def test_a_missing_local_file_is_named(capsys, tmp_path):
     assert err == "local I/O error: %s: No such file or directory" % (tmp_path / "nope")
     assert cli.local_error(IsADirectoryError(21, "/x is a directory (use -r)")) == \
         "local I/O error: /x is a directory (use -r)"
+
+
+def test_guest_messages_and_names_are_printed_escaped(capsys, tmp_path):
+    """A guest's error message (and a label) reach the terminal with their controls escaped;
+    --json output stays JSON."""
+    import io
+    import json
+
+    from guestlink import cli
+    from guestlink.cli_files import ProgressBar
+    from guestlink.protocol import codes
+    from test_host_fakeagent import Reply
+
+    evil = "gone\x1b]0;pwned\x07\x1b[2J\u202e"
+
+    async def fs_stat(conn, id_, args):
+        raise Reply(codes.NOT_FOUND, "%s: %s" % (args.str("path"), evil))
+
+    d = short_tmp(tmp_path)
+    ctl = os.path.join(d, "ctl.sock")
+    argv = ["cp", "--ctl", ctl, "--data", ctl + ".data", ":/a\x1b[1m", ":/b", str(tmp_path)]
+    with ThreadedAgent(ctl, handlers={"fs.stat": fs_stat}):
+        code = cli.main(argv)
+        out, err = capsys.readouterr()
+        json_code = cli.main(argv[:1] + ["--json"] + argv[1:])
+        json_out, _ = capsys.readouterr()
+    assert code != 0 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("guestlink: error: ") for line in lines)
+    assert "\x1b" not in err and "\x07" not in err and "\u202e" not in err
+    assert "/a\\x1b[1m: gone\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in lines[0]
+    errors = json.loads(json_out)["errors"]
+    assert json_code == code and errors[0]["error"].startswith("/a\x1b[1m: " + evil)
+
+    stream = io.StringIO()
+    bar = ProgressBar("f\x1b]0;x\x07", stream=stream)
+    bar(1, 2)
+    assert "f\\x1b]0;x\\x07 [" in stream.getvalue() and "\x07" not in stream.getvalue()
