@@ -508,9 +508,9 @@ class Client:
                 events = conn.decoder.feed(data) if data else []
                 if not conn.decoder.partial:
                     partial_since = None
-                elif partial_since is None or partial_since[0] != conn.decoder.frames_started:
-                    partial_since = (conn.decoder.frames_started, loop.time())
-                elif loop.time() - partial_since[1] >= PARTIAL_FRAME_STALL:
+                elif data or partial_since is None:
+                    partial_since = loop.time()  # progress: a stall counts from the last bytes
+                elif loop.time() - partial_since >= PARTIAL_FRAME_STALL:
                     events += conn.decoder.abandon_partial()
                     partial_since = None
                 for event in events:
