@@ -189,9 +189,6 @@ class FrameDecoder:
         # When a valid header announced a frame, remember it so we don't re-parse the header
         # while waiting for the rest of the payload.
         self._pending = None
-        #: Counts accepted headers, so the I/O layer can tell whether a partial frame is the same
-        #: one it saw before (a stall) or a new one (a stream in progress).
-        self.frames_started = 0
 
     @property
     def buffered(self):
@@ -271,7 +268,6 @@ class FrameDecoder:
                 pos += HEADER_SIZE
                 continue
             self._pending = (type_, flags, id_, length)
-            self.frames_started += 1
         if pos:
             del buf[:pos]
         self._pos = 0
