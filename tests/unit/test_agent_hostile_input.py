@@ -23,12 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import guestlink  # noqa: E402
 from guestlink.agent import handlers as agent_handlers  # noqa: E402
 from guestlink.agent.config import ConfigError, load_config  # noqa: E402
+from guestlink.agent.loop import MAX_WAIT, Timers  # noqa: E402
 from guestlink.host import client as host_client  # noqa: E402
 from guestlink.host import errors  # noqa: E402
 from guestlink.protocol import FrameDecoder, FrameType, codes  # noqa: E402
 from guestlink.protocol import messages as m  # noqa: E402
 from guestlink.protocol import transfer as t  # noqa: E402
 from guestlink.protocol.frames import encode_frame  # noqa: E402
+from test_agent_units import fake_agent, frames_from  # noqa: E402,F401 (a fixture)
 from test_host_fakeagent import FakeAgent, short_tmp  # noqa: E402
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(guestlink.__file__)))
@@ -395,3 +397,37 @@ def test_a_trickling_frame_is_not_a_stall_but_a_silent_one_is(tmp_path, monkeypa
     assert slow == {"slow": "x" * 8} and trickled_for > 3
     assert "truncated" in str(stalled) and 0.9 < stalled_after < 5
     assert pong > 0
+
+
+# --- the agent's loop: bounded waits, guarded select ----------------------------------------------
+
+def test_timers_bound_the_wait_and_refuse_non_finite_delays():
+    timers = Timers(clock=lambda: 1000.0)
+    timers.call_later(2 ** 64, lambda: None)
+    assert timers.timeout() == MAX_WAIT  # select() overflows beyond INT_MAX ms
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite"):
+            timers.call_later(bad, lambda: None)
+
+
+def test_a_failing_wait_does_not_end_the_agent(fake_agent, caplog):
+    agent, port = fake_agent
+    real_select = agent.sel.select
+    failures = []
+
+    def select_once_broken(timeout=None):
+        if not failures:
+            failures.append(timeout)
+            raise OverflowError("timeout is too large")
+        return real_select(timeout)
+
+    caplog.set_level(logging.ERROR, "guestlink.agent")
+    agent.sel.select = select_once_broken
+    port.host_end.settimeout(10)
+    port.present = True
+    dec = FrameDecoder()
+    assert frames_from(port.host_end, dec, 1)[0].type == FrameType.HELLO
+    port.host_end.sendall(m.encode_sync("n-3") + m.encode_request(9, "ping"))
+    ack, pong = frames_from(port.host_end, dec, 2)
+    assert (pong.type, pong.id) == (FrameType.RESPONSE, 9) and failures
+    assert any("waiting for events failed" in r.getMessage() for r in caplog.records)
