@@ -492,3 +492,21 @@ def test_ctrl_c_during_a_request_storm_always_exits_130(path):
                     proc.kill()
                 proc.communicate(timeout=10)
             assert proc.returncode == 130
+
+
+def test_list_escapes_what_the_agents_say(capsys, path, monkeypatch):
+    import types
+
+    from guestlink import libvirt as L
+
+    chan = types.SimpleNamespace(path=path, state="connected")
+    row = types.SimpleNamespace(id=3, name="vm1", uuid="u", state="running", ctl=chan, data=None,
+                                names=types.SimpleNamespace(ctl=L.CTL_NAME, data=L.DATA_NAME))
+    monkeypatch.setattr(L, "backend", lambda uri: types.SimpleNamespace(uri="test:///", name="fake"))
+    monkeypatch.setattr(L, "list_domains", lambda *a, **kw: [row])
+    helper = ThreadedAgent(path)
+    helper.agent.description.update(hostname=EVIL, agent_version=EVIL)
+    with helper:
+        code, out, err = gl(capsys, "list", "--verbose")
+    assert code == 0 and "vm1" in out and "\\x1b]0;pwned" in out
+    assert_inert(out + err)
