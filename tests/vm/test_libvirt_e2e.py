@@ -2,13 +2,14 @@
 
 The `libvirtd` fixture starts virtlogd and libvirtd (Debian's libvirt-daemon,
 libvirt-daemon-driver-qemu, libvirt-clients; see testvm/debian-packages.txt) unless a libvirtd
-already answers on qemu:///system, and stops what it started at the end. It creates the
-`libvirt-qemu` user/group the QEMU driver runs guests as, if missing. It cannot start: the test
-FAILS (no skips). Domains are `type='qemu'` (TCG) with direct kernel boot of the testvm guest
+already answers on qemu:///system, and stops what it started at the end. The `libvirt-qemu`
+user/group the QEMU driver runs guests as come from scripts/setup. It cannot start: the test
+FAILS (no skips), with guestlink doctor's line when libvirt does not answer. Domains are `type='qemu'` (TCG) with direct kernel boot of the testvm guest
 (kernel + initramfs + agent overlay from testvm.write_initrd), named `guestlink-e2e-*`; they are
 destroyed and undefined at the end (and leftovers of an interrupted run at the start).
 """
 
+import base64
 import grp
 import json
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from guestlink import doctor
 from testvm import guest_files, kernel_cmdline, write_initrd
 from testvm.vm import QEMU, QEMU_CPU
 
@@ -61,21 +63,14 @@ def _answers():
         return False
 
 
-def _ensure_qemu_user():
-    """The QEMU driver runs guests as libvirt-qemu (Debian's libvirt-daemon-system creates it)."""
+def _require_qemu_user():
+    """The QEMU driver runs guests as libvirt-qemu and refuses to start without the user."""
     try:
         pwd.getpwnam("libvirt-qemu")
-        return
-    except KeyError:
-        pass
-    if os.geteuid() != 0:
-        pytest.fail("the libvirt-qemu user is missing and only root can create it", pytrace=False)
-    try:
         grp.getgrnam("libvirt-qemu")
     except KeyError:
-        subprocess.run(["groupadd", "--system", "libvirt-qemu"], check=True)
-    subprocess.run(["useradd", "--system", "-g", "libvirt-qemu", "-d", "/var/lib/libvirt",
-                    "-s", "/usr/sbin/nologin", "libvirt-qemu"], check=True)
+        pytest.fail("the libvirt-qemu user or group libvirtd runs guests as is missing: run "
+                    "scripts/setup (it creates them)", pytrace=False)
 
 
 def _cleanup_domains():
@@ -96,7 +91,7 @@ def libvirtd(tmp_path_factory):
     started = []
     logdir = tmp_path_factory.mktemp("libvirtd")
     if not _answers():
-        _ensure_qemu_user()
+        _require_qemu_user()
         os.makedirs("/var/log/libvirt", exist_ok=True)
         for daemon, sock in (("virtlogd", "/run/libvirt/virtlogd-sock"),
                              ("libvirtd", "/run/libvirt/libvirt-sock")):
@@ -118,8 +113,9 @@ def libvirtd(tmp_path_factory):
         while not _answers():
             if time.monotonic() > deadline:
                 _stop(started)
-                pytest.fail("libvirtd does not answer on %s; log:\n%s" % (
-                    URI, (logdir / "libvirtd.log").read_text()[-3000:]), pytrace=False)
+                pytest.fail("%s\nlibvirtd's log:\n%s" % (
+                    doctor.check_libvirt(URI).line(),
+                    (logdir / "libvirtd.log").read_text()[-3000:]), pytrace=False)
             time.sleep(0.5)
     _cleanup_domains()
     yield URI
@@ -150,10 +146,11 @@ def _stop(started):
         log.close()
 
 
-def domain_xml(name, workdir, kernel, initrd, channels_xml):
+def domain_xml(name, workdir, kernel, initrd, channels_xml, metadata_xml="", append=""):
     return """<domain type='qemu'>
   <name>{name}</name>
   <uuid>{uuid}</uuid>
+{metadata}
   <memory unit='MiB'>512</memory>
   <vcpu>2</vcpu>
   <os>
@@ -178,10 +175,19 @@ def domain_xml(name, workdir, kernel, initrd, channels_xml):
   </devices>
 </domain>
 """.format(name=name, uuid=uuidlib.uuid4(), kernel=kernel, initrd=initrd,
-           cmdline=kernel_cmdline(2), model=QEMU_CPU.split(",")[0],
+           metadata=metadata_xml.rstrip("\n"),
+           cmdline=kernel_cmdline(2, append), model=QEMU_CPU.split(",")[0],
            features="\n".join("    <feature policy='require' name='%s'/>" % f.lstrip("+")
                               for f in QEMU_CPU.split(",")[1:]),
            emulator=shutil.which(QEMU), workdir=workdir, channels=channels_xml.rstrip("\n"))
+
+
+def split_paste(text):
+    """`guestlink libvirt xml` output as its comments say to paste it: (into <devices>, the
+    <metadata> element for under <domain>, "" when it prints none)."""
+    lines = text.splitlines(keepends=True)
+    at = next((i for i, ln in enumerate(lines) if ln.strip() == "<metadata>"), len(lines))
+    return "".join(lines[:at]), "".join(lines[at:])
 
 
 class Domains:
@@ -197,16 +203,25 @@ class Domains:
             (self.dir / f).chmod(0o644)
         self.names = []
 
-    def define(self, short, channels=True, start=True):
+    def define(self, short, channels=True, start=True, xml_args=(), agent_args=()):
+        """Define (and start) a domain; ``xml_args`` go to `guestlink libvirt xml`, whose output
+        is pasted as its comments say (devices, and a <metadata> under <domain> if it prints
+        one); ``agent_args`` to the guest's agent (kernel command line guestlink.args=)."""
         name = PREFIX + short
         workdir = self.dir / short
         workdir.mkdir(mode=0o755)
-        chans = ""
+        chans = metadata = ""
         if channels:
-            r = gl("libvirt", "xml")
+            r = gl("libvirt", "xml", *xml_args)
             assert r.returncode == 0, r.stderr
-            chans = "\n".join("    " + line for line in r.stdout.splitlines())
-        xml = domain_xml(name, workdir, self.dir / "vmlinuz", self.dir / "initrd.img", chans)
+            chans, metadata = split_paste(r.stdout)
+            chans = "\n".join("    " + line for line in chans.splitlines())
+        append = ""
+        if agent_args:
+            append = "guestlink.args=" + base64.b64encode(
+                "".join(a + "\n" for a in agent_args).encode()).decode()
+        xml = domain_xml(name, workdir, self.dir / "vmlinuz", self.dir / "initrd.img", chans,
+                         metadata, append)
         (workdir / "domain.xml").write_text(xml)
         virsh("define", str(workdir / "domain.xml"))
         self.names.append(name)
@@ -243,12 +258,15 @@ def dom(domains):
 
 
 def test_xml_validates_against_libvirt_schema(tmp_path):
-    for extra in ([], ["--socket-dir", str(tmp_path), "--ports", "8"]):
+    for extra in ([], ["--socket-dir", str(tmp_path), "--ports", "8"],
+                  ["--ctl-name", "gl.ctl", "--data-name", "gl.data"]):
         r = gl("libvirt", "xml", *extra)
         assert r.returncode == 0, r.stderr
+        devices, metadata = split_paste(r.stdout)
+        assert bool(metadata) == ("gl.ctl" in extra)  # a record only for custom names
         doc = tmp_path / "domain.xml"
         doc.write_text(domain_xml("guestlink-e2e-validate", tmp_path, "/boot/vmlinuz",
-                                  "/boot/initrd.img", r.stdout))
+                                  "/boot/initrd.img", devices, metadata))
         v = subprocess.run(["virt-xml-validate", str(doc), "domain"], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
         assert v.returncode == 0 and "validates" in v.stdout, v.stdout
@@ -386,3 +404,83 @@ def test_cp_both_ways_by_domain_name(dom, tmp_path):
     assert back.read_bytes() == payload
     r = gl("cp", "-q", src, PREFIX + "does-not-exist:/tmp/x")
     assert r.returncode == 68 and r.stderr.count("\n") == 1, r.stderr
+
+
+CUSTOM_NAMES = ["--ctl-name", "gl.ctl", "--data-name", "gl.data"]
+
+
+def test_custom_channel_names_by_domain_name(domains, tmp_path):
+    """`libvirt xml` with custom names, agent started with them: every command by domain name
+    alone finds the channels through the domain's guestlink metadata."""
+    name = domains.define("names", xml_args=CUSTOM_NAMES, agent_args=CUSTOM_NAMES)
+    inactive = ET.fromstring(virsh("dumpxml", "--inactive", name).stdout)
+    record = inactive.find("metadata/{https://guestlink.invalid/xmlns/1}channels")
+    assert record is not None and record.attrib == {"ctl": "gl.ctl", "data": "gl.data"}
+    r = gl("ping", name, "--timeout", 90)
+    assert r.returncode == 0 and "pong from guestlink-testvm" in r.stdout, "%s\nconsole:\n%s" % (
+        r.stderr, domains.console(name)[-3000:])
+    # the agent really serves the custom ports (the defaults do not exist in this guest)
+    r = gl("exec", name, "--", "ls", "/dev/virtio-ports")
+    assert r.returncode == 0 and sorted(r.stdout.split()) == ["gl.ctl", "gl.data"], r.stderr
+    payload = os.urandom(200 * 1024) + b"custom"
+    src = tmp_path / "up.bin"
+    src.write_bytes(payload)
+    r = gl("cp", "-q", src, "%s:/tmp/names.bin" % name)  # the data channel: gl.data
+    assert r.returncode == 0, r.stderr
+    back = tmp_path / "down.bin"
+    r = gl("cp", "-q", "%s:/tmp/names.bin" % name, back)
+    assert r.returncode == 0 and back.read_bytes() == payload, r.stderr
+    r = gl("list", "--json")
+    assert r.returncode == 0, r.stderr
+    row = {d["name"]: d for d in json.loads(r.stdout)["domains"]}[name]
+    assert (row["ctl_name"], row["data_name"], row["channel"], row["hostname"]) == (
+        "gl.ctl", "gl.data", "connected", "guestlink-testvm")
+    assert row["ctl"].endswith("gl.ctl") and row["data"].endswith("gl.data")
+    import guestlink.sync
+
+    with guestlink.sync.connect(domain=name, uri=URI, timeout=30) as vm:
+        assert vm.run(["cat", "/etc/hostname"], check=True).stdout == b"guestlink-testvm\n"
+    with guestlink.sync.connect(domain=name, uri=URI, ctl_name="gl.ctl", data_name="gl.data",
+                                timeout=30) as vm:
+        assert vm.agent.hostname == "guestlink-testvm"
+    # names given explicitly win over the record: the option, then the environment
+    r = gl("ping", name, "--ctl-name", CTL)
+    assert r.returncode == 78 and r.stderr.count("\n") == 1, r.stderr
+    assert ("has no guestlink channel %s (looked for ctl %s (given) and data gl.data (recorded in "
+            "the domain's metadata); its virtio channels: gl.ctl, gl.data)" % (CTL, CTL)
+            in r.stderr), r.stderr
+    r = gl("exec", name, "--", "true", env_extra={"GUESTLINK_CTL_NAME": "env.ctl"})
+    assert r.returncode == 78 and "looked for ctl env.ctl (given)" in r.stderr, r.stderr
+    r = gl("ping", "--domain", name, *CUSTOM_NAMES, env_extra={"GUESTLINK_CTL_NAME": "env.ctl"})
+    assert r.returncode == 0, r.stderr
+
+
+def test_attach_records_names_in_live_and_persistent_metadata(domains):
+    """Without the record the custom channels are not found; `libvirt attach` with the names
+    writes it through libvirt's metadata API, live and persistent, and addressing works again."""
+    name = domains.define("names2", xml_args=CUSTOM_NAMES, agent_args=CUSTOM_NAMES)
+    r = gl("ping", name, "--timeout", 90)
+    assert r.returncode == 0, "%s\nconsole:\n%s" % (r.stderr, domains.console(name)[-3000:])
+    virsh("metadata", name, "--uri", "https://guestlink.invalid/xmlns/1", "--remove", "--live",
+          "--config")
+    r = gl("ping", name)
+    assert r.returncode == 78 and r.stderr.count("\n") == 1, r.stderr
+    assert ("looked for ctl %s and data %s (the default); its virtio channels: gl.ctl, gl.data"
+            % (CTL, DATA)) in r.stderr
+    r = gl("libvirt", "attach", name, *CUSTOM_NAMES, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    want = "metadata guestlink:channels ctl=gl.ctl data=gl.data"
+    assert out["config"] == [want] and out["live"] == [want] and out["names"] == ["gl.ctl", "gl.data"]
+    for flags in ([], ["--inactive"]):
+        root = ET.fromstring(virsh("dumpxml", *flags, name).stdout)
+        record = root.find("metadata/{https://guestlink.invalid/xmlns/1}channels")
+        assert record is not None and record.attrib == {"ctl": "gl.ctl", "data": "gl.data"}, flags
+    r = gl("exec", name, "--", "cat", "/etc/hostname")
+    assert r.returncode == 0 and r.stdout.strip() == "guestlink-testvm", r.stderr
+    # detach (persistent config) takes the names from the record and removes it with them
+    virsh("destroy", name)
+    r = gl("libvirt", "detach", name)
+    assert r.returncode == 0 and "removed metadata guestlink:channels" in r.stdout, r.stdout
+    inactive = virsh("dumpxml", "--inactive", name).stdout
+    assert "gl.ctl" not in inactive and "guestlink.invalid" not in inactive
