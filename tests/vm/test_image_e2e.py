@@ -217,7 +217,12 @@ def test_loop_install_boot_upgrade_remove(disk, newer_pyz, tmp_path):
 
 # --- status on a running VM's disk: read-only, QEMU's lock shared ------------------------------
 
-def test_status_on_a_running_vms_disk_reads_without_writing(disk, tmp_path):
+@pytest.mark.parametrize("backends", [
+    pytest.param(("loop", "auto"), id="loop+auto", marks=pytest.mark.needs("loop-backend")),
+    pytest.param(("guestfs",), id="guestfs",
+                 marks=pytest.mark.needs("libguestfs", "supermin-kernel")),
+])
+def test_status_on_a_running_vms_disk_reads_without_writing(disk, tmp_path, backends):
     img = copy_disk(disk, tmp_path)
     r = image("install", img, "--backend", "loop")
     assert r.returncode == 0, r.stderr
@@ -231,7 +236,7 @@ def test_status_on_a_running_vms_disk_reads_without_writing(disk, tmp_path):
         before = sha(img)
         r = image("install", img, "--backend", "loop")
         assert r.returncode == 75 and "in use" in r.stderr, r.stderr
-        for backend in ("loop", "auto"):
+        for backend in backends:
             st = status(img, "--backend", backend)
             assert (st["installed"], st["agent_version"], st["init"]) == (True, "0.1.0", "sysv")
             assert {f["path"]: f["state"] for f in st["files"]}[
