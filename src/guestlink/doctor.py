@@ -293,9 +293,9 @@ def check_supermin_kernel(env: Mapping[str, str] = os.environ, boot: str = "/boo
         if env.get("SUPERMIN_KERNEL"):
             ignored = "SUPERMIN_KERNEL=%s is not a readable kernel image (supermin ignores it); " \
                       % env["SUPERMIN_KERNEL"]
-        return Item(name, False, "%sno kernel for supermin (the libguestfs appliance): none in "
-                    "%s with modules in %s (the running kernel %s is not there)"
-                    % (ignored, boot, lib_modules, os.uname().release), KERNEL_FIX)
+        return Item(name, False, "%sno kernel for supermin in %s with modules in %s (supermin "
+                    "builds the libguestfs appliance from one; the running kernel %s is not "
+                    "there)" % (ignored, boot, lib_modules, os.uname().release), KERNEL_FIX)
     where = "%s (version %s, from %s)" % (k.kernel, k.version, k.source)
     if not access(k.kernel, os.R_OK):
         return Item(name, False, "%s is not readable by uid %d" % (where, os.geteuid()),
@@ -358,14 +358,21 @@ def check_agent_bundle(build: Optional[Callable[[], bytes]] = None) -> Item:
 
 # --- all of it ---------------------------------------------------------------------------------
 
+#: The checks of this host alone, by item name (the test suite's fixtures call them by name).
+HOST_CHECKS: Dict[str, Callable[[], Item]] = {
+    "qemu": check_qemu, "loop-backend": check_loop_backend, "libguestfs": check_libguestfs,
+    "supermin-kernel": check_supermin_kernel, "nbd-module": check_nbd_module,
+    "agent-bundle": check_agent_bundle}
+
+
 def run_checks(uri: Optional[str] = None, domain: Optional[str] = None) -> List[Item]:
     """Every check, in the order printed."""
-    items = [check_qemu(), check_libvirt(uri)]
+    items = [HOST_CHECKS["qemu"](), check_libvirt(uri)]
     if domain:
         items.append(check_channels(domain, uri))
-    items += [check_loop_backend(), check_libguestfs(), check_supermin_kernel(),
-              check_nbd_module(), check_agent_bundle()]
-    return items
+    return items + [HOST_CHECKS[name]() for name in ("loop-backend", "libguestfs",
+                                                      "supermin-kernel", "nbd-module",
+                                                      "agent-bundle")]
 
 
 def exit_status(items: Sequence[Item]) -> int:
@@ -406,7 +413,3 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return report(run_checks(args.libvirt_uri, args.domain), args.json)
-
-
-def by_name(items: Iterable[Item]) -> Dict[str, Item]:
-    return {i.name: i for i in items}

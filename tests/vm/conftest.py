@@ -1,11 +1,13 @@
 """Fixtures for the end-to-end suite against a real QEMU guest (see testvm/README.md).
 
-Every test under tests/vm is marked ``vm``. Missing QEMU / kernel packages make
-the fixtures FAIL (not skip): these tests must run in CI.
+Every test under tests/vm is marked ``vm``. Prerequisites are checked with `guestlink doctor`'s
+checks (guestlink.doctor): QEMU by the ``testvm_base`` fixture, the rest by a test's
+``@pytest.mark.needs("libguestfs", "supermin-kernel", ...)`` (names of doctor.HOST_CHECKS). A
+missing one makes the test FAIL with doctor's line, verdict and fix (never skip): these tests must
+run in CI, on a machine prepared by scripts/setup alone.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +19,17 @@ for _p in (REPO, REPO / "src"):  # testvm, and guestlink for the tests (if not i
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from guestlink import doctor  # noqa: E402
 from testvm import TestVM, TestbedError, ensure_base  # noqa: E402
-from testvm.vm import QEMU  # noqa: E402
 from vmhelpers import cli_env  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 _DEFAULT = object()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(*names): host prerequisites the test needs, by "
+                                       "guestlink doctor item name; a missing one fails the test")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,12 +38,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.vm)
 
 
+_verdicts = {}
+
+
+def require(*names):
+    """Fail the calling test with doctor's line for each prerequisite in ``names`` that is
+    missing (each check runs once per session)."""
+    for name in names:
+        if name not in _verdicts:
+            _verdicts[name] = doctor.HOST_CHECKS[name]()
+    missing = [_verdicts[n].line() for n in names if not _verdicts[n].ok]
+    if missing:
+        pytest.fail("host prerequisite missing (scripts/setup installs it; guestlink doctor "
+                    "checks it):\n" + "\n".join(missing), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _needs(request):
+    for mark in request.node.iter_markers("needs"):
+        require(*mark.args)
+
+
 @pytest.fixture(scope="session")
 def testvm_base():
     """The cached base image (kernel + initramfs); built on first use."""
-    if not shutil.which(QEMU):
-        pytest.fail(f"{QEMU} not found: install the Debian packages in testvm/debian-packages.txt "
-                    "(qemu-system-x86)", pytrace=False)
+    require("qemu")
     try:
         return ensure_base()
     except TestbedError as e:
