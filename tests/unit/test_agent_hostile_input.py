@@ -119,6 +119,16 @@ def test_encoder_refuses_what_the_peer_would_refuse():
         m.dump_json({"a": 10 ** 70})
 
 
+def test_fields_int_is_bounded_to_64_bits_unless_told_otherwise():
+    f = m.load_json_object(b'{"big":18446744073709551616,"neg":-9223372036854775809,"ok":-9223372036854775808}')
+    fields = m.Fields(f, "T")
+    for key in ("big", "neg"):
+        with pytest.raises(m.ProtocolViolation, match="an integer in"):
+            fields.int(key)
+    assert fields.int("ok") == -(2 ** 63)
+    assert fields.int("big", max=None) == 2 ** 64  # a caller may lift the bound explicitly
+
+
 def test_fields_number_refuses_non_finite_values_built_locally():
     f = m.Fields({"x": float("inf"), "y": float("nan"), "z": 10 ** 400}, "T")
     for key in ("x", "y"):

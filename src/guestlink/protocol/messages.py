@@ -32,6 +32,7 @@ MAX_JSON_DEPTH = 64
 #: Longest run of digits in a number: bounds the quadratic cost of int() on a hostile payload
 #: (Python < 3.11 has no limit of its own); a float's repr never has more than 17.
 MAX_NUMBER_DIGITS = 64
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 TOPIC_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")
 OP_RE = re.compile(r"\A[a-z][a-z0-9_.-]{0,63}\Z")
 
@@ -174,7 +175,9 @@ class Fields:
             raise self._bad(key, "a string matching %s" % pattern.pattern)
         return value
 
-    def int(self, key, default=_MISSING, min=None, max=None):
+    def int(self, key, default=_MISSING, min=INT64_MIN, max=INT64_MAX):
+        """An integer in [min, max]; by default what a 64-bit OS call takes (a bigger one would
+        raise OverflowError in whatever the value reaches, far from this check)."""
         value = self._get(key, default)
         if value is _MISSING:
             return default
