@@ -2,9 +2,12 @@
 import os
 import types
 
+import pytest
+
 from guestlink.agent import transfers as AT
 from guestlink.agent.config import Config
-from guestlink.protocol import Fields
+from guestlink.agent.execs import OpError
+from guestlink.protocol import Fields, codes
 
 
 def _files(tmp_path):
@@ -44,7 +47,7 @@ def test_pages_walk_the_tree_once_in_preorder(tmp_path, monkeypatch):
     monkeypatch.setattr(AT, "LIST_PAGE", 3)
     walks = []
     real = AT._walk_tree
-    monkeypatch.setattr(AT, "_walk_tree", lambda root: walks.append(root) or real(root))
+    monkeypatch.setattr(AT, "_walk_tree", lambda fd, root: walks.append(root) or real(fd, root))
     pages = []
     entries = _list_all(files, str(tmp_path), pages)
     assert [e["path"] for e in entries] == EXPECTED
@@ -79,3 +82,19 @@ def test_kept_walks_are_bounded(tmp_path, monkeypatch):
         (d / "y").write_text("y")
         assert files.op_fs_list(1, Fields({"path": str(d), "start": 0}, "args"))["next"] == 1
     assert len(files._listings) == AT.MAX_LISTINGS
+    # a dropped walk closed the directories it held: as many fds open as before the first
+    before = len(os.listdir("/proc/self/fd"))
+    files.op_fs_list(1, Fields({"path": str(tmp_path / "d0"), "start": 0}, "args"))
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_tree_deeper_than_the_walk_holds_is_an_error(tmp_path, monkeypatch):
+    """A walk holds an fd per level: a guest user's very deep tree must not exhaust them."""
+    monkeypatch.setattr(AT, "LIST_DEPTH", 3)
+    files, _ = _files(tmp_path)
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    assert [e["path"] for e in _list_all(files, str(tmp_path))] == ["a", "a/b", "a/b/c"]
+    (tmp_path / "a" / "b" / "c" / "d").mkdir()
+    with pytest.raises(OpError) as exc:
+        _list_all(files, str(tmp_path))
+    assert exc.value.code == codes.TOO_LARGE and "nested more than 3 deep" in str(exc.value)

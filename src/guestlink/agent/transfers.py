@@ -9,6 +9,7 @@ outcome back through the agent's result queue and self-pipe; the loop then close
 and sends the final RESPONSE / ERROR. One transfer at a time (the port is one byte stream);
 another ``transfer.open`` meanwhile gets ERROR ``busy`` (the host library queues per VM).
 """
+import contextlib
 import errno
 import logging
 import os
@@ -17,10 +18,12 @@ import secrets
 import stat
 import threading
 import time
+from typing import Iterator, List, Optional, Tuple
 
 from ..protocol import Fields, ProtocolViolation, codes
 from ..protocol import transfer as T
 from . import copyengine as CE
+from . import dirfd
 from .execs import OpError
 from .ports import PortAbsent, PortBusy, UnixPort, VirtioPort
 
@@ -31,6 +34,7 @@ FILE_OPS = ("transfer.open", "fs.stat", "fs.list", "fs.mkdir", "fs.symlink", "fs
 HOST_WAIT = 10.0  # seconds the worker waits for the host to connect to the data port
 LIST_PAGE = 2000
 MAX_LISTINGS = 4
+LIST_DEPTH = 256  # directories deep: a walk holds one fd per level (RLIMIT_NOFILE is ~1024)
 ACK_TIMEOUT = 30.0
 
 
@@ -64,33 +68,59 @@ def _describe(st, target=None):
     return out
 
 
-def _walk_tree(root):
-    """Yield the entries under ``root`` (described, with their relative ``path``) in pre-order,
-    names sorted, symlinks not followed; entries that vanish meanwhile are skipped."""
-    def children(dirpath, rel):
-        try:
-            names = sorted(os.listdir(dirpath))
-        except OSError as exc:
-            raise _oserror(exc, dirpath)
-        return iter([(os.path.join(dirpath, n), rel + "/" + n if rel else n) for n in names])
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
-    stack = [children(root, "")]
-    while stack:
-        item = next(stack[-1], None)
-        if item is None:
-            stack.pop()
-            continue
-        full, rel = item
+
+def _walk_tree(fd: int, root: str) -> Iterator[dict]:
+    """Yield the entries under the directory ``fd`` (``root``; the walk owns and closes the fd)
+    described, with their relative ``path``, in pre-order, names sorted, symlinks not followed;
+    entries that vanish meanwhile are skipped. Each directory is entered by its fd, never by a
+    path another user could redirect meanwhile."""
+    stack = []  # type: List[Tuple[int, Iterator[str], str]]
+    try:
         try:
-            st = os.lstat(full)
-            target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else None
-        except OSError:
-            continue
-        d = _describe(st, target)
-        d["path"] = rel
-        yield d
-        if stat.S_ISDIR(st.st_mode):
-            stack.append(children(full, rel))
+            stack.append((fd, iter(sorted(os.listdir(fd))), ""))
+        except OSError as exc:
+            os.close(fd)
+            raise _oserror(exc, root)
+        while stack:
+            dfd, names, rel = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(stack.pop()[0])
+                continue
+            path = rel + "/" + name if rel else name
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                target = os.readlink(name, dir_fd=dfd) if stat.S_ISLNK(st.st_mode) else None
+            except OSError:
+                continue
+            d = _describe(st, target)
+            d["path"] = path
+            yield d
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if len(stack) > LIST_DEPTH:
+                raise OpError(codes.TOO_LARGE, "%s/%s: directories nested more than %d deep"
+                              % (root, path, LIST_DEPTH))
+            try:
+                cfd = os.open(name, _LIST_FLAGS, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    continue  # gone or replaced since it was described
+                raise _oserror(exc, os.path.join(root, path))
+            try:
+                if dirfd.key(os.fstat(cfd)) != dirfd.key(st):
+                    os.close(cfd)  # another directory renamed into its place
+                    continue
+                children = iter(sorted(os.listdir(cfd)))
+            except OSError as exc:
+                os.close(cfd)
+                raise _oserror(exc, os.path.join(root, path))
+            stack.append((cfd, children, path))
+    finally:
+        for entry in stack:
+            os.close(entry[0])
 
 
 class Transfer:
@@ -109,7 +139,9 @@ class Transfer:
         self.started = time.monotonic()
         # push
         self.final = None
-        self.partial = None
+        self.dir = None  # dirfd.Held: the directory of the file in flight (push)
+        self.name = None  # its name there
+        self.partial = None  # the name of its temp file there
         self.fd = None
         self.offset = 0
         self.size = None
@@ -135,17 +167,60 @@ class FileOps:
 
     # -- policy -----------------------------------------------------------------------------
 
-    def _check_read(self, path):
-        real = os.path.realpath(path)
-        if not _under(real, self.config.read_roots):
-            raise OpError(codes.DENIED, "reading %s is denied by the agent's policy (read_roots = %s)"
-                          % (path, " ".join(self.config.read_roots)))
+    def _held(self, path: str, write: bool, follow_last: bool = False) -> Tuple[dirfd.Held, str]:
+        """Walk ``path`` to its directory (held open) and last component, and check that the
+        directory walked to is inside the policy roots (or that the entry is a root itself).
+        Raises OpError(denied), or the OSError of the walk for the caller to word."""
+        roots = self.config.write_roots if write else self.config.read_roots
+        keys = dirfd.root_keys(roots)
+        held = dirfd.Held()
+        try:
+            try:
+                name = held.walk(path, follow_last)
+            except OSError:
+                # where the walk stopped decides which error the user sees: "denied" only when
+                # the path could not be inside the roots, as with the realpath check before
+                if held.inside(keys) or _under(held.lexical, roots):
+                    raise
+                raise self._denied(path, write)
+            if held.inside(keys):
+                return held, name
+            st = held.lstat(name)
+            if st is not None and dirfd.key(st) in keys:
+                held.entry_key = dirfd.key(st)
+                return held, name
+            raise self._denied(path, write)
+        except BaseException:
+            held.close()
+            raise
 
-    def _check_write(self, path):
-        real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-        if not _under(real, self.config.write_roots):
-            raise OpError(codes.DENIED, "writing %s is denied by the agent's policy (write_roots = %s)"
-                          % (path, " ".join(self.config.write_roots)))
+    def _denied(self, path: str, write: bool) -> OpError:
+        if write:
+            return OpError(codes.DENIED, "writing %s is denied by the agent's policy (write_roots = "
+                           "%s)" % (path, " ".join(self.config.write_roots)))
+        return OpError(codes.DENIED, "reading %s is denied by the agent's policy (read_roots = %s)"
+                       % (path, " ".join(self.config.read_roots)))
+
+    @contextlib.contextmanager
+    def _at(self, path: str, write: bool, follow_last: bool = False
+            ) -> Iterator[Tuple[dirfd.Held, str]]:
+        """``_held`` for the duration of a ``with``; an OSError in it is reported on ``path``."""
+        try:
+            held, name = self._held(path, write, follow_last)
+        except OSError as exc:
+            raise _oserror(exc, path)
+        try:
+            yield held, name
+        except OSError as exc:
+            raise _oserror(exc, path)
+        finally:
+            held.close()
+
+    def _opened_inside(self, held: dirfd.Held, fd: int, path: str, write: bool) -> None:
+        """After opening the entry a root allowed (``_held``): is it still that root?"""
+        if held.entry_key is not None and dirfd.key(os.fstat(fd)) != held.entry_key:
+            os.close(fd)
+            raise self._denied(path, write)
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -153,16 +228,14 @@ class FileOps:
         return getattr(self, "op_" + op.replace(".", "_"))(rid, args)
 
     # -- fs ops (quick, run in the loop) ---------------------------------------------------------
+    # Each works relative to the directory its path was walked to (dirfd.Held), never by path.
 
     def op_fs_stat(self, rid, args):
         path = _path_arg(args)
-        self._check_read(path)
         follow = args.bool("follow", default=True)
-        try:
-            st = os.stat(path) if follow else os.lstat(path)
-            target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
-        except OSError as exc:
-            raise _oserror(exc, path)
+        with self._at(path, write=False, follow_last=follow) as (held, name):
+            st = os.stat(name, dir_fd=held.fd, follow_symlinks=False)
+            target = os.readlink(name, dir_fd=held.fd) if stat.S_ISLNK(st.st_mode) else None
         return _describe(st, target)
 
     def op_fs_list(self, rid, args):
@@ -172,18 +245,14 @@ class FileOps:
         The walk of the page that asked for ``next`` is kept (a few per agent), so the following
         page continues it instead of walking the tree again from the start."""
         path = _path_arg(args)
-        self._check_read(path)
         start = args.int("start", default=0, min=0)
-        try:
-            if not stat.S_ISDIR(os.stat(path).st_mode):
-                raise OpError(codes.NOT_A_DIRECTORY, "%s is not a directory" % path)
-        except OSError as exc:
-            raise _oserror(exc, path)
         session = self.agent.session
         kept = self._listings.pop((id(session), path, start), None)
         walk = kept[1] if kept is not None and kept[0] is session else None
+        if kept is not None and walk is None:
+            kept[1].close()
         if walk is None:
-            walk = _walk_tree(path)
+            walk = _walk_tree(self._open_list_root(path), path)
             for _ in zip(range(start), walk):
                 pass
         entries = []
@@ -192,62 +261,73 @@ class FileOps:
             if len(entries) == LIST_PAGE:
                 break
         if len(entries) < LIST_PAGE:
+            walk.close()
             return {"entries": entries, "next": None}
         nxt = start + LIST_PAGE
         while len(self._listings) >= MAX_LISTINGS:
-            del self._listings[next(iter(self._listings))]  # the oldest
+            self._listings.pop(next(iter(self._listings)))[1].close()  # the oldest: its fds go
         self._listings[(id(session), path, nxt)] = (session, walk)
         return {"entries": entries, "next": nxt}
 
+    def _open_list_root(self, path: str) -> int:
+        with self._at(path, write=False, follow_last=True) as (held, name):
+            try:
+                fd = os.open(name, _LIST_FLAGS, dir_fd=held.fd)
+            except NotADirectoryError:
+                raise OpError(codes.NOT_A_DIRECTORY, "%s is not a directory" % path)
+            self._opened_inside(held, fd, path, write=False)
+        return fd
+
     def op_fs_mkdir(self, rid, args):
         path = _path_arg(args)
-        self._check_write(path)
         mode = args.int("mode", default=0o755, min=0, max=0o7777)
-        try:
-            os.mkdir(path, mode)
-        except FileExistsError:
-            if not os.path.isdir(path) or os.path.islink(path):
-                raise OpError(codes.EXISTS, "%s exists and is not a directory" % path)
-        except OSError as exc:
-            raise _oserror(exc, path)
+        with self._at(path, write=True) as (held, name):
+            try:
+                os.mkdir(name, mode, dir_fd=held.fd)
+            except FileExistsError:
+                st = held.lstat(name)
+                if st is None or not stat.S_ISDIR(st.st_mode):
+                    raise OpError(codes.EXISTS, "%s exists and is not a directory" % path)
         return {}
 
     def op_fs_symlink(self, rid, args):
         path = _path_arg(args)
-        self._check_write(path)
         target = args.str("target")
-        try:
-            if os.path.lexists(path) and not os.path.isdir(path):
-                os.unlink(path)
-            os.symlink(target, path)
-        except OSError as exc:
-            raise _oserror(exc, path)
+        with self._at(path, write=True) as (held, name):
+            if held.lstat(name) is not None:
+                try:  # a directory, or a link to one, stays (and the symlink fails: exists)
+                    keep = stat.S_ISDIR(os.stat(name, dir_fd=held.fd).st_mode)
+                except OSError:
+                    keep = False
+                if not keep:
+                    os.unlink(name, dir_fd=held.fd)
+            os.symlink(target, name, dir_fd=held.fd)
         return {}
 
     def op_fs_setattr(self, rid, args):
         path = _path_arg(args)
-        self._check_write(path)
         mode = args.int("mode", default=None, min=0, max=0o7777)
         mtime_ns = args.int("mtime_ns", default=None)
         uid = args.int("uid", default=None, min=0)
         gid = args.int("gid", default=None, min=0)
-        try:
-            _set_attrs(path, mode, mtime_ns, uid, gid, follow=False)
-        except OSError as exc:
-            raise _oserror(exc, path)
+        with self._at(path, write=True) as (held, name):
+            _set_attrs(held.fd, name, mode, mtime_ns, uid, gid)
         return {}
 
     def op_fs_remove(self, rid, args):
         path = _path_arg(args)
-        self._check_write(path)
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                raise OpError(codes.IS_A_DIRECTORY, "%s is a directory" % path)
-            os.unlink(path)
-        except FileNotFoundError:
-            return {"removed": False}
-        except OSError as exc:
-            raise _oserror(exc, path)
+            with self._at(path, write=True) as (held, name):
+                st = held.lstat(name)
+                if st is None:
+                    return {"removed": False}
+                if stat.S_ISDIR(st.st_mode):
+                    raise OpError(codes.IS_A_DIRECTORY, "%s is a directory" % path)
+                os.unlink(name, dir_fd=held.fd)
+        except OpError as exc:
+            if exc.code == codes.NOT_FOUND:  # its directory is missing, or it just went
+                return {"removed": False}
+            raise
         return {"removed": True}
 
     # -- transfer.open ----------------------------------------------------------------------
@@ -267,18 +347,23 @@ class FileOps:
         corrupt = args.int("test_corrupt", default=None, min=0)
         if corrupt is not None and self.config.test_hooks:
             tr.corrupt_at = corrupt
-        if direction == "push" and args.obj.get("files") is not None:
-            event = self._prepare_push_batch(tr, args)
-        elif args.obj.get("files") is not None:
-            event = self._prepare_pull_batch(tr, args)
-        elif direction == "push":
-            event = self._prepare_push(tr, args)
-        else:
-            event = self._prepare_pull(tr, args)
+        try:
+            if direction == "push" and args.obj.get("files") is not None:
+                event = self._prepare_push_batch(tr, args)
+            elif args.obj.get("files") is not None:
+                event = self._prepare_pull_batch(tr, args)
+            elif direction == "push":
+                event = self._prepare_push(tr, args)
+            else:
+                event = self._prepare_pull(tr, args)
+        except BaseException:
+            self._release(tr)
+            raise
         try:
             self._open_port(tr)
         except BaseException:
             self._cleanup_files(tr, failed=True)
+            self._release(tr)
             raise
         self.active = tr
         session.transfers[rid] = tr
@@ -304,17 +389,17 @@ class FileOps:
                     "uid": args.int("uid", default=None, min=0),
                     "gid": args.int("gid", default=None, min=0),
                     "preserve": preserve}
-        if os.path.isdir(path):
+        if os.path.isdir(path):  # only picks the name: the walk below checks the one picked
             if not name or "/" in name or name in (".", ".."):
                 raise OpError(codes.IS_A_DIRECTORY, "%s is a directory" % path)
             path = os.path.join(path, name)
-        parent = self._push_target(path)
         tr.final = path
+        tr.dir, tr.name = self._push_target(path)
         tr.size = size
-        tr.partial, tr.offset = self._push_partial(path, size, mtime_ns, tr.algorithm, resume)
+        tr.partial, tr.offset = _push_partial(tr.dir, path, size, mtime_ns, tr.algorithm, resume)
         if size is not None:
-            self._check_space(parent, size - tr.offset)
-        tr.fd = self._open_partial(tr.partial, tr.offset)
+            _check_space(os.path.dirname(path), size - tr.offset, _free_space(tr.dir.fd))
+        tr.fd = _open_partial(tr.dir, tr.partial, tr.offset, path)
         return {"path": path, "offset": tr.offset}
 
     def _prepare_push_batch(self, tr, args):
@@ -322,7 +407,7 @@ class FileOps:
         opening of the data port, transfer id ``tid + i`` for the i-th (docs/protocol.md)."""
         resume = args.bool("resume", default=False)
         preserve = args.bool("preserve", default=False)
-        batch, need = [], {}
+        batch, need, free = [], {}, {}  # need and free space per file system (st_dev)
         for f, path in self._batch_entries(args):
             try:
                 size = f.int("size", min=0)
@@ -333,13 +418,21 @@ class FileOps:
                          "gid": f.int("gid", default=None, min=0), "preserve": preserve}
             except ProtocolViolation as exc:
                 raise OpError(codes.BAD_REQUEST, str(exc))
-            parent = self._push_target(path)
-            partial, offset = self._push_partial(path, size, mtime_ns, tr.algorithm, resume)
-            need[parent] = need.get(parent, 0) + size - offset
+            # checked now, walked to again when its turn comes (holding a directory per file
+            # would take up to MAX_BATCH fds)
+            held, _ = self._push_target(path)
+            try:
+                partial, offset = _push_partial(held, path, size, mtime_ns, tr.algorithm, resume)
+                dev = held.keys[-1][0]
+                if dev not in free:
+                    free[dev] = (os.path.dirname(path), _free_space(held.fd))
+            finally:
+                held.close()
+            need[dev] = need.get(dev, 0) + size - offset
             batch.append({"final": path, "partial": partial, "offset": offset, "size": size,
                           "attrs": attrs})
-        for parent, nbytes in need.items():
-            self._check_space(parent, nbytes)
+        for dev, nbytes in need.items():
+            _check_space(free[dev][0], nbytes, free[dev][1])
         tr.batch = batch
         tr.final = batch[0]["final"]
         return {"path": tr.final, "offset": batch[0]["offset"],
@@ -372,14 +465,8 @@ class FileOps:
                 offset = f.int("offset", default=0, min=0)
             except ProtocolViolation as exc:
                 raise OpError(codes.BAD_REQUEST, str(exc))
-            self._check_read(path)
-            try:
-                st = os.stat(path)
-            except OSError as exc:
-                raise _oserror(exc, path)
-            if not stat.S_ISREG(st.st_mode):
-                raise OpError(codes.IS_A_DIRECTORY if stat.S_ISDIR(st.st_mode) else codes.BAD_REQUEST,
-                              "%s is not a regular file" % path)
+            fd, st = self._open_source(path)  # opened again when its turn comes
+            os.close(fd)
             if st.st_size != size or st.st_mtime_ns != mtime_ns:
                 raise OpError(codes.CHANGED, "%s changed since it was examined" % path)
             if offset > size:
@@ -399,7 +486,7 @@ class FileOps:
             log.debug("transfer %d: file %d of %d, %s from offset %d", tr.tid, i + 1,
                       len(tr.batch), tr.final, tr.offset)
             try:
-                tr.fd = os.open(tr.final, os.O_RDONLY | os.O_CLOEXEC)
+                tr.fd = self._open_source(tr.final)[0]
 
                 def check(item=item):  # as listed, before the first byte and after the last
                     st = os.fstat(tr.fd)
@@ -410,12 +497,8 @@ class FileOps:
                 os.lseek(tr.fd, tr.offset, os.SEEK_SET)
                 size, digest = CE.send_file(chan, tr.fd, sub, tr.algorithm, tr.offset, tr.size,
                                             check=check, corrupt_at=tr.corrupt_at)
-            except (OSError, CE.TransferError) as exc:
-                if isinstance(exc, OSError):
-                    exc = CE.TransferError(codes.errno_to_code(exc.errno), "%s: %s" % (
-                        tr.final, exc.strerror or exc))
-                elif tr.final not in str(exc):
-                    exc = CE.TransferError(exc.code, "%s: %s" % (tr.final, exc), exc.interrupted)
+            except (OSError, OpError, CE.TransferError) as exc:
+                exc = _transfer_error(exc, tr.final)
                 if not exc.interrupted:
                     try:  # the host's receiver learns why on the data port too
                         chan.write_all([T.encode_end_error(sub, exc.code, str(exc))])
@@ -434,86 +517,57 @@ class FileOps:
                 "digest": done[-1]["digest"], "algorithm": tr.algorithm,
                 "offset": tr.batch[0]["offset"], "files": done}
 
-    def _push_target(self, path):
-        """Check that ``path`` may be written as a file; returns its parent directory."""
-        if os.path.isdir(path):
-            raise OpError(codes.IS_A_DIRECTORY, "%s is a directory" % path)
-        self._check_write(path)
+    def _push_target(self, path: str) -> Tuple[dirfd.Held, str]:
+        """Walk to the directory ``path`` is written in and check that it may be: (held, name)."""
         parent = os.path.dirname(path)
         try:
-            pst = os.stat(parent)
+            held, name = self._held(path, write=True)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise OpError(codes.NOT_FOUND, "directory %s does not exist" % parent)
+            if exc.errno == errno.ENOTDIR:
+                raise OpError(codes.NOT_A_DIRECTORY, "%s is not a directory" % parent)
             raise _oserror(exc, parent)
-        if not stat.S_ISDIR(pst.st_mode):
-            raise OpError(codes.NOT_A_DIRECTORY, "%s is not a directory" % parent)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OpError(codes.PERMISSION_DENIED, "permission denied: cannot write in %s" % parent)
-        return parent
-
-    @staticmethod
-    def _push_partial(path, size, mtime_ns, algorithm, resume):
-        """The temp file for ``path`` and the verified prefix it holds (0 unless resuming)."""
-        parent = os.path.dirname(path)
-        if size is not None and mtime_ns is not None:
-            partial = os.path.join(parent, T.partial_name(path, size, mtime_ns, algorithm))
-        else:
-            partial = os.path.join(parent, "%s%s%s" % (T.PARTIAL_PREFIX, secrets.token_hex(12),
-                                                       T.PARTIAL_SUFFIX))
-        have = None
-        if resume:
-            try:
-                pst = os.lstat(partial)
-                if stat.S_ISREG(pst.st_mode):
-                    have = pst.st_size
+        try:
+            try:  # a link to a directory counts as one: the rename would replace the link
+                isdir = stat.S_ISDIR(os.stat(name, dir_fd=held.fd).st_mode)
             except OSError:
-                pass
-        return partial, T.resume_offset(have, size)
-
-    @staticmethod
-    def _check_space(parent, nbytes):
-        try:
-            vfs = os.statvfs(parent)
-            free = vfs.f_bavail * vfs.f_frsize
-        except OSError:
-            return
-        if nbytes > free:
-            raise OpError(codes.NO_SPACE, "not enough space in %s: %d bytes needed, %d free"
-                          % (parent, nbytes, free))
-
-    @staticmethod
-    def _open_partial(partial, offset):
-        try:
-            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except OSError as exc:
-            raise _oserror(exc, partial)
-        try:
-            os.ftruncate(fd, offset)
-            os.lseek(fd, offset, os.SEEK_SET)
-        except OSError as exc:
-            os.close(fd)
-            raise _oserror(exc, partial)
-        return fd
-
-    def _prepare_pull(self, tr, args):
-        path = _path_arg(args)
-        self._check_read(path)
-        offset = args.int("offset", default=0, min=0)
-        expect_size = args.int("size", default=None, min=0)
-        expect_mtime = args.int("mtime_ns", default=None)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno == errno.EISDIR:
+                isdir = False
+            if isdir:
                 raise OpError(codes.IS_A_DIRECTORY, "%s is a directory" % path)
-            raise _oserror(exc, path)
+            if not os.access(".", os.W_OK | os.X_OK, dir_fd=held.fd):
+                raise OpError(codes.PERMISSION_DENIED, "permission denied: cannot write in %s"
+                              % parent)
+        except BaseException:
+            held.close()
+            raise
+        return held, name
+
+    def _open_source(self, path: str) -> Tuple[int, os.stat_result]:
+        """Open the regular file ``path`` to be read (policy checked): (fd, its stat)."""
+        with self._at(path, write=False, follow_last=True) as (held, name):
+            # O_NONBLOCK: a FIFO swapped in must not hang the agent in open()
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=held.fd)
+            self._opened_inside(held, fd, path, write=False)
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise OpError(codes.IS_A_DIRECTORY, "%s is a directory" % path)
             if not stat.S_ISREG(st.st_mode):
                 raise OpError(codes.BAD_REQUEST, "%s is not a regular file" % path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def _prepare_pull(self, tr, args):
+        path = _path_arg(args)
+        offset = args.int("offset", default=0, min=0)
+        expect_size = args.int("size", default=None, min=0)
+        expect_mtime = args.int("mtime_ns", default=None)
+        fd, st = self._open_source(path)
+        try:
             if ((expect_size is not None and expect_size != st.st_size)
                     or (expect_mtime is not None and expect_mtime != st.st_mtime_ns)):
                 raise OpError(codes.CHANGED, "%s changed since it was examined" % path)
@@ -609,9 +663,8 @@ class FileOps:
                 tr.keep_partial = True
             elif exc.code == codes.CHANGED and tr.final not in str(exc):  # say which file
                 err = CE.TransferError(exc.code, "%s: %s" % (tr.final, exc))
-        except OSError as exc:
-            err = CE.TransferError(codes.errno_to_code(exc.errno), "%s: %s" % (
-                tr.final, exc.strerror or exc))
+        except (OSError, OpError) as exc:
+            err = _transfer_error(exc, tr.final)
         except Exception as exc:  # a bug: report it, keep the agent alive
             log.exception("transfer %d failed", tr.tid)
             err = CE.TransferError(codes.INTERNAL, "internal error: %s" % exc)
@@ -629,13 +682,14 @@ class FileOps:
             tr.size, tr.attrs = item["size"], item["attrs"]
             log.debug("transfer %d: file %d of %d, %s from offset %d", tr.tid, i + 1,
                       len(tr.batch), tr.final, tr.offset)
-            tr.fd = self._open_partial(tr.partial, tr.offset)
+            self._release(tr)  # the directory of the file before
             try:
+                tr.dir, tr.name = self._push_target(tr.final)
+                tr.fd = _open_partial(tr.dir, tr.partial, tr.offset, tr.final)
                 size, digest = CE.recv_file(chan, tr.fd, T.batch_tid(tr.tid, i), tr.algorithm,
                                             tr.offset, tr.size, corrupt_at=tr.corrupt_at)
-            except CE.TransferError as exc:
-                if tr.final not in str(exc):
-                    exc = CE.TransferError(exc.code, "%s: %s" % (tr.final, exc), exc.interrupted)
+            except (OSError, OpError, CE.TransferError) as exc:
+                exc = _transfer_error(exc, tr.final)
                 exc.done = len(done)
                 raise exc
             self._finish_push(tr)
@@ -653,9 +707,9 @@ class FileOps:
                 mode = a["mode"]
             else:
                 try:
-                    mode = stat.S_IMODE(os.stat(tr.final).st_mode)
+                    mode = _kept_mode(tr.dir.lstat(tr.name))
                 except OSError:
-                    mode = 0o666 & ~_umask()
+                    mode = _kept_mode(None)
             os.fchmod(fd, mode)
             if a["preserve"] and os.geteuid() == 0 and a["uid"] is not None:
                 os.fchown(fd, a["uid"], a["gid"] if a["gid"] is not None else -1)
@@ -664,10 +718,10 @@ class FileOps:
                 os.utime(fd, ns=(a["mtime_ns"], a["mtime_ns"]))
         finally:
             os.close(fd)
-        os.replace(tr.partial, tr.final)
+        os.replace(tr.partial, tr.name, src_dir_fd=tr.dir.fd, dst_dir_fd=tr.dir.fd)
         tr.partial = None
-        try:
-            dfd = os.open(os.path.dirname(tr.final), os.O_RDONLY | os.O_DIRECTORY)
+        try:  # the rename itself durable; a directory we may not read is left to the kernel
+            dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=tr.dir.fd)
             try:
                 os.fsync(dfd)
             finally:
@@ -689,11 +743,17 @@ class FileOps:
 
     @staticmethod
     def _drop_partial(tr):
-        if tr.direction == "push" and tr.partial:
+        if tr.direction == "push" and tr.partial and tr.dir is not None:
             try:
-                os.unlink(tr.partial)
+                os.unlink(tr.partial, dir_fd=tr.dir.fd)
             except OSError:
                 pass
+
+    @staticmethod
+    def _release(tr):
+        if tr.dir is not None:
+            tr.dir.close()
+            tr.dir = None
 
     # -- loop side ----------------------------------------------------------------------------
 
@@ -706,6 +766,7 @@ class FileOps:
             # a CANCEL that came while the worker was failing for another reason (the host closes
             # its data socket right after cancelling: "the peer went away") still drops the file
             self._drop_partial(tr)
+        self._release(tr)
         if self.active is tr:
             self.active = None
         agent = self.agent
@@ -739,13 +800,161 @@ def _umask():
     return mask
 
 
-def _set_attrs(path, mode, mtime_ns, uid, gid, follow):
-    if (uid is not None or gid is not None) and os.geteuid() == 0:
-        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=follow)
-    is_link = os.path.islink(path)
-    if mode is not None and not is_link:
-        os.chmod(path, mode)
-    if mtime_ns is not None:
-        if is_link and os.utime not in os.supports_follow_symlinks:
+def _transfer_error(exc: Exception, final: str) -> CE.TransferError:
+    """An error of the worker (OSError, OpError or TransferError) as a TransferError naming
+    ``final``."""
+    if isinstance(exc, OSError):
+        return CE.TransferError(codes.errno_to_code(exc.errno), "%s: %s" % (
+            final, exc.strerror or exc))
+    interrupted = getattr(exc, "interrupted", False)
+    if final in str(exc):
+        return exc if isinstance(exc, CE.TransferError) else CE.TransferError(
+            exc.code, str(exc), interrupted)
+    return CE.TransferError(exc.code, "%s: %s" % (final, exc), interrupted)
+
+
+def _trusted_partial(st: os.stat_result) -> bool:
+    """Can this be the agent's own temp file? Another user may have planted one under the name
+    (predictable, so that the next transfer of the same target finds it to resume), or hard
+    linked ours to read it later."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
+
+
+def _push_partial(held: dirfd.Held, path: str, size: Optional[int], mtime_ns: Optional[int],
+                  algorithm: str, resume: bool) -> Tuple[str, int]:
+    """The name of the temp file for ``path`` (in ``held``) and the verified prefix it holds
+    (0 unless resuming one of the agent's own)."""
+    if size is not None and mtime_ns is not None:
+        partial = T.partial_name(path, size, mtime_ns, algorithm)
+    else:
+        partial = "%s%s%s" % (T.PARTIAL_PREFIX, secrets.token_hex(12), T.PARTIAL_SUFFIX)
+    have = None
+    if resume:
+        try:
+            st = held.lstat(partial)
+        except OSError:
+            st = None
+        if st is not None and _trusted_partial(st):
+            have = st.st_size
+    return partial, T.resume_offset(have, size)
+
+
+def _open_partial(held: dirfd.Held, partial: str, offset: int, final: str) -> int:
+    """Open the temp file ``partial`` in ``held``: the agent's own from ``offset`` on (checked
+    again on the fd: it may have been swapped since ``_push_partial``), or a new one."""
+    where = os.path.join(os.path.dirname(final), partial)
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        if offset:
+            fd = os.open(partial, flags, dir_fd=held.fd)
+            st = os.fstat(fd)
+            if not (_trusted_partial(st) and st.st_size >= offset):
+                os.close(fd)
+                raise OpError(codes.CHANGED, "%s was replaced since the transfer was opened"
+                              % where)
+        else:
+            fd = _create_partial(held, partial, flags)
+    except OSError as exc:
+        raise _oserror(exc, where)
+    try:
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+    except OSError as exc:
+        os.close(fd)
+        raise _oserror(exc, where)
+    return fd
+
+
+def _create_partial(held: dirfd.Held, partial: str, flags: int) -> int:
+    for attempt in range(3):
+        try:
+            return os.open(partial, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=held.fd)
+        except FileExistsError:
+            if attempt == 2:
+                raise
+        try:  # a leftover, ours or planted: never written through, replaced by a new file
+            os.unlink(partial, dir_fd=held.fd)
+        except FileNotFoundError:
+            pass
+    raise AssertionError("unreachable")
+
+
+def _free_space(fd: int) -> Optional[int]:
+    try:
+        vfs = os.fstatvfs(fd)
+    except OSError:
+        return None
+    return vfs.f_bavail * vfs.f_frsize
+
+
+def _check_space(where: str, nbytes: int, free: Optional[int]) -> None:
+    if free is not None and nbytes > free:
+        raise OpError(codes.NO_SPACE, "not enough space in %s: %d bytes needed, %d free"
+                      % (where, nbytes, free))
+
+
+def _kept_mode(st: Optional[os.stat_result]) -> int:
+    """The mode of a pushed file (without -p): that of the regular file it replaces, else the
+    default. Another user's setuid/setgid bits are not carried over: the new file is the
+    agent's (root's), so ``conf`` pre-created as 04777 by a guest user would become a setuid
+    root program."""
+    if st is None or not stat.S_ISREG(st.st_mode):
+        return 0o666 & ~_umask()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != os.geteuid():
+        mode &= ~(stat.S_ISUID | stat.S_ISGID)
+    return mode
+
+
+# regular files and directories are opened to set their attributes through the fd; opening one
+# for reading has no side effect (O_NONBLOCK: a FIFO swapped in meanwhile does not block)
+_ATTR_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_PATH = getattr(os, "O_PATH", 0)
+
+
+def _set_attrs(dfd: int, name: str, mode: Optional[int], mtime_ns: Optional[int],
+               uid: Optional[int], gid: Optional[int]) -> None:
+    """Set the attributes of ``name`` in the directory ``dfd`` without following a symlink, even
+    one swapped in meanwhile: every change is made on an fd opened O_NOFOLLOW, never by path. A
+    symlink itself gets its owner and time (there is no mode of a link to set)."""
+    ids = (-1 if uid is None else uid, -1 if gid is None else gid)
+    chown = (uid is not None or gid is not None) and os.geteuid() == 0
+    for _ in range(2):
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            if chown:
+                os.chown(name, *ids, dir_fd=dfd, follow_symlinks=False)
+            if mtime_ns is not None and os.utime in os.supports_follow_symlinks:
+                os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
             return
-        os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=follow)
+        fd = None
+        if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            try:
+                fd = os.open(name, _ATTR_FLAGS, dir_fd=dfd)
+            except PermissionError:
+                pass  # not readable by the agent (not root): by O_PATH below
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    continue  # swapped for a symlink since the stat: that is what is there
+                raise
+        target = fd  # type: object
+        if fd is None and _O_PATH:
+            # devices, FIFOs, sockets are not opened for I/O: an O_PATH fd is set through
+            # /proc, which resolves to the very inode the fd holds
+            fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            target = "/proc/self/fd/%d" % fd
+        if fd is None:
+            raise OSError(errno.EOPNOTSUPP, "cannot set the attributes of this file type here")
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):  # O_PATH|O_NOFOLLOW holds a swapped-in link
+                continue
+            if chown:
+                os.chown(target, *ids)
+            if mode is not None:
+                os.chmod(target, mode)
+            if mtime_ns is not None:
+                os.utime(target, ns=(mtime_ns, mtime_ns))
+            return
+        finally:
+            os.close(fd)
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
