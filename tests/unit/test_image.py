@@ -305,10 +305,10 @@ def test_read_only_tree_gives_a_clear_error(tmp_path, pyz, monkeypatch):
     root = make_root(tmp_path, "sysv")
     real_open = os.open
 
-    def ro_open(path, flags, *a):
+    def ro_open(path, flags, *a, **kw):
         if flags & os.O_CREAT:
             raise OSError(errno.EROFS, "Read-only file system")
-        return real_open(path, flags, *a)
+        return real_open(path, flags, *a, **kw)
 
     monkeypatch.setattr(T.os, "open", ro_open)
     before = snapshot(root)

@@ -40,3 +40,9 @@ class BackendUnavailable(ImageError):
     """The backend cannot run here (missing tool/module/device/permission); auto tries the next."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class BadGuestFile(ImageError):
+    """A file the installer must read from the image is not a regular file, or is too large."""
+
+    exit_code = EXIT_DATAERR
