@@ -8,6 +8,7 @@ import sys
 import time
 from contextlib import ExitStack
 
+from ..protocol.safetext import printable
 from .disk import FORMATS
 from .errors import EXIT_INTERRUPTED, ImageError
 from .tree import DEFAULT_CTL, DEFAULT_DATA, INIT_KINDS, Installer, Tree, status
@@ -214,23 +215,24 @@ def _print(args, result):
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
         return
     if args.image_command != "status":
-        print(result["summary"])
+        print(printable(result["summary"]))
         return
-    target = result["target"]
+    # manifest fields and paths come from the image: escaped before they reach the terminal
+    r = {k: printable(v) for k, v in result.items() if isinstance(v, str) or v is None}
     if not result["installed"]:
-        print("guestlink agent: not installed in %s" % target)
+        print("guestlink agent: not installed in %s" % r["target"])
         if result.get("foreign_files"):
             print("  agent files not installed by guestlink image install: %s"
                   % ", ".join(result["foreign_files"]))
         return
-    print("guestlink agent %s installed in %s" % (result["agent_version"], target))
-    print("  root:       %s" % result["where"])
-    print("  started by: %s" % result["init"])
+    print("guestlink agent %s installed in %s" % (r["agent_version"], r["target"]))
+    print("  root:       %s" % r["where"])
+    print("  started by: %s" % r["init"])
     print("  config:     %s (ctl_name=%s, data_name=%s)%s" % (
-        result["config"]["path"], result["ctl_name"], result["data_name"],
+        result["config"]["path"], r["ctl_name"], r["data_name"],
         " [modified since install]" if result["config"]["modified"] else ""))
-    print("  installed:  %s%s" % (result.get("installed_at"), (
-        " (upgraded from %s)" % result["previous_version"]) if result.get("previous_version")
+    print("  installed:  %s%s" % (r.get("installed_at"), (
+        " (upgraded from %s)" % r["previous_version"]) if result.get("previous_version")
         and result["previous_version"] != result["agent_version"] else ""))
     for f in result["files"]:
-        print("  %-9s %-8s %s" % (f["state"], f["kind"], f["path"]))
+        print("  %-9s %-8s %s" % (f["state"], f["kind"], printable(f["path"])))
