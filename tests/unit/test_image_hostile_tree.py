@@ -328,7 +328,7 @@ def test_crafted_manifest_is_one_line_error(tmp_path, name, cmd):
 
 
 @pytest.mark.parametrize("text", ["[" * 10000 + "]" * 10000,
-                                  '{"entries": []' + ', "x": ' * 1 + "{" * 10000 + "}" * 10000 + "}",
+                                  '{"entries": [], "x": ' + '{"a": ' * 10000 + "1" + "}" * 10001,
                                   '{"entries": [], "agent_version": NaN}'])
 def test_deeply_nested_or_non_standard_manifest_is_one_line_error(tmp_path, text):
     root = make_root(tmp_path / "img", "sysv")
