@@ -384,3 +384,26 @@ def test_status_escapes_manifest_fields(tmp_path):
     assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\u202e" not in r.stdout
     assert "\\x1b]0;pwned\\x07" in r.stdout and "now\\u202e\\x1b[2J" in r.stdout
     assert "/etc/x\\x1b[2J" in r.stdout
+
+
+def test_symlink_loop_at_the_agent_does_not_break_status(tmp_path):
+    root = make_root(tmp_path / "img", "sysv")
+    assert run_cli("install", "--root", str(root), "-q").returncode == 0
+    pyz_path = root / T.AGENT_PYZ.lstrip("/")
+    pyz_path.unlink()
+    os.symlink(T.AGENT_PYZ, pyz_path)  # points at itself
+    r = run_cli("status", "--root", str(root), "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["agent_version"] is None
+    assert [f["state"] for f in st["files"] if f["path"] == T.AGENT_PYZ] == ["modified"]
+
+
+def test_symlink_loop_in_a_directory_is_a_one_line_error(tmp_path):
+    root = make_root(tmp_path / "img", "sysv")
+    os.symlink("/etc/guestlink", root / "etc/guestlink")
+    before = snapshot(root)
+    r = run_cli("install", "--root", str(root), "-q")
+    assert_one_line_error(r, 70)
+    assert "symbolic links" in r.stderr
+    assert snapshot(root) == before

@@ -1084,7 +1084,11 @@ def _status(tree: Tree) -> Dict[str, Any]:
     man = read_manifest(tree)
     try:
         pyz = tree.read_or_none(AGENT_PYZ, MAX_FILE)
-    except BadGuestFile:
+    except BadGuestFile:  # a FIFO, device or huge file there: no version to show
+        pyz = None
+    except OSError as exc:
+        if exc.errno not in _ABSENT:
+            raise
         pyz = None
     out = {"installed": man is not None, "agent_version": pyz_version(pyz) if pyz else None,
            "manifest": MANIFEST if man else None}  # type: Dict[str, Any]
