@@ -6,7 +6,7 @@ not). Everything a check looks at comes in through parameters with the real host
 backend, a ``modinfo`` runner), so a unit test can give each verdict its own small world.
 
 The same checks guard the test suite (tests/vm/conftest.py fails a test with an item's line) and
-explain a libguestfs appliance that does not start (:func:`supermin_kernel` from
+explain a libguestfs appliance that does not start (:func:`check_supermin_kernel`, from
 guestlink.image.backends).
 """
 
@@ -134,14 +134,16 @@ def probe_socket(path: str) -> Optional[str]:
 
 
 def check_channels(domain: str, uri: Optional[str] = None,
+                   names: Tuple[Optional[str], Optional[str]] = (None, None),
                    resolve: Optional[Callable[..., Tuple[str, Optional[str]]]] = None,
                    probe: Callable[[str], Optional[str]] = probe_socket) -> Item:
-    """Does ``domain`` have the guestlink channels, and can this user connect to their sockets?"""
+    """Does ``domain`` have the guestlink channels, and can this user connect to their sockets?
+    ``names``: the channel names given (None: as guestlink.libvirt chooses them)."""
     from . import libvirt as lv
 
     name = "channels %s" % domain
     try:
-        ctl, data = (resolve or lv.resolve_domain)(domain, uri)
+        ctl, data = (resolve or lv.resolve_domain)(domain, uri, *names)
     except lv.DomainNotFound as exc:
         return Item(name, False, str(exc), "check the name (virsh list --all) and --connect URI")
     except lv.DomainNotRunning as exc:
@@ -365,11 +367,12 @@ HOST_CHECKS: Dict[str, Callable[[], Item]] = {
     "agent-bundle": check_agent_bundle}
 
 
-def run_checks(uri: Optional[str] = None, domain: Optional[str] = None) -> List[Item]:
+def run_checks(uri: Optional[str] = None, domain: Optional[str] = None,
+               names: Tuple[Optional[str], Optional[str]] = (None, None)) -> List[Item]:
     """Every check, in the order printed."""
     items = [HOST_CHECKS["qemu"](), check_libvirt(uri)]
     if domain:
-        items.append(check_channels(domain, uri))
+        items.append(check_channels(domain, uri, names))
     return items + [HOST_CHECKS[name]() for name in ("loop-backend", "libguestfs",
                                                       "supermin-kernel", "nbd-module",
                                                       "agent-bundle")]
@@ -407,9 +410,18 @@ def add_parser(sub) -> None:
                    help="also check this libvirt domain's channel sockets")
     p.add_argument("--connect", metavar="URI", dest="libvirt_uri",
                    help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")
+    p.add_argument("--ctl-name", metavar="N",
+                   help="DOMAIN's control channel name (default: $GUESTLINK_CTL_NAME, else the "
+                        "name in its guestlink metadata, else org.guestlink.ctl)")
+    p.add_argument("--data-name", metavar="N",
+                   help="DOMAIN's data channel name (default: $GUESTLINK_DATA_NAME, else the name "
+                        "in its guestlink metadata, else org.guestlink.data)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {name, ok, detail, fix, optional}")
 
 
 def run(args: argparse.Namespace) -> int:
-    return report(run_checks(args.libvirt_uri, args.domain), args.json)
+    from .libvirt import names_from_env
+
+    names = names_from_env(args.ctl_name, args.data_name)
+    return report(run_checks(args.libvirt_uri, args.domain, names), args.json)

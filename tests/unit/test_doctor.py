@@ -102,17 +102,16 @@ def test_probe_socket_verdicts(tmp_path):
 def test_channels_ok_when_both_sockets_connect(tmp_path):
     ctl, data = str(tmp_path / "c.sock"), str(tmp_path / "d.sock")
     with listening(ctl), listening(data):
-        item = doctor.check_channels("vm1", "test:///x", resolve=lambda d, u: (ctl, data))
+        item = doctor.check_channels("vm1", "test:///x", resolve=lambda *a: (ctl, data))
     assert item.ok and item.name == "channels vm1"
     assert item.detail == "control %s and data %s accept this user's connection" % (ctl, data)
 
 
-def test_channels_passes_domain_and_uri_to_the_resolver():
+def test_channels_passes_domain_uri_and_names_to_the_resolver():
     seen = []
-    doctor.check_channels("vm1", "qemu:///session",
-                          resolve=lambda d, u: seen.append((d, u)) or ("/c", "/d"),
-                          probe=lambda p: None)
-    assert seen == [("vm1", "qemu:///session")]
+    doctor.check_channels("vm1", "qemu:///session", ("gl.ctl", None),
+                          resolve=lambda *a: seen.append(a) or ("/c", "/d"), probe=lambda p: None)
+    assert seen == [("vm1", "qemu:///session", "gl.ctl", None)]
 
 
 @pytest.mark.parametrize("error, fix", [
@@ -124,7 +123,7 @@ def test_channels_passes_domain_and_uri_to_the_resolver():
     (L.LibvirtUnavailable("libvirt is not reachable at qemu:///system"), "see the libvirt item"),
 ])
 def test_channels_lookup_failures(error, fix):
-    def resolve(domain, uri):
+    def resolve(domain, uri, ctl_name, data_name):
         raise error
 
     item = doctor.check_channels("vm1", None, resolve=resolve)
@@ -139,7 +138,7 @@ def test_channels_lookup_failures(error, fix):
     ("/c: nobody listens on it (is the VM's QEMU running?)", "virsh destroy vm1; virsh start vm1"),
 ])
 def test_channels_socket_problems(problem, fix_has):
-    item = doctor.check_channels("vm1", None, resolve=lambda d, u: ("/c", "/d"),
+    item = doctor.check_channels("vm1", None, resolve=lambda *a: ("/c", "/d"),
                                  probe=lambda p: problem if p == "/c" else None)
     assert not item.ok
     assert item.detail == problem
@@ -147,7 +146,7 @@ def test_channels_socket_problems(problem, fix_has):
 
 
 def test_channels_without_a_data_channel():
-    item = doctor.check_channels("vm1", None, resolve=lambda d, u: ("/c", None),
+    item = doctor.check_channels("vm1", None, resolve=lambda *a: ("/c", None),
                                  probe=lambda p: None)
     assert not item.ok
     assert item.detail == "no data channel (file transfers need it)"
@@ -408,14 +407,16 @@ def test_one_line_even_when_a_detail_has_several():
 
 def test_cli_wiring(monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(doctor, "run_checks", lambda uri, dom: seen.append((uri, dom)) or [
+    monkeypatch.setattr(doctor, "run_checks", lambda *a: seen.append(a) or [
         doctor.Item("qemu", False, "not found: qemu-img", "apt-get install qemu-utils")])
-    assert cli.main(["doctor", "--connect", "test:///default", "vm1"]) == 1
-    assert seen == [("test:///default", "vm1")]
+    monkeypatch.setenv("GUESTLINK_DATA_NAME", "env.data")
+    assert cli.main(["doctor", "--connect", "test:///default", "--ctl-name", "gl.ctl", "vm1"]) == 1
+    assert seen == [("test:///default", "vm1", ("gl.ctl", "env.data"))]
     assert capsys.readouterr().out == ("\u2717 qemu: not found: qemu-img; fix: apt-get install "
                                        "qemu-utils\n")
+    monkeypatch.delenv("GUESTLINK_DATA_NAME")
     assert cli.main(["doctor", "--json"]) == 1
-    assert seen[-1] == (None, None)
+    assert seen[-1] == (None, None, (None, None))
     assert json.loads(capsys.readouterr().out)[0]["name"] == "qemu"
 
 

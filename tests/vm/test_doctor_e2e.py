@@ -210,3 +210,15 @@ def test_a_missing_prerequisite_fails_the_test_with_doctors_line(request, monkey
         vm_conftest.require("agent-bundle", "supermin-kernel")
     assert str(failed.value) == ("host prerequisite missing (scripts/setup installs it; guestlink "
                                  "doctor checks it):\n" + missing.line())
+
+
+def test_domain_with_custom_channel_names(node):
+    d, uri = node
+    xml = d / "node.xml"
+    xml.write_text(xml.read_text().replace("org.guestlink.", "gl."))
+    code, items, _ = doctor_json("--connect", uri, "--ctl-name", "gl.ctl", "--data-name", "gl.data",
+                                 "gl-doctor")
+    assert items["channels gl-doctor"]["ok"], items["channels gl-doctor"]
+    code, items, _ = doctor_json("--connect", uri, "gl-doctor")
+    item = items["channels gl-doctor"]
+    assert not item["ok"] and "org.guestlink.ctl" in item["detail"]
