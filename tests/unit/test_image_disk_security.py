@@ -168,6 +168,7 @@ def test_raw_disk_with_a_forged_qcow2_header_is_read_as_raw(tmp_path):
         r = cli("status", img, "--backend", "loop", timeout=60)
     assert not watch.opened, "a tool opened the backing file the forged header names"
     assert r.returncode == 65 and "no Linux filesystem" in r.stderr, r.stderr
+    assert "starts with a qcow2 header but is read as raw (from its name)" in r.stderr
     # the same with an explicit --format raw on a name that says nothing
     other = tmp_path / "guest-disk"
     shutil.copyfile(img, other)

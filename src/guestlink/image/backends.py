@@ -24,7 +24,8 @@ import time
 from contextlib import ExitStack
 
 from .disk import (CommandFailed, Runner, SAFE_MOUNT, blockdev_options, candidates, check_image,
-                   choose_partitions, describe_partition, image_info, image_opts, mount_options)
+                   choose_partitions, describe_partition, image_info, image_opts, looks_like_qcow2,
+                   mount_options)
 from .errors import BackendUnavailable, ImageError, ImageInUse, NoRootFilesystem
 
 AUTO_ORDER = ("nbd", "loop", "guestfs")
@@ -556,6 +557,10 @@ def open_root(image, stack, backend="auto", partition=None, force=False, log=Non
     check_image(image, writable=not read_only)
     info = image_info(image, runner, force, fmt=fmt, read_only=read_only,
                       allow_backing=allow_backing)
+    if fmt is None and info.format == "raw" and looks_like_qcow2(info.path):
+        # a qcow2 named .img (cloud images are) would otherwise fail with no clue why
+        log("note: %s starts with a qcow2 header but is read as raw (from its name); if it is a "
+            "qcow2 image, give --format qcow2" % image)
     names = list(AUTO_ORDER) if backend == "auto" else [backend]
     problems = []
     for name in names:

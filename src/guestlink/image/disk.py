@@ -146,6 +146,16 @@ def image_info(path: str, runner: "Runner", force: bool = False, fmt: Optional[s
     return ImageInfo(path, fmt, size, read_only=read_only, allow_backing=allow_backing)
 
 
+def looks_like_qcow2(path: str) -> bool:
+    """Does the file start with qcow2's magic? Only ever used for a hint, never to pick the
+    format."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"QFI\xfb"
+    except OSError:
+        return False
+
+
 def _external_files(info: Dict) -> List[tuple]:
     """[(what, host path)] that ``qemu-img info`` says the image header names."""
     out = []
