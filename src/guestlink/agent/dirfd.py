@@ -53,7 +53,7 @@ class Held:
         self.keys = [key(os.fstat(fd))]
         self.hops = 0
         self.lexical = "/"  # after a failed walk: where it was going, as a string
-        self.entry_key = None  # type: Optional[Key]  # set by a caller allowing the entry itself
+        self.entry_key: Optional[Key] = None  # set by a caller that allowed the entry itself
 
     @property
     def fd(self) -> int:

@@ -76,7 +76,7 @@ def _walk_tree(fd: int, root: str) -> Iterator[dict]:
     described, with their relative ``path``, in pre-order, names sorted, symlinks not followed;
     entries that vanish meanwhile are skipped. Each directory is entered by its fd, never by a
     path another user could redirect meanwhile."""
-    stack = []  # type: List[Tuple[int, Iterator[str], str]]
+    stack: List[Tuple[int, Iterator[str], str]] = []
     try:
         try:
             stack.append((fd, iter(sorted(os.listdir(fd))), ""))
@@ -937,7 +937,7 @@ def _set_attrs(dfd: int, name: str, mode: Optional[int], mtime_ns: Optional[int]
                 if exc.errno == errno.ELOOP:
                     continue  # swapped for a symlink since the stat: that is what is there
                 raise
-        target = fd  # type: object
+        target: object = fd
         if fd is None and _O_PATH:
             # devices, FIFOs, sockets are not opened for I/O: an O_PATH fd is set through
             # /proc, which resolves to the very inode the fd holds
