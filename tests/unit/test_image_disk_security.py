@@ -26,8 +26,8 @@ from typing import Iterator, List, Optional
 import pytest
 
 from guestlink.image.backends import GuestfsBackend, LoopBackend
-from guestlink.image.disk import (ImageInfo, Runner, candidates, image_info, image_opts,
-                                  partitions)
+from guestlink.image.disk import (CommandFailed, ImageInfo, Runner, candidates, image_info,
+                                  image_opts, partitions)
 from guestlink.image.errors import ImageError
 from test_image import ext4_at, nbd_setup
 
@@ -572,3 +572,9 @@ def test_status_reads_an_image_a_running_qemu_holds_and_changes_nothing(tmp_path
     finally:
         holder.terminate()
         holder.wait(10)
+
+
+def test_a_tools_message_quoting_the_image_is_escaped():
+    err = CommandFailed(["qemu-img", "info"], 1, "qemu-img: Could not open '\x1b]0;owned\x07'\n")
+    assert "\x1b" not in str(err) and "\x07" not in str(err)
+    assert str(err) == "qemu-img info failed (exit 1): qemu-img: Could not open '\\x1b]0;owned\\x07'"

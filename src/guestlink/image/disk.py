@@ -54,8 +54,9 @@ class Runner:
 class CommandFailed(ImageError):
     def __init__(self, cmd, returncode, stderr):
         msg = (stderr or "").strip().splitlines()
+        # a tool's message can quote the image (a backing file name the guest wrote)
         ImageError.__init__(self, "%s failed (exit %s)%s" % (
-            " ".join(cmd[:2]), returncode, (": " + msg[-1]) if msg else ""))
+            " ".join(cmd[:2]), returncode, (": " + printable(msg[-1])) if msg else ""))
         self.cmd = cmd
         self.returncode = returncode
         self.stderr = stderr or ""
