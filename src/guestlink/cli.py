@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ._version import __version__
+from .protocol.ports import CTL_NAME, DATA_NAME
 from .protocol.safetext import printable
 
 # --- exit codes (sysexits.h style): the one table ---------------------------------------------
@@ -64,9 +65,9 @@ environment:
   GUESTLINK_CTL_NAME, GUESTLINK_DATA_NAME
                                   defaults for --ctl-name and --data-name (a domain's
                                   channel names; else its guestlink metadata, else
-                                  org.guestlink.ctl and org.guestlink.data)
+                                  %s and %s)
   LIBVIRT_DEFAULT_URI             default for --connect (else qemu:///system)
-"""
+""" % (CTL_NAME, DATA_NAME)
 
 
 def exit_code_for(exc, command=None):
@@ -455,10 +456,10 @@ def build_parser():
                             "$LIBVIRT_DEFAULT_URI, else qemu:///system)")
     group.add_argument("--ctl-name", metavar="N",
                        help="the domain's control channel name (default: $GUESTLINK_CTL_NAME, else "
-                            "the name in its guestlink metadata, else org.guestlink.ctl)")
+                            "the name in its guestlink metadata, else %s)" % CTL_NAME)
     group.add_argument("--data-name", metavar="N",
                        help="the domain's data channel name (default: $GUESTLINK_DATA_NAME, else "
-                            "the name in its guestlink metadata, else org.guestlink.data)")
+                            "the name in its guestlink metadata, else %s)" % DATA_NAME)
     group.add_argument("--queue-timeout", type=_seconds, metavar="S",
                        help="a VM serves one guestlink command at a time: wait at most S seconds "
                             "for the one using it (default: until it finishes; 0: fail at once)")
