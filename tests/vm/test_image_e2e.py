@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -346,6 +347,54 @@ def test_full_guest_filesystem(tmp_path):
         assert sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*")) == listing
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.needs("loop-backend")
+def test_hostile_image_entries_never_reach_the_host(tmp_path):
+    """Links and device nodes an image plants at the installer's temp names, mounted by the real
+    kernel: an absolute link names the guest's file, a device node is never written."""
+    host = tmp_path / "host"
+    host.mkdir()
+    canary = host / "canary"
+    canary.write_bytes(b"precious\n")
+    os.chmod(canary, 0o600)
+    missing = host / "created-by-install"
+    tree = tmp_path / "tree"
+    for d in ("etc/init.d", "etc/rc2.d", "etc/guestlink", "etc/modules-load.d",
+              "usr/local/lib/guestlink", "lib/modules/6.1.0"):
+        (tree / d).mkdir(parents=True)
+    (tree / "etc/os-release").write_text("ID=test\n")
+    os.symlink(str(canary), tree / "etc/guestlink/agent.conf.guestlink-tmp")
+    os.symlink(str(missing), tree / "usr/local/lib/guestlink/guestlink-agent.pyz.guestlink-tmp")
+    os.mknod(tree / "etc/modules-load.d/guestlink.conf.guestlink-tmp", stat.S_IFCHR | 0o600,
+             os.makedev(1, 3))
+    # a host file saying virtio_pci is built in: read through the link, virtio_pci would be left
+    # out (a link to /dev/zero is the unit tests' job: here it would exhaust the host's memory)
+    builtin = host / "modules.builtin"
+    builtin.write_text("kernel/drivers/virtio/virtio_pci.ko\n")
+    os.symlink(str(builtin), tree / "lib/modules/6.1.0/modules.builtin")
+    img = tmp_path / "hostile.raw"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(img), "16M"], check=True)
+    r = image("install", img, "--backend", "loop", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert canary.read_bytes() == b"precious\n" and stat.S_IMODE(canary.stat().st_mode) == 0o600
+    assert not os.path.lexists(missing)
+    assert leftovers(img) == []
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop,ro", str(img), str(mnt)], check=True)
+    try:
+        for gpath in ("etc/guestlink/agent.conf", "usr/local/lib/guestlink/guestlink-agent.pyz",
+                      "etc/modules-load.d/guestlink.conf"):
+            assert stat.S_ISREG(os.lstat(mnt / gpath).st_mode), gpath
+            assert not os.path.lexists(mnt / (gpath + ".guestlink-tmp")), gpath
+        assert "virtio_pci" in (mnt / "etc/modules-load.d/guestlink.conf").read_text()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    r = image("remove", img, "--backend", "loop", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert canary.read_bytes() == b"precious\n"
+    assert leftovers(img) == []
 
 
 # --- nbd: only where the kernel module exists ---------------------------------------------------
