@@ -295,7 +295,7 @@ class Tree:
         (no fd outlives an operation: a backend unmounts the root afterwards)."""
         todo = _parts(gpath)
         todo.reverse()
-        names = []  # type: List[str]
+        names: List[str] = []
         fd = self._open_root()
         hops = 0
         try:
@@ -1038,7 +1038,7 @@ class Installer:
                                  % (MANIFEST, ", ".join(found)), EXIT_DATAERR)
             return {"action": "remove", "removed": False, "version": None, "notes": [],
                     "summary": "guestlink agent is not installed; nothing to do"}
-        notes = []  # type: List[str]
+        notes: List[str] = []
         with _DeferSigint():
             for e in reversed(man["entries"]):
                 self._undo(e, notes)
@@ -1090,8 +1090,8 @@ def _status(tree: Tree) -> Dict[str, Any]:
         if exc.errno not in _ABSENT:
             raise
         pyz = None
-    out = {"installed": man is not None, "agent_version": pyz_version(pyz) if pyz else None,
-           "manifest": MANIFEST if man else None}  # type: Dict[str, Any]
+    out: Dict[str, Any] = {"installed": man is not None, "agent_version": pyz_version(pyz) if pyz else None,
+           "manifest": MANIFEST if man else None}
     if man is None:
         out["init"] = None
         out["foreign_files"] = [p for p in (AGENT_PYZ, WRAPPER, SYSTEMD_UNIT, SYSV_SCRIPT)
