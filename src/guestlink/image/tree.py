@@ -1090,8 +1090,9 @@ def _status(tree: Tree) -> Dict[str, Any]:
         if exc.errno not in _ABSENT:
             raise
         pyz = None
-    out: Dict[str, Any] = {"installed": man is not None, "agent_version": pyz_version(pyz) if pyz else None,
-           "manifest": MANIFEST if man else None}
+    out: Dict[str, Any] = {"installed": man is not None,
+                           "agent_version": pyz_version(pyz) if pyz else None,
+                           "manifest": MANIFEST if man else None}
     if man is None:
         out["init"] = None
         out["foreign_files"] = [p for p in (AGENT_PYZ, WRAPPER, SYSTEMD_UNIT, SYSV_SCRIPT)
