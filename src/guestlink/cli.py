@@ -27,7 +27,8 @@ EXIT_USAGE = 2             # bad command line (EX_USAGE is 64, but argparse uses
 EXIT_NOHOST = 68           # EX_NOHOST: no libvirt domain of that name or UUID
 EXIT_UNAVAILABLE = 69      # EX_UNAVAILABLE: control socket missing, nobody listening on it;
                            # libvirt domain not running; libvirt not reachable
-EXIT_SOFTWARE = 70         # EX_SOFTWARE: any other error reported by the agent
+EXIT_SOFTWARE = 70         # EX_SOFTWARE: any other error reported by the agent; an internal
+                           # error (a bug: one line, see GUESTLINK_DEBUG)
 EXIT_CANTCREAT = 73        # EX_CANTCREAT: a local output file cannot be written
 EXIT_IOERR = 74            # EX_IOERR: connection lost, request not sent
 EXIT_TEMPFAIL = 75         # EX_TEMPFAIL: the agent does not answer (handshake or request timeout),
@@ -47,7 +48,7 @@ exit status:
    68  no libvirt domain of that name or UUID
    69  control socket missing, or nobody listening on it (is the VM running?);
        libvirt domain not running; libvirt not reachable
-   70  other error reported by the agent
+   70  other error reported by the agent, or an internal error (please report it)
    73  local output file cannot be written
    74  connection lost (outcome unknown) or request not sent
    75  the agent did not answer in time
@@ -57,7 +58,8 @@ exit status:
   124  exec: the command timed out (--timeout)
   126  exec: the program cannot be run in the guest
   127  exec: the program does not exist in the guest
-  130  interrupted (Ctrl-C); a running command is cancelled in the guest
+  130  interrupted (Ctrl-C); a running command is cancelled in the guest (a second
+       Ctrl-C quits without waiting for the guest)
 
 environment:
   GUESTLINK_CTL, GUESTLINK_DATA   defaults for --ctl and --data
@@ -67,6 +69,7 @@ environment:
                                   channel names; else its guestlink metadata, else
                                   %s and %s)
   LIBVIRT_DEFAULT_URI             default for --connect (else qemu:///system)
+  GUESTLINK_DEBUG=1               an internal error prints its traceback too
 """ % (CTL_NAME, DATA_NAME)
 
 

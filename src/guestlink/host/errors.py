@@ -50,6 +50,12 @@ This docstring is the single reference for error handling; the README renders it
     └── CommandTimedOut                run(timeout=...): the command ran past its timeout and was
                                        killed (.result has the partial output)
 
+Outside the tree, and only these: arguments the library refuses before anything is sent raise
+ValueError or TypeError (e.g. a timeout that is negative, NaN, infinite or over MAX_TIMEOUT, ~24
+days); ``Subscription.get(timeout=...)`` raises asyncio.TimeoutError, and EOFError once closed;
+push and pull raise OSError for local files (e.g. ENOSPC when the guest announces more than the
+host's free space). Whatever the agent sends, nothing else comes out (tests/unit/test_host_fuzz.py).
+
 Retry guidance: RequestNotSent and NotReady are always safe to retry. ConnectionLost and
 RequestTimeout mean the outcome is unknown; retry only operations without side effects (ping,
 info, reading). ``protocol_mismatch`` received as a reply raises ProtocolMismatch, which is both a
