@@ -130,3 +130,29 @@ def test_good_timeouts_still_work(path):
 
     rtt, out = run(main())
     assert rtt > 0 and out == b"hi\n"
+
+
+# --- a bug met on the guest's input is one escaped line, not a traceback ---------------------------
+
+def test_a_reader_failure_is_logged_on_one_line_and_loses_the_connection(path, monkeypatch, caplog):
+    from guestlink.protocol import messages as m
+
+    def broken(payload):
+        raise RuntimeError("unexpected \x1b[2J" + payload.decode("latin-1"))
+
+    async def main():
+        async with FakeAgent(path) as agent:
+            async with connect(path, reconnect=False) as vm:
+                sub = vm.subscribe("t")
+                monkeypatch.setattr(m, "parse_message", broken)
+                agent.push("t", b"\x1b]0;x\x07")
+                with pytest.raises(errors.ConnectionLost) as exc:
+                    await sub.get(timeout=5)
+                return str(exc.value)
+
+    lost = run(main())
+    records = [r for r in caplog.records if r.levelno >= 30]
+    assert len(records) == 1 and records[0].exc_info is None
+    text = records[0].getMessage()
+    assert text.startswith("guestlink: reader failed: RuntimeError: unexpected \\x1b[2J")
+    assert "\x1b" not in text and "\x1b" not in lost and "error reading" in lost

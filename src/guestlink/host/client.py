@@ -521,8 +521,10 @@ class Client:
             raise
         except Exception as exc:  # OSError, or a bug: either way this connection is finished
             if not isinstance(exc, OSError):
-                log.exception("guestlink: reader failed")
-            reason = "error reading the control socket: %s" % (exc,)
+                # a bug met on the guest's input: one escaped line, the traceback only for debug
+                log.error("guestlink: reader failed: %s: %s", type(exc).__name__, printable(exc))
+                log.debug("guestlink: reader failure", exc_info=True)
+            reason = "error reading the control socket: %s" % printable(exc)
         self._lost(conn, reason)
 
     # --- frame dispatch -------------------------------------------------------------------
