@@ -617,8 +617,21 @@ def _say_queued(holder):
     sys.stderr.flush()
 
 
+def _loop_error(loop, context):
+    """asyncio's last resort (an exception no task awaited): one escaped line, no traceback."""
+    from .agent.cli import debugging
+
+    if debugging():
+        loop.default_exception_handler(context)
+        return
+    exc = context.get("exception")
+    what = "%s: %s" % (type(exc).__name__, exc) if exc is not None else context.get("message")
+    sys.stderr.write("guestlink: warning: internal: %s\n" % printable(what))
+
+
 async def _main_async(args):
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_loop_error)
     task = asyncio.current_task()
     interrupted = []
 

@@ -510,3 +510,22 @@ def test_list_escapes_what_the_agents_say(capsys, path, monkeypatch):
         code, out, err = gl(capsys, "list", "--verbose")
     assert code == 0 and "vm1" in out and "\\x1b]0;pwned" in out
     assert_inert(out + err)
+
+
+def test_an_exception_no_task_awaited_is_one_line_not_a_traceback(capsys, path, monkeypatch):
+    async def orphan(vm, args):
+        async def fails():
+            raise RuntimeError("orphan \x1b[2J")
+        task = asyncio.ensure_future(fails())
+        await asyncio.sleep(0.01)
+        del task  # never awaited: asyncio reports it when the task is collected
+        import gc
+        gc.collect()
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "ping", orphan)
+    monkeypatch.delenv("GUESTLINK_DEBUG", raising=False)
+    with ThreadedAgent(path):
+        code, out, err = gl(capsys, "ping", "--ctl", path)
+    assert code == 0
+    assert err == "guestlink: warning: internal: RuntimeError: orphan \\x1b[2J\n"

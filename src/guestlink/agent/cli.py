@@ -78,11 +78,16 @@ def build_parser():
     return parser
 
 
+def debugging() -> bool:
+    """GUESTLINK_DEBUG=1: internal errors show their tracebacks."""
+    return os.environ.get("GUESTLINK_DEBUG", "") not in ("", "0")
+
+
 def internal_error(prog: str, exc: BaseException) -> int:
     """The last resort of both CLIs (this one and the host's ``guestlink``): an unexpected
     exception becomes one escaped line and EXIT_INTERNAL, never a traceback on the operator's
     terminal (its text may come from the other side); GUESTLINK_DEBUG=1 adds the traceback."""
-    if os.environ.get("GUESTLINK_DEBUG", "") not in ("", "0"):
+    if debugging():
         traceback.print_exception(type(exc), exc, exc.__traceback__)
     summary = printable("%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__)
     if len(summary) > 300:
