@@ -668,6 +668,8 @@ def main(argv=None):
     """The ``guestlink`` command: exit status per :data:`EXIT_CODES`; never a traceback."""
     try:
         return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a VM command's own handling (image, list, ...)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug, or guest data the library failed to turn into an error
         from .agent.cli import internal_error
 

@@ -529,3 +529,17 @@ def test_an_exception_no_task_awaited_is_one_line_not_a_traceback(capsys, path, 
         code, out, err = gl(capsys, "ping", "--ctl", path)
     assert code == 0
     assert err == "guestlink: warning: internal: RuntimeError: orphan \\x1b[2J\n"
+
+
+@pytest.mark.parametrize("argv", [["list"], ["image", "status", "/nonexistent.img"]], ids=" ".join)
+def test_ctrl_c_in_any_command_is_130_without_a_traceback(capsys, monkeypatch, argv):
+    from guestlink import libvirt_cli
+    from guestlink.image import cli as image_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(libvirt_cli, "run", interrupted)
+    monkeypatch.setattr(image_cli, "run", interrupted)
+    code, out, err = gl(capsys, *argv)
+    assert (code, out, err) == (130, "", "")
