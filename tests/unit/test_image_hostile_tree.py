@@ -407,3 +407,19 @@ def test_symlink_loop_in_a_directory_is_a_one_line_error(tmp_path):
     assert_one_line_error(r, 70)
     assert "symbolic links" in r.stderr
     assert snapshot(root) == before
+
+
+def test_directories_install_creates_do_not_depend_on_the_umask(tmp_path, pyz):
+    """The agent refuses a config or handler whose directory group/others can write: the
+    installer's directories are 0755 whatever the installing user's umask."""
+    root = make_root(tmp_path / "img", "sysv")
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
+    r = subprocess.run(["sh", "-c", 'umask 000; exec "$@"', "sh", sys.executable, "-m",
+                        "guestlink", "image", "install", "--root", str(root), "-q"],
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    for gdir in ("/etc/guestlink", "/usr/local/lib/guestlink", "/var/lib/guestlink"):
+        mode = stat.S_IMODE(os.lstat(root / gdir.lstrip("/")).st_mode)
+        assert mode == 0o755, "%s is %o" % (gdir, mode)
+    assert stat.S_IMODE(os.lstat(root / T.CONFIG.lstrip("/")).st_mode) == 0o644
