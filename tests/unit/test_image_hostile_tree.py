@@ -410,11 +410,11 @@ def test_symlink_loop_in_a_directory_is_a_one_line_error(tmp_path):
 
 
 def test_directories_install_creates_do_not_depend_on_the_umask(tmp_path, pyz):
-    """The agent refuses a config or handler whose directory group/others can write: the
-    installer's directories are 0755 whatever the installing user's umask."""
+    """What install leaves in the image does not depend on the installing user's umask: its
+    directories are 0755 (a umask of 077 made them 0700), its files have their planned modes."""
     root = make_root(tmp_path / "img", "sysv")
     env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
-    r = subprocess.run(["sh", "-c", 'umask 000; exec "$@"', "sh", sys.executable, "-m",
+    r = subprocess.run(["sh", "-c", 'umask 077; exec "$@"', "sh", sys.executable, "-m",
                         "guestlink", "image", "install", "--root", str(root), "-q"],
                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        timeout=60)

@@ -494,8 +494,7 @@ class Tree:
         """Create the directory ``gpath`` names; a dangling symlink there: its target."""
         with self.at(gpath, follow=True) as (dfd, name, _):
             os.mkdir(name, mode, dir_fd=dfd)
-            # The agent refuses a config or handler whose directory group/others can write, so
-            # the mode must not depend on the installing user's umask.
+            # What lands in the image must not depend on the installing user's umask.
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=dfd)
             try:
