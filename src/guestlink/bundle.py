@@ -1,12 +1,13 @@
 """Build the agent as one executable file (a zipapp), for guests that have no pip.
 
-Only the guest-side packages go in: ``guestlink.protocol`` and ``guestlink.agent`` (stdlib-only).
+Only the guest-side packages go in: ``guestlink.protocol``, ``guestlink.filecopy`` and
+``guestlink.agent`` (stdlib-only).
 """
 import io
 import os
 import zipfile
 
-GUEST_PACKAGES = ("protocol", "agent")
+GUEST_PACKAGES = ("protocol", "filecopy", "agent")
 _MAIN = b"""import sys
 from guestlink.agent.cli import main
 sys.exit(main())

@@ -33,7 +33,7 @@ def test_protocol_core_is_sans_io():
 def test_guest_side_is_stdlib_only():
     stdlib = set(sys.stdlib_module_names)
     offenders = []
-    for package in ("protocol", "agent"):
+    for package in ("protocol", "filecopy", "agent"):
         for path in sorted((SRC / package).rglob("*.py")):
             for name, line in imported_modules(path):
                 if name not in stdlib and name != "guestlink":
@@ -41,33 +41,52 @@ def test_guest_side_is_stdlib_only():
     assert offenders == []
 
 
+def absolute_imports(path):
+    """(module, line) for each import in ``path``: relative ones resolved, "from m import n" as m and m.n."""
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # resolve "from ..host import x" against the package
+                parts = ["guestlink"] + list(path.relative_to(SRC).parent.parts)
+                base = parts[:len(parts) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names = [module] + [module + "." + a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        yield names, node.lineno
+
+
+def import_offenders(packages, forbidden):
+    offenders = []
+    for package in packages:
+        for path in sorted((SRC / package).rglob("*.py")):
+            for names, line in absolute_imports(path):
+                if any(n.startswith(forbidden) for n in names):
+                    offenders.append("%s:%d imports %s" % (path, line, names[0]))
+    return offenders
+
+
 def test_guest_side_imports_no_host_code():
     host_only = ("guestlink.host", "guestlink.cli", "guestlink.sync", "guestlink.bundle")
-    offenders = []
-    for package in ("protocol", "agent"):
-        for path in sorted((SRC / package).rglob("*.py")):
-            tree = ast.parse(path.read_text(), str(path))
-            for node in ast.walk(tree):
-                if isinstance(node, ast.ImportFrom):
-                    if node.level:  # resolve "from ..host import x" against the package
-                        parts = ["guestlink"] + list(path.relative_to(SRC).parent.parts)
-                        base = parts[:len(parts) - (node.level - 1)]
-                        module = ".".join(base + ([node.module] if node.module else []))
-                    else:
-                        module = node.module or ""
-                    names = [module] + [module + "." + a.name for a in node.names]
-                elif isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                else:
-                    continue
-                if any(n.startswith(host_only) for n in names):
-                    offenders.append("%s:%d imports %s" % (path, node.lineno, names[0]))
-    assert offenders == []
+    assert import_offenders(("protocol", "filecopy", "agent"), host_only) == []
+
+
+def test_host_side_imports_no_agent_code():
+    """The host library shares guest-side code only through protocol/ and filecopy/."""
+    assert import_offenders(("host",), ("guestlink.agent",)) == []
+
+
+def test_shared_copy_package_imports_no_agent_code():
+    assert import_offenders(("filecopy",), ("guestlink.agent",)) == []
 
 
 def test_guest_side_runs_on_python_3_8():
     """vermin reads the code statically; no 3.8 interpreter is needed."""
-    paths = [str(SRC / "protocol"), str(SRC / "agent"), str(SRC / "__init__.py"), str(SRC / "_version.py")]
+    paths = [str(SRC / "protocol"), str(SRC / "filecopy"), str(SRC / "agent"), str(SRC / "__init__.py"), str(SRC / "_version.py")]
     vermin = shutil.which("vermin") or str(pathlib.Path(sys.executable).parent / "vermin")
     proc = subprocess.run([vermin, "-q", "--no-tips", "--eval-annotations",
                            "--backport", "typing", "-t=3.8-", "--violations"] + paths,
@@ -84,5 +103,6 @@ def test_agent_bundle_holds_only_guest_code(tmp_path):
     assert "__main__.py" in names
     assert any(n.startswith("guestlink/protocol/") for n in names)
     assert any(n.startswith("guestlink/agent/") for n in names)
+    assert any(n.startswith("guestlink/filecopy/") for n in names)
     assert not any(n.startswith(("guestlink/host/", "guestlink/cli")) for n in names)
     assert target.read_bytes().startswith(b"#!/usr/bin/env python3\n")

@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 
-from guestlink.agent import copyengine as CE
+from guestlink.filecopy import engine as CE
 from guestlink.host import errors as E
 from guestlink.host import transfer as HT
 from guestlink.protocol import FrameDecoder, FrameType, ProtocolViolation, codes

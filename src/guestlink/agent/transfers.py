@@ -2,7 +2,7 @@
 
 Design: the loop thread validates a ``transfer.open`` request (policy roots, path, space,
 permissions) synchronously, opens the data port (non-blocking, stale bytes drained), answers the
-EVENT ``ready`` and starts ONE worker thread that runs the copy engine (``copyengine``) on the
+EVENT ``ready`` and starts ONE worker thread that runs the copy engine (``guestlink.filecopy.engine``) on the
 port; the engine's own pipeline threads overlap port I/O, file I/O and hashing. The loop never
 touches the data port while a worker owns it, so control stays responsive. The worker posts its
 outcome back through the agent's result queue and self-pipe; the loop then closes the data port
@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from ..protocol import Fields, ProtocolViolation, codes
 from ..protocol import transfer as T
-from . import copyengine as CE
+from ..filecopy import engine as CE
 from . import dirfd
 from .execs import OpError
 from .ports import PortAbsent, PortBusy, UnixPort, VirtioPort

@@ -2,7 +2,7 @@
 
 One engine for both directions: :func:`_transfer_one` asks the agent over control
 (``transfer.open``), waits for its EVENT ``ready``, then runs the shared copy engine
-(``guestlink.agent.copyengine``: send_file for a push, recv_file for a pull) in a thread on the
+(``guestlink.filecopy.engine``: send_file for a push, recv_file for a pull) in a thread on the
 data socket while the asyncio loop keeps serving the control channel; the agent's final reply
 and the engine's own verification must agree. Transfers of one client are serialised by a lock
 (queued per VM); the data socket is connected lazily, kept across transfers, and dropped after a
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from ..agent import copyengine as CE
+from ..filecopy import engine as CE
 from ..protocol import Fields, ProtocolViolation, codes
 from ..protocol import messages as m
 from ..protocol import transfer as T

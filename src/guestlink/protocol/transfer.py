@@ -10,7 +10,7 @@ frame ``id`` set to the 32-bit transfer id chosen by the host:
   ``{"error": code, "message": str}`` when the sender gives up; from the receiver of a pull, an
   acknowledgement ``{"ok": true}``.
 
-Nothing here performs I/O; the copy engine (``guestlink.agent.copyengine``) drives it.
+Nothing here performs I/O; the copy engine (``guestlink.filecopy.engine``) drives it.
 """
 
 import hashlib
