@@ -643,9 +643,9 @@ def resolve_domain(name, uri=None, ctl_name=None, data_name=None, *, backend_=No
     """(ctl_path, data_path) of a running libvirt domain, by name or UUID, from its live XML.
 
     Channel names: ``ctl_name``/``data_name`` when given, else the ones recorded in the domain's
-    metadata, else the defaults (:func:`choose_names`). ``data_path`` is None when the domain has only the control channel. Raises DomainNotFound,
-    DomainNotRunning, NoChannels, LibvirtUnavailable or LibvirtPermissionDenied (all
-    :class:`LibvirtError`, a ConnectError)."""
+    metadata, else the defaults (:func:`choose_names`). ``data_path`` is None when the domain has
+    only the control channel. Raises DomainNotFound, DomainNotRunning, NoChannels,
+    LibvirtUnavailable or LibvirtPermissionDenied (all :class:`LibvirtError`, a ConnectError)."""
     if not name:
         raise ValueError("resolve_domain() needs a domain name or UUID")
     be = backend_ or backend(uri)
@@ -816,7 +816,8 @@ def list_domains(uri=None, ctl_name=None, data_name=None, *, backend_=None):
 
 
 __all__ = ["CTL_NAME", "DATA_NAME", "CTL_NAME_ENV", "DATA_NAME_ENV", "METADATA_URI",
-           "ChannelNames", "choose_names", "names_from_env", "metadata_element", "LibvirtError", "LibvirtUnavailable", "LibvirtPermissionDenied",
+           "ChannelNames", "choose_names", "names_from_env", "metadata_element", "LibvirtError",
+           "LibvirtUnavailable", "LibvirtPermissionDenied",
            "DomainNotFound", "DomainNotRunning", "NoChannels", "AttachError", "default_uri",
            "channels_xml", "channel_elements", "parse_domain_xml", "find_sockets", "plan_attach",
            "plan_detach", "backend", "resolve_domain", "resolver", "attach", "detach",

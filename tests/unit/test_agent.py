@@ -1,6 +1,5 @@
 """The real agent (a subprocess, ``--ctl-device unix:PATH``) against a test that plays the host
 with the protocol core. The harness comes first, the tests after it."""
-import errno
 import json
 import os
 import pty

@@ -17,7 +17,7 @@ import guestlink  # noqa: E402
 from guestlink import cli  # noqa: E402
 from guestlink.protocol import FrameType  # noqa: E402
 from guestlink.protocol import messages as m  # noqa: E402
-from test_host_fakeagent import (DESCRIPTION, INFO, Reply, ThreadedAgent, raw_frame,  # noqa: E402
+from test_host_fakeagent import (INFO, Reply, ThreadedAgent, raw_frame,  # noqa: E402
                                  short_tmp)
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(guestlink.__file__)))

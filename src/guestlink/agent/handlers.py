@@ -131,7 +131,7 @@ class WorkerPool:
             token, fn, args = job
             try:
                 value = fn(*args)
-            except BaseException as exc:  # noqa: handlers may raise anything, even SystemExit
+            except BaseException as exc:  # handlers may raise anything, even SystemExit
                 self._on_done(token, False, exc, traceback.format_exc())
             else:
                 self._on_done(token, True, value, None)

@@ -514,7 +514,7 @@ class GuestfsBackend(Backend):
             return int(m.group(1)) if m and re.match(r"/dev/[sv]d[a-z]+\d+$", dev) else 0
 
         if partition is not None:
-            for dev, fstype in devices:
+            for dev, _fstype in devices:
                 if pnum(dev) == partition or (partition == 1 and pnum(dev) == 0
                                               and re.match(r"/dev/[sv]da$", dev)):
                     return dev
