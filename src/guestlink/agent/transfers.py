@@ -22,6 +22,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from ..protocol import Fields, ProtocolViolation, codes
 from ..protocol import transfer as T
+from ..filecopy import commit
 from ..filecopy import engine as CE
 from . import dirfd
 from .execs import OpError
@@ -488,11 +489,9 @@ class FileOps:
             try:
                 tr.fd = self._open_source(tr.final)[0]
 
-                def check(item=item):  # as listed, before the first byte and after the last
-                    st = os.fstat(tr.fd)
-                    if (st.st_size, st.st_mtime_ns) != (item["size"], item["mtime_ns"]):
-                        raise CE.TransferError(codes.CHANGED, "%s changed while it was being sent"
-                                               % tr.final)
+                # as listed: checked before the first byte and after the last
+                check = commit.unchanged_check(tr.fd, item["size"], item["mtime_ns"],
+                                               "%s changed while it was being sent" % tr.final)
                 check()
                 os.lseek(tr.fd, tr.offset, os.SEEK_SET)
                 size, digest = CE.send_file(chan, tr.fd, sub, tr.algorithm, tr.offset, tr.size,
@@ -641,14 +640,8 @@ class FileOps:
                                             corrupt_at=tr.corrupt_at)
                 self._finish_push(tr)
             else:
-                st0 = tr.src_stat
-
-                def check():
-                    st = os.fstat(tr.fd)
-                    if st.st_size != st0.st_size or st.st_mtime_ns != st0.st_mtime_ns:
-                        raise CE.TransferError(codes.CHANGED, "%s changed while it was being sent"
-                                               % tr.final)
-
+                check = commit.unchanged_check(tr.fd, tr.src_stat.st_size, tr.src_stat.st_mtime_ns,
+                                               "%s changed while it was being sent" % tr.final)
                 size, digest = CE.send_file(chan, tr.fd, tr.tid, tr.algorithm, tr.offset, tr.size,
                                             check=check, corrupt_at=tr.corrupt_at)
                 chan.idle_timeout = ACK_TIMEOUT
@@ -700,34 +693,19 @@ class FileOps:
 
     def _finish_push(self, tr):
         fd, tr.fd = tr.fd, None
+        a = tr.attrs
+        preserve = a["preserve"]
+        if a["mode"] is not None and preserve:
+            mode = a["mode"]
+        else:
+            mode = commit.kept_mode(commit.existing(tr.dir.fd, tr.name))
         try:
-            os.fsync(fd)
-            a = tr.attrs
-            if a["mode"] is not None and a["preserve"]:
-                mode = a["mode"]
-            else:
-                try:
-                    mode = _kept_mode(tr.dir.lstat(tr.name))
-                except OSError:
-                    mode = _kept_mode(None)
-            os.fchmod(fd, mode)
-            if a["preserve"] and os.geteuid() == 0 and a["uid"] is not None:
-                os.fchown(fd, a["uid"], a["gid"] if a["gid"] is not None else -1)
-                os.fchmod(fd, mode)  # chown clears setuid bits
-            if a["mtime_ns"] is not None:
-                os.utime(fd, ns=(a["mtime_ns"], a["mtime_ns"]))
+            commit.commit(fd, tr.dir.fd, tr.partial, tr.name, commit.Attrs(
+                mode, mtime_ns=a["mtime_ns"], uid=a["uid"] if preserve else None,
+                gid=a["gid"] if preserve else None))
         finally:
             os.close(fd)
-        os.replace(tr.partial, tr.name, src_dir_fd=tr.dir.fd, dst_dir_fd=tr.dir.fd)
         tr.partial = None
-        try:  # the rename itself durable; a directory we may not read is left to the kernel
-            dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=tr.dir.fd)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
 
     def _cleanup_files(self, tr, failed):
         if tr.fd is not None:
@@ -744,10 +722,7 @@ class FileOps:
     @staticmethod
     def _drop_partial(tr):
         if tr.direction == "push" and tr.partial and tr.dir is not None:
-            try:
-                os.unlink(tr.partial, dir_fd=tr.dir.fd)
-            except OSError:
-                pass
+            commit.drop_partial(tr.dir.fd, tr.partial)
 
     @staticmethod
     def _release(tr):
@@ -794,12 +769,6 @@ class FileOps:
         log.info("transfer %d cancelled (%s)", tr.tid, reason)
 
 
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _transfer_error(exc: Exception, final: str) -> CE.TransferError:
     """An error of the worker (OSError, OpError or TransferError) as a TransferError naming
     ``final``."""
@@ -813,13 +782,6 @@ def _transfer_error(exc: Exception, final: str) -> CE.TransferError:
     return CE.TransferError(exc.code, "%s: %s" % (final, exc), interrupted)
 
 
-def _trusted_partial(st: os.stat_result) -> bool:
-    """Can this be the agent's own temp file? Another user may have planted one under the name
-    (predictable, so that the next transfer of the same target finds it to resume), or hard
-    linked ours to read it later."""
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
-
-
 def _push_partial(held: dirfd.Held, path: str, size: Optional[int], mtime_ns: Optional[int],
                   algorithm: str, resume: bool) -> Tuple[str, int]:
     """The name of the temp file for ``path`` (in ``held``) and the verified prefix it holds
@@ -828,55 +790,18 @@ def _push_partial(held: dirfd.Held, path: str, size: Optional[int], mtime_ns: Op
         partial = T.partial_name(path, size, mtime_ns, algorithm)
     else:
         partial = "%s%s%s" % (T.PARTIAL_PREFIX, secrets.token_hex(12), T.PARTIAL_SUFFIX)
-    have = None
-    if resume:
-        try:
-            st = held.lstat(partial)
-        except OSError:
-            st = None
-        if st is not None and _trusted_partial(st):
-            have = st.st_size
-    return partial, T.resume_offset(have, size)
+    return partial, (commit.resume_offset(held.fd, partial, size) if resume else 0)
 
 
 def _open_partial(held: dirfd.Held, partial: str, offset: int, final: str) -> int:
-    """Open the temp file ``partial`` in ``held``: the agent's own from ``offset`` on (checked
-    again on the fd: it may have been swapped since ``_push_partial``), or a new one."""
+    """commit.open_partial, its failures as OpErrors naming the temp file."""
     where = os.path.join(os.path.dirname(final), partial)
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        if offset:
-            fd = os.open(partial, flags, dir_fd=held.fd)
-            st = os.fstat(fd)
-            if not (_trusted_partial(st) and st.st_size >= offset):
-                os.close(fd)
-                raise OpError(codes.CHANGED, "%s was replaced since the transfer was opened"
-                              % where)
-        else:
-            fd = _create_partial(held, partial, flags)
+        return commit.open_partial(held.fd, partial, offset)
+    except commit.PartialReplaced:
+        raise OpError(codes.CHANGED, "%s was replaced since the transfer was opened" % where)
     except OSError as exc:
         raise _oserror(exc, where)
-    try:
-        os.ftruncate(fd, offset)
-        os.lseek(fd, offset, os.SEEK_SET)
-    except OSError as exc:
-        os.close(fd)
-        raise _oserror(exc, where)
-    return fd
-
-
-def _create_partial(held: dirfd.Held, partial: str, flags: int) -> int:
-    for attempt in range(3):
-        try:
-            return os.open(partial, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=held.fd)
-        except FileExistsError:
-            if attempt == 2:
-                raise
-        try:  # a leftover, ours or planted: never written through, replaced by a new file
-            os.unlink(partial, dir_fd=held.fd)
-        except FileNotFoundError:
-            pass
-    raise AssertionError("unreachable")
 
 
 def _free_space(fd: int) -> Optional[int]:
@@ -891,19 +816,6 @@ def _check_space(where: str, nbytes: int, free: Optional[int]) -> None:
     if free is not None and nbytes > free:
         raise OpError(codes.NO_SPACE, "not enough space in %s: %d bytes needed, %d free"
                       % (where, nbytes, free))
-
-
-def _kept_mode(st: Optional[os.stat_result]) -> int:
-    """The mode of a pushed file (without -p): that of the regular file it replaces, else the
-    default. Another user's setuid/setgid bits are not carried over: the new file is the
-    agent's (root's), so ``conf`` pre-created as 04777 by a guest user would become a setuid
-    root program."""
-    if st is None or not stat.S_ISREG(st.st_mode):
-        return 0o666 & ~_umask()
-    mode = stat.S_IMODE(st.st_mode)
-    if st.st_uid != os.geteuid():
-        mode &= ~(stat.S_ISUID | stat.S_ISGID)
-    return mode
 
 
 # regular files and directories are opened to set their attributes through the fd; opening one
