@@ -10,7 +10,7 @@ import os
 import socket
 import stat
 
-from ..protocol import CorruptFrame, Frame, FrameDecoder, FrameType, Garbage, codes
+from ..protocol import CorruptFrame, Frame, FrameDecoder, FrameType, Garbage, codes, frame_type_name
 from ..protocol import messages as m
 from .loop import ByteQueue
 
@@ -148,7 +148,7 @@ class LocalClient:
             except m.ProtocolViolation as exc:
                 self.send(m.encode_error(frame.id, exc.code, str(exc)))
         else:
-            log.debug("%s: ignoring %s frame", self, FrameType.name(frame.type))
+            log.debug("%s: ignoring %s frame", self, frame_type_name(frame.type))
 
     def close(self):
         if self.closed:

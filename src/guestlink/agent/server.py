@@ -29,7 +29,7 @@ import uuid
 
 from .. import _version
 from ..protocol import (CorruptFrame, Frame, FrameDecoder, FrameType, Garbage, UnsupportedVersion,
-                        codes)
+                        codes, frame_type_name)
 from ..protocol import messages as m
 from . import power, sysinfo
 from .execs import Exec, OpError, parse_exec_args, signal_group
@@ -517,7 +517,7 @@ class Agent:
                 self._on_corrupt(ev)
             elif isinstance(ev, UnsupportedVersion):
                 log.warning("frame with unsupported version %d (%s, id %d) skipped",
-                            ev.version, FrameType.name(ev.type), ev.id)
+                            ev.version, frame_type_name(ev.type), ev.id)
                 if ev.type == FrameType.REQUEST and ev.id and self.session is not None:
                     self._error(ev.id, codes.PROTOCOL_MISMATCH,
                                 "frame version %d is not supported (this agent speaks 1)" % ev.version)
@@ -536,7 +536,7 @@ class Agent:
     def _on_corrupt(self, ev):
         self.stats["corrupt_frames"] += 1
         log.warning("dropped a corrupt %s frame (id %d, %d bytes, %s)",
-                    FrameType.name(ev.type), ev.id, ev.length, ev.reason)
+                    frame_type_name(ev.type), ev.id, ev.length, ev.reason)
         session = self.session
         if session is None or not ev.id:
             return
@@ -565,7 +565,7 @@ class Agent:
         elif t == FrameType.MESSAGE:
             self._on_host_message(frame)
         else:
-            log.debug("ignoring a %s frame from the host", FrameType.name(t))
+            log.debug("ignoring a %s frame from the host", frame_type_name(t))
 
     # -- handshake ------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import zlib
 
 from ..protocol import codes
 from ..protocol import transfer as T
-from ..protocol.frames import HEADER_SIZE, TRAILER, TRAILER_SIZE, FrameType
+from ..protocol.frames import HEADER_SIZE, TRAILER, TRAILER_SIZE, FrameType, frame_type_name
 from ..protocol.messages import ProtocolViolation
 
 NBUFS = 4
@@ -442,7 +442,7 @@ def recv_file(chan, fd, tid, algorithm, offset=0, size=None, progress=None, corr
                 raise TransferError(exc.code, str(exc))
             if h.id != tid or h.type not in (FrameType.DATA, FrameType.DATA_END):
                 raise TransferError(codes.CHECKSUM_MISMATCH, "unexpected %s frame (id %d) in "
-                                    "transfer %d" % (FrameType.name(h.type), h.id, tid))
+                                    "transfer %d" % (frame_type_name(h.type), h.id, tid))
             if h.type == FrameType.DATA_END:
                 body = bytearray(h.length + TRAILER_SIZE)
                 chan.read_exact(memoryview(body))

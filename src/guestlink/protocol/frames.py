@@ -19,8 +19,13 @@ A header with a valid CRC but a corrupt payload drops the whole frame and report
 request it belonged to can be failed instead of hanging.
 """
 
+from __future__ import annotations
+
+import enum
 import struct
 import zlib
+from dataclasses import dataclass
+from typing import Union
 
 MAGIC = b"\x89GLK"
 VERSION = 1
@@ -37,7 +42,7 @@ MAX_PAYLOAD = 1 << 20
 MAX_ID = 0xFFFFFFFF
 
 
-class FrameType:
+class FrameType(enum.IntEnum):
     HELLO = 1  # agent -> host, whenever the agent (re)opens the port
     SYNC = 2  # host -> agent, fresh nonce on every (re)connect
     SYNC_ACK = 3  # agent -> host, echoes the nonce
@@ -52,15 +57,14 @@ class FrameType:
     DATA_END = 17  # data port: end of a transfer with the whole-file digest
     DATA_HELLO = 18  # data port: the opener's greeting naming the transfer it is ready for
 
-    NAMES = {
-        1: "HELLO", 2: "SYNC", 3: "SYNC_ACK", 4: "REQUEST", 5: "RESPONSE", 6: "ERROR",
-        7: "STREAM", 8: "CANCEL", 9: "MESSAGE", 10: "EVENT", 16: "DATA", 17: "DATA_END",
-        18: "DATA_HELLO",
-    }
 
-    @classmethod
-    def name(cls, value):
-        return cls.NAMES.get(value, "TYPE_%d" % value)
+_TYPE_NAMES = {t.value: t.name for t in FrameType}
+
+
+def frame_type_name(value: int) -> str:
+    """The name of a frame type, including one this implementation does not know (the decoder
+    passes unknown types through: the peer may be newer)."""
+    return _TYPE_NAMES.get(value, "TYPE_%d" % value)
 
 
 #: STREAM flags: the low byte is the stream number, bit 8 marks its end.
@@ -70,80 +74,69 @@ STREAM_STDERR = 2
 FLAG_EOF = 0x100
 
 
+# The decoder's events. ``type`` is an int, not a FrameType: an unknown type is passed through.
+# __slots__ by hand (dataclass(slots=True) is 3.10+): the decoder makes one per frame.
+
+@dataclass(frozen=True, repr=False)
 class Frame:
     """One decoded frame."""
 
     __slots__ = ("type", "flags", "id", "payload")
+    type: int
+    flags: int
+    id: int
+    payload: bytes
 
-    def __init__(self, type, flags, id, payload):
-        self.type = type
-        self.flags = flags
-        self.id = id
-        self.payload = payload
-
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Frame(%s, flags=%#x, id=%d, %d bytes)" % (
-            FrameType.name(self.type), self.flags, self.id, len(self.payload))
-
-    def __eq__(self, other):
-        return (isinstance(other, Frame) and self.type == other.type and self.flags == other.flags
-                and self.id == other.id and bytes(self.payload) == bytes(other.payload))
-
-    __hash__ = None
+            frame_type_name(self.type), self.flags, self.id, len(self.payload))
 
 
+@dataclass(frozen=True)
 class Garbage:
     """Bytes skipped while looking for the next valid header."""
 
     __slots__ = ("nbytes",)
-
-    def __init__(self, nbytes):
-        self.nbytes = nbytes
-
-    def __repr__(self):
-        return "Garbage(%d)" % self.nbytes
-
-    def __eq__(self, other):
-        return isinstance(other, Garbage) and other.nbytes == self.nbytes
-
-    __hash__ = None
+    nbytes: int
 
 
+@dataclass(frozen=True, repr=False)
 class CorruptFrame:
-    """A frame whose header was valid but whose payload failed its CRC, or was too large.
-
-    ``reason`` is "crc" or "too_large". The frame's bytes were skipped.
-    """
+    """A frame whose header was valid but whose payload failed its CRC, was too large, or was cut
+    off (``reason``: "crc", "too_large" or "truncated"). The frame's bytes were skipped."""
 
     __slots__ = ("type", "flags", "id", "length", "reason")
+    type: int
+    flags: int
+    id: int
+    length: int
+    reason: str
 
-    def __init__(self, type, flags, id, length, reason):
-        self.type = type
-        self.flags = flags
-        self.id = id
-        self.length = length
-        self.reason = reason
-
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "CorruptFrame(%s, id=%d, %d bytes, %s)" % (
-            FrameType.name(self.type), self.id, self.length, self.reason)
+            frame_type_name(self.type), self.id, self.length, self.reason)
 
 
+@dataclass(frozen=True, repr=False)
 class UnsupportedVersion:
     """A frame with a valid header CRC but a protocol version this implementation does not speak."""
 
     __slots__ = ("version", "type", "id")
+    version: int
+    type: int
+    id: int
 
-    def __init__(self, version, type, id):
-        self.version = version
-        self.type = type
-        self.id = id
-
-    def __repr__(self):
-        return "UnsupportedVersion(%d, %s)" % (self.version, FrameType.name(self.type))
+    def __repr__(self) -> str:
+        return "UnsupportedVersion(%d, %s)" % (self.version, frame_type_name(self.type))
 
 
-def encode_header(type, length, flags=0, id=0, version=VERSION):
+DecoderEvent = Union[Frame, Garbage, CorruptFrame, UnsupportedVersion]
+#: What the encoders take as a payload (the data path passes memoryviews of its buffers).
+Payload = Union[bytes, bytearray, memoryview]
+
+
+def encode_header(type: int, length: int, flags: int = 0, id: int = 0,
+                  version: int = VERSION) -> bytes:
     if not 0 <= id <= MAX_ID:
         raise ValueError("frame id out of range: %r" % (id,))
     if not 0 <= flags <= 0xFFFF:
@@ -152,7 +145,9 @@ def encode_header(type, length, flags=0, id=0, version=VERSION):
     return prefix + TRAILER.pack(zlib.crc32(prefix))
 
 
-def encode_parts(type, payload=b"", flags=0, id=0, max_payload=MAX_PAYLOAD, payload_crc=None):
+def encode_parts(type: int, payload: Payload = b"", flags: int = 0, id: int = 0,
+                 max_payload: int = MAX_PAYLOAD,
+                 payload_crc: int | None = None) -> tuple[bytes, Payload, bytes]:
     """Return the frame as (header, payload, trailer), ready for writev without a copy.
 
     ``payload_crc`` lets a caller that already computed the payload's CRC-32 (the data path does,
@@ -166,7 +161,8 @@ def encode_parts(type, payload=b"", flags=0, id=0, max_payload=MAX_PAYLOAD, payl
     return encode_header(type, length, flags, id), payload, TRAILER.pack(payload_crc)
 
 
-def encode_frame(type, payload=b"", flags=0, id=0, max_payload=MAX_PAYLOAD):
+def encode_frame(type: int, payload: Payload = b"", flags: int = 0, id: int = 0,
+                 max_payload: int = MAX_PAYLOAD) -> bytes:
     """Return the frame's bytes."""
     return b"".join(encode_parts(type, payload, flags, id, max_payload))
 
@@ -179,7 +175,7 @@ class FrameDecoder:
     times, and never raises on any input.
     """
 
-    def __init__(self, max_payload=MAX_PAYLOAD):
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         if max_payload < 0 or max_payload > MAX_ID:
             raise ValueError("max_payload out of range")
         self.max_payload = max_payload
@@ -188,22 +184,22 @@ class FrameDecoder:
         self._skipped = 0
         # When a valid header announced a frame, remember it so we don't re-parse the header
         # while waiting for the rest of the payload.
-        self._pending = None
+        self._pending: tuple[int, int, int, int] | None = None
 
     @property
-    def buffered(self):
+    def buffered(self) -> int:
         """Bytes received but not yet turned into events."""
         return len(self._buf) - self._pos
 
-    def reset(self):
+    def reset(self) -> None:
         """Forget everything buffered (for example when the port is reopened)."""
         self._buf = bytearray()
         self._pos = 0
         self._skipped = 0
         self._pending = None
 
-    def feed(self, data):
-        events = []
+    def feed(self, data: Payload) -> list[DecoderEvent]:
+        events: list[DecoderEvent] = []
         if data:
             self._buf += data
         buf = self._buf
@@ -274,7 +270,7 @@ class FrameDecoder:
         return events
 
     @staticmethod
-    def _magic_prefix_start(buf, start, end):
+    def _magic_prefix_start(buf: bytearray, start: int, end: int) -> int:
         """Index of the earliest suffix of buf[start:end] that is a proper prefix of MAGIC."""
         for i in range(start, end):
             if MAGIC.startswith(bytes(buf[i:end])):
@@ -282,11 +278,11 @@ class FrameDecoder:
         return end
 
     @property
-    def partial(self):
+    def partial(self) -> bool:
         """True while a frame's header has been accepted but its payload is incomplete."""
         return self._pending is not None
 
-    def abandon_partial(self):
+    def abandon_partial(self) -> list[DecoderEvent]:
         """Give up on an incomplete frame (its writer died mid-frame) and rescan after its magic.
 
         Whatever followed such a frame would otherwise be taken as the rest of its payload. The
@@ -297,20 +293,20 @@ class FrameDecoder:
             return []
         type_, flags, id_, length = self._pending
         self._pending = None
-        events = []
+        events: list[DecoderEvent] = []
         self._flush_skipped(events)
         events.append(CorruptFrame(type_, flags, id_, length, "truncated"))
         del self._buf[:1]
         self._skipped += 1
         return events + self.feed(b"")
 
-    def _flush_skipped(self, events):
+    def _flush_skipped(self, events: list[DecoderEvent]) -> None:
         if self._skipped:
             events.append(Garbage(self._skipped))
             self._skipped = 0
 
-    def flush_garbage(self):
+    def flush_garbage(self) -> list[DecoderEvent]:
         """Report garbage counted so far (events are otherwise emitted before the next frame)."""
-        events = []
+        events: list[DecoderEvent] = []
         self._flush_skipped(events)
         return events

@@ -5,15 +5,20 @@ function validates what it returns and raises ProtocolViolation (never anything 
 because the bytes come from the other side, which neither side trusts.
 """
 
+from __future__ import annotations
+
+import builtins
 import itertools
 import json
 import math
 import re
 import struct
-from typing import Optional
+from typing import Any, Dict, Pattern
 
 from . import codes
-from .frames import FLAG_EOF, FrameType, encode_frame
+from .frames import FLAG_EOF, FrameType, Payload, encode_frame
+
+JSON = Dict[str, Any]
 
 PROTOCOL_VERSION = 1
 
@@ -40,7 +45,7 @@ OP_RE = re.compile(r"\A[a-z][a-z0-9_.-]{0,63}\Z")
 class ProtocolViolation(Exception):
     """The peer sent something that does not follow the protocol."""
 
-    def __init__(self, message, code=codes.BAD_REQUEST):
+    def __init__(self, message: str, code: str = codes.BAD_REQUEST) -> None:
         Exception.__init__(self, message)
         self.code = code
 
@@ -52,7 +57,7 @@ class ProtocolViolation(Exception):
 # stdlib silently turns into inf), so every consumer gets finite, shallow values or a
 # ProtocolViolation.
 
-def _reject_constant(name):
+def _reject_constant(name: str) -> Any:
     raise ProtocolViolation("JSON constant %s is not allowed" % name)
 
 
@@ -81,7 +86,7 @@ _NOT_BRACKET = bytes(c for c in range(256) if c not in b"[]{}")
 _BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
-def json_shape_problem(data: bytes) -> Optional[str]:
+def json_shape_problem(data: bytes) -> str | None:
     """Why the JSON ``data`` is nested too deep or has too long a number, or None."""
     if b"\\" in data:
         bare = _JSON_STRING.sub(b"", data)
@@ -96,7 +101,7 @@ def json_shape_problem(data: bytes) -> Optional[str]:
     return None
 
 
-def dump_json(obj):
+def dump_json(obj: Any) -> bytes:
     """Encode a payload; ValueError (or TypeError for a non-JSON type) if the peer would refuse it."""
     try:
         text = _ENCODER.encode(obj)
@@ -116,7 +121,7 @@ def dump_json(obj):
     return data
 
 
-def load_json_object(payload, what="payload"):
+def load_json_object(payload: Payload, what: str = "payload") -> JSON:
     """Decode a JSON object received from the peer, or raise ProtocolViolation (nothing else)."""
     if len(payload) > MAX_JSON_PAYLOAD:
         raise ProtocolViolation("%s of %d bytes exceeds %d" % (what, len(payload), MAX_JSON_PAYLOAD),
@@ -142,19 +147,21 @@ def load_json_object(payload, what="payload"):
 
 # --- field validation --------------------------------------------------------------------------
 
-_MISSING = object()
+# A sentinel default: a field without a default is required. Typed Any so that every accessor can
+# take it as its default whatever its return type.
+_MISSING: Any = object()
 
 
 class Fields:
     """Typed, bounded access to a JSON object received from the peer."""
 
-    def __init__(self, obj, where):
+    def __init__(self, obj: Any, where: builtins.str) -> None:
         if not isinstance(obj, dict):
             raise ProtocolViolation("%s must be an object" % where)
-        self.obj = obj
+        self.obj: JSON = obj
         self.where = where
 
-    def _get(self, key, default):
+    def _get(self, key: builtins.str, default: Any) -> Any:
         value = self.obj.get(key, _MISSING)
         if value is _MISSING or value is None:
             if default is _MISSING:
@@ -162,10 +169,11 @@ class Fields:
             return _MISSING
         return value
 
-    def _bad(self, key, expected):
+    def _bad(self, key: builtins.str, expected: builtins.str) -> ProtocolViolation:
         return ProtocolViolation("%s: field %r must be %s" % (self.where, key, expected))
 
-    def str(self, key, default=_MISSING, max_len=MAX_STRING, pattern=None):
+    def str(self, key: builtins.str, default: Any = _MISSING, max_len: builtins.int = MAX_STRING,
+            pattern: Pattern[builtins.str] | None = None) -> Any:
         value = self._get(key, default)
         if value is _MISSING:
             return default
@@ -175,7 +183,8 @@ class Fields:
             raise self._bad(key, "a string matching %s" % pattern.pattern)
         return value
 
-    def int(self, key, default=_MISSING, min=INT64_MIN, max=INT64_MAX):
+    def int(self, key: builtins.str, default: Any = _MISSING, min: builtins.int | None = INT64_MIN,
+            max: builtins.int | None = INT64_MAX) -> Any:
         """An integer in [min, max]; by default what a 64-bit OS call takes (a bigger one would
         raise OverflowError in whatever the value reaches, far from this check)."""
         value = self._get(key, default)
@@ -187,7 +196,8 @@ class Fields:
             raise self._bad(key, "an integer in [%s, %s]" % (min, max))
         return value
 
-    def number(self, key, default=_MISSING, min=None, max=None):
+    def number(self, key: builtins.str, default: Any = _MISSING, min: float | None = None,
+               max: float | None = None) -> Any:
         value = self._get(key, default)
         if value is _MISSING:
             return default
@@ -199,7 +209,7 @@ class Fields:
             raise self._bad(key, "a number in [%s, %s]" % (min, max))
         return value
 
-    def bool(self, key, default=_MISSING):
+    def bool(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
         if value is _MISSING:
             return default
@@ -207,7 +217,8 @@ class Fields:
             raise self._bad(key, "true or false")
         return value
 
-    def str_list(self, key, default=_MISSING, max_items=MAX_LIST, max_len=MAX_STRING):
+    def str_list(self, key: builtins.str, default: Any = _MISSING, max_items: builtins.int = MAX_LIST,
+                 max_len: builtins.int = MAX_STRING) -> Any:
         value = self._get(key, default)
         if value is _MISSING:
             return default
@@ -216,7 +227,8 @@ class Fields:
             raise self._bad(key, "a list of at most %d strings" % max_items)
         return list(value)
 
-    def str_map(self, key, default=_MISSING, max_items=MAX_LIST, max_len=MAX_STRING):
+    def str_map(self, key: builtins.str, default: Any = _MISSING, max_items: builtins.int = MAX_LIST,
+                max_len: builtins.int = MAX_STRING) -> Any:
         value = self._get(key, default)
         if value is _MISSING:
             return default
@@ -226,7 +238,7 @@ class Fields:
             raise self._bad(key, "an object of at most %d string values" % max_items)
         return dict(value)
 
-    def object(self, key, default=_MISSING):
+    def object(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
         if value is _MISSING:
             return default
@@ -237,12 +249,12 @@ class Fields:
 
 # --- handshake ---------------------------------------------------------------------------------
 
-def encode_hello(info):
+def encode_hello(info: JSON) -> bytes:
     """HELLO: the agent announces itself. ``info`` is the dict described in docs/protocol.md."""
     return encode_frame(FrameType.HELLO, dump_json(info))
 
 
-def parse_hello(payload):
+def parse_hello(payload: Payload) -> JSON:
     """Validate a HELLO or SYNC_ACK's agent description; returns a clean dict."""
     f = Fields(load_json_object(payload, "HELLO"), "HELLO")
     return {
@@ -256,22 +268,22 @@ def parse_hello(payload):
     }
 
 
-def encode_sync(nonce, protocol=PROTOCOL_VERSION):
+def encode_sync(nonce: str, protocol: int = PROTOCOL_VERSION) -> bytes:
     return encode_frame(FrameType.SYNC, dump_json({"nonce": nonce, "protocol": protocol}))
 
 
-def parse_sync(payload):
+def parse_sync(payload: Payload) -> tuple[str, int]:
     f = Fields(load_json_object(payload, "SYNC"), "SYNC")
     return f.str("nonce", max_len=MAX_NONCE), f.int("protocol", min=0, max=0xFFFF)
 
 
-def encode_sync_ack(nonce, info):
+def encode_sync_ack(nonce: str, info: JSON) -> bytes:
     body = dict(info)
     body["nonce"] = nonce
     return encode_frame(FrameType.SYNC_ACK, dump_json(body))
 
 
-def parse_sync_ack(payload):
+def parse_sync_ack(payload: Payload) -> tuple[str, JSON]:
     """Returns (nonce, agent description)."""
     obj = load_json_object(payload, "SYNC_ACK")
     nonce = Fields(obj, "SYNC_ACK").str("nonce", max_len=MAX_NONCE)
@@ -280,11 +292,11 @@ def parse_sync_ack(payload):
 
 # --- requests and replies ----------------------------------------------------------------------
 
-def encode_request(id, op, args=None):
+def encode_request(id: int, op: str, args: JSON | None = None) -> bytes:
     return encode_frame(FrameType.REQUEST, dump_json({"op": op, "args": args or {}}), id=id)
 
 
-def parse_request(payload):
+def parse_request(payload: Payload) -> tuple[str, Fields]:
     """Returns (op, Fields of args)."""
     f = Fields(load_json_object(payload, "REQUEST"), "REQUEST")
     op = f.str("op", max_len=MAX_OP, pattern=OP_RE)
@@ -292,30 +304,30 @@ def parse_request(payload):
     return op, (args if args is not None else Fields({}, "REQUEST.args"))
 
 
-def encode_response(id, result=None):
+def encode_response(id: int, result: JSON | None = None) -> bytes:
     return encode_frame(FrameType.RESPONSE, dump_json(result if result is not None else {}), id=id)
 
 
-def parse_response(payload):
+def parse_response(payload: Payload) -> JSON:
     return load_json_object(payload, "RESPONSE")
 
 
-def encode_event(id, event):
+def encode_event(id: int, event: JSON) -> bytes:
     return encode_frame(FrameType.EVENT, dump_json(event), id=id)
 
 
-def parse_event(payload):
+def parse_event(payload: Payload) -> JSON:
     return load_json_object(payload, "EVENT")
 
 
-def encode_error(id, code, message, details=None):
-    body = {"code": code, "message": message[:MAX_STRING]}
+def encode_error(id: int, code: str, message: str, details: JSON | None = None) -> bytes:
+    body: JSON = {"code": code, "message": message[:MAX_STRING]}
     if details:
         body["details"] = details
     return encode_frame(FrameType.ERROR, dump_json(body), id=id)
 
 
-def parse_error(payload):
+def parse_error(payload: Payload) -> tuple[str, str, JSON]:
     """Returns (code, message, details). Unknown codes are kept: the host maps them to RemoteError."""
     f = Fields(load_json_object(payload, "ERROR"), "ERROR")
     details = f.object("details", default=None)
@@ -323,7 +335,7 @@ def parse_error(payload):
             details.obj if details is not None else {})
 
 
-def encode_cancel(id):
+def encode_cancel(id: int) -> bytes:
     return encode_frame(FrameType.CANCEL, id=id)
 
 
@@ -332,14 +344,14 @@ def encode_cancel(id):
 _TOPIC_LEN = struct.Struct("!B")
 
 
-def check_topic(topic):
+def check_topic(topic: Any) -> str:
     if not isinstance(topic, str) or not TOPIC_RE.match(topic):
         raise ProtocolViolation("invalid topic %r: 1-128 characters of A-Z a-z 0-9 . _ : / -, "
                                 "starting with a letter or digit" % (topic,))
     return topic
 
 
-def encode_message(topic, data, id=0):
+def encode_message(topic: str, data: Payload, id: int = 0) -> bytes:
     """MESSAGE: payload = topic length (1 byte), topic (ASCII), data (bytes)."""
     check_topic(topic)
     if len(data) > MAX_MESSAGE_DATA:
@@ -348,7 +360,7 @@ def encode_message(topic, data, id=0):
     return encode_frame(FrameType.MESSAGE, _TOPIC_LEN.pack(len(raw)) + raw + bytes(data), id=id)
 
 
-def parse_message(payload):
+def parse_message(payload: Payload) -> tuple[str, bytes]:
     """Returns (topic, data)."""
     if len(payload) < 1:
         raise ProtocolViolation("MESSAGE without a topic")
@@ -369,10 +381,10 @@ def parse_message(payload):
 
 # --- streams -----------------------------------------------------------------------------------
 
-def encode_stream(id, stream, data, eof=False):
+def encode_stream(id: int, stream: int, data: Payload, eof: bool = False) -> bytes:
     return encode_frame(FrameType.STREAM, data, flags=stream | (FLAG_EOF if eof else 0), id=id)
 
 
-def stream_flags(flags):
+def stream_flags(flags: int) -> tuple[int, bool]:
     """Returns (stream number, eof)."""
     return flags & 0xFF, bool(flags & FLAG_EOF)

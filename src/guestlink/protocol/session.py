@@ -1,0 +1,507 @@
+"""The session rules of the control channel as two state machines, one per side (sans-I/O, h11's way).
+
+Neither machine reads, writes, sleeps or keeps time: the I/O layer feeds it what arrived and
+writes out what it returns. The rules, written here once (docs/protocol.md, *Handshake*):
+
+* The agent announces itself with HELLO whenever it (re)opens its port.
+* The host starts every (re)connection with SYNC carrying a fresh random nonce, resends it every
+  second (:meth:`HostSession.sync_due`) and on every HELLO while not synchronised, and ignores
+  everything until the SYNC_ACK that echoes its nonce. A SYNC_ACK with the nonce whose protocol
+  differs, or that is malformed, or an id-0 ERROR ``protocol_mismatch`` (for our nonce or naming
+  none), or a frame of another frame version, ends the connection for good (no point in retrying).
+* After the handshake a HELLO means the agent restarted, and a ``not_ready`` ERROR that it lost
+  our session (it restarted and we missed its HELLO): every call in flight is lost and the host
+  re-synchronises with a new nonce.
+* The agent answers requests (and acknowledged messages) before a SYNC with ``not_ready``, a
+  request id 0 not at all, a request whose id is still in flight with ``bad_request``; a repeated
+  SYNC with the current nonce is acknowledged again, a new nonce ends the session and starts one.
+* Request ids are 32-bit, never 0, wrap around, and the host never reuses one in flight.
+
+Host side (the asyncio session layer drives it)::
+
+    session = HostSession()                # one per connection
+    write(session.start())                 # the first SYNC, with a fresh nonce
+    ...every SYNC_INTERVAL: data = session.sync_due(); if data: write(data)
+    ...on bytes read: for event in session.receive_data(data): handle(event)
+    ...a partial frame stalled for PARTIAL_FRAME_STALL: for event in session.abandon_partial(): ...
+    ...to call:  id_ = session.allocate_id(); write(m.encode_request(id_, op, args))
+    ...to give up on a call: write(session.cancel(id_))   (or session.release(id_) without CANCEL)
+
+``receive_data`` returns a list of the frozen events below; ``session.stats`` counts what needs no
+action (garbage bytes, corrupt frames, stale frames, bad messages, messages, agent restarts).
+What the host does with each event (exactly what host/client.py did before this module):
+
+* :class:`SendBytes` — write ``data`` (a SYNC answering a HELLO, or the new handshake after a
+  restart).
+* :class:`Synchronised` — the handshake is done; ``agent`` is the validated description
+  (``messages.parse_hello``). Calls may be sent now (``session.synchronised``).
+* :class:`HandshakeFailed` — fatal: fail the handshake, every call and the connection with
+  ProtocolMismatch (``mismatch``) or ProtocolError (malformed SYNC_ACK), carrying ``message`` and
+  ``details``; do not reconnect.
+* :class:`SessionLost` — fail every call in flight: ConnectionLost("connection lost (<reason>)")
+  if it was written, else RequestNotSent("request not sent (<reason>)"); go RECONNECTING. The
+  machine has already forgotten their ids and restarted the handshake (a SendBytes follows).
+* :class:`Response` / :class:`ErrorReply` / :class:`MalformedReply` — the final reply of call
+  ``id`` (its id is released): resolve it / fail it with ``errors.remote_error(code, message,
+  details)`` / fail it with ProtocolError("malformed <what> from the agent: <message>").
+  A ``not_ready`` ErrorReply is followed by a SessionLost.
+* :class:`CallEvent`, :class:`CallStream` — non-final EVENT and STREAM frames of call ``id``.
+* :class:`CallBroken` — a frame of call ``id`` arrived corrupt or in another frame version: fail
+  it (ProtocolMismatch if ``mismatch`` else ProtocolError, with ``message``) and write
+  ``session.cancel(id)``.
+* :class:`Message` — a topic message from the guest.
+* :class:`AgentError` — an id-0 ERROR after the handshake (log it; a mismatch is followed by
+  HandshakeFailed).
+
+Agent side: :class:`AgentSession` (see its docstring) — used by the guest agent and the tests'
+fake agent.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Union
+
+from . import codes
+from . import messages as m
+from .frames import (MAX_ID, MAX_PAYLOAD, CorruptFrame, DecoderEvent, Frame, FrameDecoder,
+                     FrameType, Garbage, UnsupportedVersion, frame_type_name)
+from .messages import Fields, ProtocolViolation
+
+JSON = Dict[str, Any]
+
+
+# --- host-side events --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SendBytes:
+    """Write these bytes to the peer."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Synchronised:
+    """The handshake completed; ``agent`` is the agent's validated description."""
+
+    agent: JSON
+
+
+@dataclass(frozen=True)
+class HandshakeFailed:
+    """The peers cannot talk (``mismatch``: protocol versions; else a malformed SYNC_ACK)."""
+
+    mismatch: bool
+    message: str
+    details: JSON = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SessionLost:
+    """The agent restarted or forgot the session: every call in flight is lost."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Response:
+    """RESPONSE: call ``id`` succeeded; ``payload`` is its JSON body, not parsed yet."""
+
+    id: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """ERROR: call ``id`` failed with ``code``."""
+
+    id: int
+    code: str
+    message: str
+    details: JSON
+
+
+@dataclass(frozen=True)
+class MalformedReply:
+    """The final reply of call ``id`` could not be parsed."""
+
+    id: int
+    what: str
+    message: str
+
+
+@dataclass(frozen=True)
+class CallEvent:
+    """EVENT: a non-final notification about call ``id`` (JSON body, not parsed yet)."""
+
+    id: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class CallStream:
+    """STREAM: bytes of one of call ``id``'s streams (``messages.stream_flags(flags)``)."""
+
+    id: int
+    flags: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class CallBroken:
+    """A frame of call ``id`` was lost (corrupt, or another frame version): fail it and cancel it."""
+
+    id: int
+    mismatch: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Message:
+    """A topic message from the guest."""
+
+    topic: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class AgentError:
+    """An ERROR with id 0 after the handshake: about the connection, not a call."""
+
+    code: str
+    message: str
+    details: JSON
+
+
+HostEvent = Union[SendBytes, Synchronised, HandshakeFailed, SessionLost, Response, ErrorReply,
+                  MalformedReply, CallEvent, CallStream, CallBroken, Message, AgentError]
+
+
+def new_nonce() -> str:
+    """A fresh handshake nonce: 128 random bits."""
+    return secrets.token_hex(16)
+
+
+class HostSession:
+    """The host's side of one connection's session rules. See the module docstring."""
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD,
+                 nonce_factory: Callable[[], str] = new_nonce) -> None:
+        self.decoder = FrameDecoder(max_payload)
+        self._new_nonce = nonce_factory
+        self.nonce: str | None = None
+        self.synchronised = False
+        self.failed = False
+        self._in_flight: set[int] = set()
+        self._next_id = 1
+        self.stats: dict[str, int] = {"garbage_bytes": 0, "corrupt_frames": 0, "stale_frames": 0,
+                                      "bad_messages": 0, "messages": 0, "agent_restarts": 0}
+
+    # -- handshake ----------------------------------------------------------------------------
+
+    def start(self) -> bytes:
+        """Begin a handshake with a fresh nonce; returns the SYNC to write."""
+        self.nonce = self._new_nonce()
+        self.synchronised = False
+        return m.encode_sync(self.nonce)
+
+    def sync_due(self) -> bytes | None:
+        """The periodic resend: the SYNC again while not synchronised, else None."""
+        if self.synchronised or self.failed or self.nonce is None:
+            return None
+        return m.encode_sync(self.nonce)
+
+    # -- request ids --------------------------------------------------------------------------
+
+    def allocate_id(self) -> int:
+        """A request id for a new call: never 0, never one in flight (32-bit, wrapping)."""
+        for _ in range(len(self._in_flight) + 2):
+            id_ = self._next_id
+            self._next_id = id_ + 1 if id_ < MAX_ID else 1
+            if id_ not in self._in_flight:
+                self._in_flight.add(id_)
+                return id_
+        raise RuntimeError("no free request id")  # pragma: no cover - 2**32 calls in flight
+
+    def in_flight(self, id_: int) -> bool:
+        return id_ in self._in_flight
+
+    def release(self, id_: int) -> None:
+        """Forget call ``id_`` (its replies, if any come, are stale)."""
+        self._in_flight.discard(id_)
+
+    def cancel(self, id_: int) -> bytes:
+        """Forget call ``id_`` and return the CANCEL to write."""
+        self._in_flight.discard(id_)
+        return m.encode_cancel(id_)
+
+    # -- input --------------------------------------------------------------------------------
+
+    @property
+    def partial(self) -> bool:
+        """True while a frame has begun but not completed (the I/O layer times its stall)."""
+        return self.decoder.partial
+
+    def receive_data(self, data: bytes) -> list[HostEvent]:
+        return self._handle(self.decoder.feed(data) if data else [])
+
+    def abandon_partial(self) -> list[HostEvent]:
+        """The partial frame stalled: its writer died mid-frame (docs/protocol.md)."""
+        return self._handle(self.decoder.abandon_partial())
+
+    def _handle(self, decoded: list[DecoderEvent]) -> list[HostEvent]:
+        out: list[HostEvent] = []
+        for event in decoded:
+            if self.failed:
+                break
+            if isinstance(event, Frame):
+                if self.synchronised:
+                    self._frame(event, out)
+                else:
+                    self._handshake_frame(event, out)
+            elif isinstance(event, Garbage):
+                self.stats["garbage_bytes"] += event.nbytes
+            elif isinstance(event, UnsupportedVersion):
+                message = ("the agent sent a frame of protocol version %d; this host speaks "
+                           "version 1" % event.version)
+                if not self.synchronised:
+                    self._fail(out, HandshakeFailed(True, message))
+                elif event.id in self._in_flight:
+                    self._in_flight.discard(event.id)
+                    out.append(CallBroken(event.id, True, message))
+            elif isinstance(event, CorruptFrame):
+                self.stats["corrupt_frames"] += 1
+                if self.synchronised and event.id in self._in_flight:
+                    self._in_flight.discard(event.id)
+                    out.append(CallBroken(event.id, False, "a %s frame of this request arrived "
+                                          "corrupted (%s)" % (frame_type_name(event.type),
+                                                              event.reason)))
+        return out
+
+    def _fail(self, out: list[HostEvent], event: HandshakeFailed) -> None:
+        self.failed = True
+        self.synchronised = False
+        self._in_flight.clear()
+        out.append(event)
+
+    def _mismatch(self, message: str, details: JSON) -> HandshakeFailed:
+        return HandshakeFailed(True, "the agent refused protocol %d: %s" % (m.PROTOCOL_VERSION,
+                                                                             message), details)
+
+    def _handshake_frame(self, frame: Frame, out: list[HostEvent]) -> None:
+        t = frame.type
+        if t == FrameType.HELLO:
+            if self.nonce is not None:  # the agent (re)opened its port and may have missed SYNC
+                out.append(SendBytes(m.encode_sync(self.nonce)))
+        elif t == FrameType.SYNC_ACK:
+            try:
+                nonce = Fields(m.load_json_object(frame.payload, "SYNC_ACK"), "SYNC_ACK").str(
+                    "nonce", max_len=m.MAX_NONCE)
+            except ProtocolViolation:
+                self.stats["stale_frames"] += 1
+                return
+            if nonce != self.nonce:
+                self.stats["stale_frames"] += 1
+                return
+            try:
+                agent = m.parse_hello(frame.payload)
+            except ProtocolViolation as exc:
+                self._fail(out, HandshakeFailed(False, "malformed SYNC_ACK from the agent: %s" % exc))
+                return
+            if agent["protocol"] != m.PROTOCOL_VERSION:
+                self._fail(out, HandshakeFailed(True, "the agent speaks protocol %d; this host "
+                                                "speaks %d" % (agent["protocol"], m.PROTOCOL_VERSION)))
+                return
+            self.synchronised = True
+            out.append(Synchronised(agent))
+        elif t == FrameType.ERROR and frame.id == 0:
+            try:
+                code, message, details = m.parse_error(frame.payload)
+            except ProtocolViolation:
+                return
+            if code == codes.PROTOCOL_MISMATCH and details.get("nonce", self.nonce) == self.nonce:
+                self._fail(out, self._mismatch(message, details))
+        else:
+            self.stats["stale_frames"] += 1
+
+    def _restart(self, out: list[HostEvent], reason: str) -> None:
+        self.stats["agent_restarts"] += 1
+        self._in_flight.clear()
+        out.append(SessionLost(reason))
+        out.append(SendBytes(self.start()))
+
+    def _frame(self, frame: Frame, out: list[HostEvent]) -> None:
+        t = frame.type
+        id_ = frame.id
+        if t == FrameType.HELLO:
+            self._restart(out, "the guest agent restarted")
+        elif t == FrameType.MESSAGE:
+            if id_ == 0:
+                try:
+                    topic, data = m.parse_message(frame.payload)
+                except ProtocolViolation:
+                    self.stats["bad_messages"] += 1
+                    return
+                self.stats["messages"] += 1
+                out.append(Message(topic, data))
+        elif t in (FrameType.RESPONSE, FrameType.ERROR, FrameType.EVENT, FrameType.STREAM):
+            if id_ == 0:
+                if t == FrameType.ERROR:
+                    self._connection_error(frame.payload, out)
+                return
+            if id_ not in self._in_flight:
+                self.stats["stale_frames"] += 1
+                return
+            if t == FrameType.RESPONSE:
+                self._in_flight.discard(id_)
+                out.append(Response(id_, frame.payload))
+            elif t == FrameType.ERROR:
+                self._in_flight.discard(id_)
+                try:
+                    code, message, details = m.parse_error(frame.payload)
+                except ProtocolViolation as exc:
+                    out.append(MalformedReply(id_, "ERROR reply", str(exc)))
+                    return
+                out.append(ErrorReply(id_, code, message, details))
+                if code == codes.NOT_READY:
+                    self._restart(out, "the guest agent lost the session (not_ready)")
+            elif t == FrameType.EVENT:
+                out.append(CallEvent(id_, frame.payload))
+            else:
+                out.append(CallStream(id_, frame.flags, frame.payload))
+        # SYNC_ACK duplicates (answers to our resends) and frame types a host never receives are
+        # ignored.
+
+    def _connection_error(self, payload: bytes, out: list[HostEvent]) -> None:
+        try:
+            code, message, details = m.parse_error(payload)
+        except ProtocolViolation:
+            return
+        out.append(AgentError(code, message, details))
+        if code == codes.PROTOCOL_MISMATCH:
+            self._fail(out, self._mismatch(message, details))
+
+
+# --- agent side --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SessionStarted:
+    """A host session began (a SYNC with a new nonce)."""
+
+    nonce: str
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """The host session ended; kill its execs, drop its calls."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Request:
+    """A valid REQUEST of the current session, not already in flight."""
+
+    id: int
+    op: str
+    args: Fields
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A frame the rules drop (``reason`` is for the log)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Passed:
+    """A frame of the session that the rules leave to the agent (STREAM, CANCEL, MESSAGE...)."""
+
+    frame: Frame
+
+
+AgentEvent = Union[SendBytes, SessionStarted, SessionEnded, Request, Ignored, Passed]
+
+NOT_SYNCED = "the agent has not received a SYNC from this host session yet"
+
+
+class AgentSession:
+    """The agent's side of the session rules, for one opening of the port.
+
+    ``describe()`` returns the agent's description (HELLO and SYNC_ACK carry it);
+    ``in_flight(id)`` says whether a request id is still being served in the current session.
+    :meth:`hello` is the first frame of each opening; :meth:`receive_frame` turns a decoded frame
+    into events: SendBytes (write them), SessionEnded then SessionStarted (a new SYNC),
+    Request (serve it), Passed (a STREAM, CANCEL or MESSAGE frame of the session for the agent),
+    Ignored (log it). :meth:`end` ends the session when the host goes away.
+    """
+
+    def __init__(self, describe: Callable[[], JSON], in_flight: Callable[[int], bool]) -> None:
+        self._describe = describe
+        self._in_flight = in_flight
+        self.nonce: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """True between a SYNC and the end of its session."""
+        return self.nonce is not None
+
+    def hello(self) -> bytes:
+        return m.encode_hello(self._describe())
+
+    def end(self) -> None:
+        self.nonce = None
+
+    def receive_frame(self, frame: Frame) -> list[AgentEvent]:
+        t = frame.type
+        if t == FrameType.SYNC:
+            return self._sync(frame)
+        if t == FrameType.REQUEST:
+            return self._request(frame)
+        if t in (FrameType.STREAM, FrameType.CANCEL):
+            return [Passed(frame)] if self.active else []
+        if t == FrameType.MESSAGE:
+            if self.active:
+                return [Passed(frame)]
+            if frame.id:
+                return [SendBytes(m.encode_error(frame.id, codes.NOT_READY, NOT_SYNCED))]
+            return []
+        return [Ignored("ignoring a %s frame from the host" % frame_type_name(t))]
+
+    def _sync(self, frame: Frame) -> list[AgentEvent]:
+        try:
+            nonce, protocol = m.parse_sync(frame.payload)
+        except ProtocolViolation as exc:
+            return [Ignored("invalid SYNC ignored: %s" % exc)]
+        if protocol != m.PROTOCOL_VERSION:
+            return [Ignored("host speaks protocol %d, this agent %d" % (protocol, m.PROTOCOL_VERSION)),
+                    SendBytes(m.encode_error(0, codes.PROTOCOL_MISMATCH,
+                                             "the agent speaks protocol %d, not %d"
+                                             % (m.PROTOCOL_VERSION, protocol),
+                                             {"nonce": nonce, "protocol": m.PROTOCOL_VERSION}))]
+        out: list[AgentEvent] = []
+        if self.nonce == nonce:
+            out.append(Ignored("repeated SYNC for the current session: acknowledged again"))
+        else:
+            if self.nonce is not None:
+                out.append(SessionEnded("new SYNC from the host"))
+            self.nonce = nonce
+            out.append(SessionStarted(nonce))
+        out.append(SendBytes(m.encode_sync_ack(nonce, self._describe())))
+        return out
+
+    def _request(self, frame: Frame) -> list[AgentEvent]:
+        rid = frame.id
+        if not rid:
+            return [Ignored("REQUEST with id 0 ignored (ids must be non-zero)")]
+        if not self.active:
+            return [SendBytes(m.encode_error(rid, codes.NOT_READY, NOT_SYNCED))]
+        if self._in_flight(rid):
+            return [SendBytes(m.encode_error(rid, codes.BAD_REQUEST,
+                                             "request id %d is already in flight" % rid))]
+        try:
+            op, args = m.parse_request(frame.payload)
+        except ProtocolViolation as exc:
+            return [SendBytes(m.encode_error(rid, exc.code, str(exc)))]
+        return [Request(rid, op, args)]
