@@ -10,7 +10,6 @@ explain a libguestfs appliance that does not start (:func:`check_supermin_kernel
 guestlink.image.backends).
 """
 
-import argparse
 import errno
 import fnmatch
 import json
@@ -22,12 +21,11 @@ import stat
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from .exitcodes import EXIT_OK, EXIT_PROBLEMS
 
 Which = Callable[[str], Optional[str]]
-
-EXIT_OK = 0
-EXIT_PROBLEMS = 1
 
 #: The Debian fix for a missing supermin kernel: the cloud kernel is small, has the virtio drivers
 #: the appliance needs, and installing it does not change which kernel the host boots unless a
@@ -58,7 +56,8 @@ class Item:
 
 
 def _tools(which: Which, names: Iterable[str]) -> Tuple[List[str], List[str]]:
-    found, missing = [], []
+    found: List[str] = []
+    missing: List[str] = []
     for name in names:
         path = which(name)
         (found if path else missing).append(path or name)
@@ -382,7 +381,7 @@ def exit_status(items: Sequence[Item]) -> int:
     return EXIT_OK if all(i.ok or i.optional for i in items) else EXIT_PROBLEMS
 
 
-def report(items: Sequence[Item], as_json: bool, out=None) -> int:
+def report(items: Sequence[Item], as_json: bool, out: Optional[IO[str]] = None) -> int:
     out = out or sys.stdout
     if as_json:
         out.write(json.dumps([asdict(i) for i in items], indent=2) + "\n")
@@ -395,33 +394,3 @@ def report(items: Sequence[Item], as_json: bool, out=None) -> int:
         for item in items:
             out.write(item.line(marks) + "\n")
     return exit_status(items)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "doctor", help="check what guestlink's features need on this host",
-        description="check what guestlink's features need on this host: QEMU, libvirt and the "
-                    "user's rights on it, a domain's channel sockets, the image backends "
-                    "(qemu-storage-daemon + FUSE, libguestfs and a kernel for its appliance, the "
-                    "nbd module) and the agent bundle; one line per item with the fix",
-        epilog="exit status: 0 when every item passes (items marked optional may fail), 1 "
-               "otherwise")
-    p.add_argument("domain", nargs="?", metavar="DOMAIN",
-                   help="also check this libvirt domain's channel sockets")
-    p.add_argument("--connect", metavar="URI", dest="libvirt_uri",
-                   help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")
-    p.add_argument("--ctl-name", metavar="N",
-                   help="DOMAIN's control channel name (default: $GUESTLINK_CTL_NAME, else the "
-                        "name in its guestlink metadata, else org.guestlink.ctl)")
-    p.add_argument("--data-name", metavar="N",
-                   help="DOMAIN's data channel name (default: $GUESTLINK_DATA_NAME, else the name "
-                        "in its guestlink metadata, else org.guestlink.data)")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON list of {name, ok, detail, fix, optional}")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .libvirt import names_from_env
-
-    names = names_from_env(args.ctl_name, args.data_name)
-    return report(run_checks(args.libvirt_uri, args.domain, names), args.json)

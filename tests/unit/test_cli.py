@@ -533,8 +533,8 @@ def test_an_exception_no_task_awaited_is_one_line_not_a_traceback(capsys, path, 
 
 @pytest.mark.parametrize("argv", [["list"], ["image", "status", "/nonexistent.img"]], ids=" ".join)
 def test_ctrl_c_in_any_command_is_130_without_a_traceback(capsys, monkeypatch, argv):
-    from guestlink import libvirt_cli
-    from guestlink.image import cli as image_cli
+    from guestlink.cli import libvirt as libvirt_cli
+    from guestlink.cli import image as image_cli
 
     def interrupted(args):
         raise KeyboardInterrupt

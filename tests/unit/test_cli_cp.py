@@ -112,7 +112,7 @@ def test_guest_messages_and_names_are_printed_escaped(capsys, tmp_path):
     import json
 
     from guestlink import cli
-    from guestlink.cli_files import ProgressBar
+    from guestlink.cli.common import ProgressBar
     from guestlink.protocol import codes
     from test_host_fakeagent import Reply
 

@@ -12,11 +12,11 @@ import subprocess
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from ..exitcodes import EXIT_USAGE
 from ..protocol.safetext import printable
 from .errors import EXIT_DATAERR, ImageError, ImageInUse, ReadOnly, BackendUnavailable
 
 SECTOR = 512
-EXIT_USAGE = 2
 
 # Formats guestlink opens. Left out on purpose: vmdk (descriptors name extent files on the host)
 # and qed (backing files); each format here is opened with its driver named explicitly.

@@ -1,12 +1,10 @@
-"""Errors of ``guestlink image``; each carries its exit status (sysexits style, see cli.EPILOG)."""
+"""Errors of ``guestlink image``; each carries its exit status (from the one table,
+guestlink.exitcodes, which also says what each means for ``guestlink image``)."""
 
-EXIT_DATAERR = 65      # no root filesystem / unknown filesystem / unreadable image / bad manifest
-EXIT_UNAVAILABLE = 69  # no backend works here (missing tools, modules, devices)
-EXIT_SOFTWARE = 70     # anything else
-EXIT_CANTCREAT = 73    # image or guest filesystem read-only, or full
-EXIT_TEMPFAIL = 75     # the image is in use (a running VM holds its lock)
-EXIT_NOPERM = 77       # permission denied (loop/nbd need root)
-EXIT_INTERRUPTED = 130
+from typing import Optional
+
+from ..exitcodes import (EXIT_CANTCREAT, EXIT_DATAERR, EXIT_INTERRUPTED, EXIT_NOPERM,  # noqa: F401
+                         EXIT_SOFTWARE, EXIT_TEMPFAIL, EXIT_UNAVAILABLE)
 
 
 class ImageError(Exception):
@@ -14,7 +12,7 @@ class ImageError(Exception):
 
     exit_code = EXIT_SOFTWARE
 
-    def __init__(self, message, exit_code=None):
+    def __init__(self, message: str, exit_code: Optional[int] = None) -> None:
         Exception.__init__(self, message)
         if exit_code is not None:
             self.exit_code = exit_code

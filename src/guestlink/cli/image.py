@@ -1,4 +1,5 @@
-"""``guestlink image install|status|remove``: the agent in a VM disk image, offline."""
+"""``guestlink image install|status|remove``: the agent in a VM disk image, offline (the work is
+guestlink.image's; this module is its command line)."""
 
 import argparse
 import json
@@ -7,11 +8,15 @@ import signal
 import sys
 import time
 from contextlib import ExitStack
+from types import FrameType
+from typing import Any, Callable, Dict, Optional
 
+from ..exitcodes import EXIT_INTERRUPTED, EXIT_NOINPUT, EXIT_OK, EXIT_USAGE, IMAGE, help_text
+from ..image.disk import FORMATS
+from ..image.errors import ImageError
+from ..image.tree import DEFAULT_CTL, DEFAULT_DATA, INIT_KINDS, Installer, Tree, status
 from ..protocol.safetext import printable
-from .disk import FORMATS
-from .errors import EXIT_INTERRUPTED, ImageError
-from .tree import DEFAULT_CTL, DEFAULT_DATA, INIT_KINDS, Installer, Tree, status
+from .common import exit_for
 
 EPILOG = """\
 backends (--backend auto tries them in this order and says which one it used):
@@ -26,20 +31,10 @@ host path) is refused unless --allow-backing-file; otherwise it is opened with n
 The guest filesystem is mounted nodev,nosuid,noexec. status opens the image read-only and shares
 QEMU's lock, so it works on a running VM's disk and changes nothing.
 
-exit status:
-    0  success
-    2  usage error (also: the format cannot be told from the name; give --format)
-   65  no root filesystem / unknown filesystem / unreadable image / damaged manifest
-   69  no backend can run here (the message lists what each one lacks)
-   70  other error
-   73  the image or the guest filesystem is read-only or full (nothing was changed)
-   75  the image is in use by a running VM (its QEMU lock is held); --force overrides
-   77  permission denied
-  130  interrupted (everything set up so far is undone)
-"""
+""" + help_text(IMAGE)
 
 
-def add_parser(sub):
+def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
     """Add ``image`` and its subcommands to the top-level subparsers."""
     p = sub.add_parser("image", help="install/update/remove the agent in a VM disk image (offline)",
                        description="Install, update, inspect or remove the guestlink agent in a "
@@ -68,7 +63,7 @@ def add_parser(sub):
     common.add_argument("--json", action="store_true", help="print the result as JSON")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
-    def add(name, help):
+    def add(name: str, help: str) -> argparse.ArgumentParser:
         return isub.add_parser(name, help=help, description=help, parents=[common], epilog=EPILOG,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
 
@@ -85,14 +80,14 @@ def add_parser(sub):
     return p
 
 
-def _fault_hook():
+def _fault_hook() -> Optional[Callable[[str], None]]:
     """Test hook: GUESTLINK_IMAGE_FAULT=STAGE[@sigint] fails (or Ctrl-C's) at STAGE."""
     spec = os.environ.get("GUESTLINK_IMAGE_FAULT")
     if not spec:
         return None
     stage, _, how = spec.partition("@")
 
-    def fault(name):
+    def fault(name: str) -> None:
         if name == stage:
             if how == "sigint":
                 os.kill(os.getpid(), signal.SIGINT)  # delivered as KeyboardInterrupt
@@ -102,26 +97,25 @@ def _fault_hook():
     return fault
 
 
-def _raise_interrupt(signum, frame):
+def _raise_interrupt(signum: int, frame: Optional[FrameType]) -> None:
     raise KeyboardInterrupt
 
 
-def run(args):
-    """Entry point from guestlink.cli; returns the exit status."""
+def run(args: argparse.Namespace) -> int:
+    """Run ``image ACTION``; return the exit status."""
     if not args.image_command:
         sys.stderr.write("usage: guestlink image {install,status,remove} IMAGE|--root DIR\n")
-        return 2
+        return EXIT_USAGE
     if bool(args.image) == bool(args.root):
-        sys.stderr.write("guestlink: error: give exactly one of IMAGE or --root DIR\n")
-        return 2
+        return exit_for(ImageError("give exactly one of IMAGE or --root DIR", EXIT_USAGE))
     quiet = args.quiet or False
 
-    def log(line):
+    def log(line: str) -> None:
         if not quiet:
             sys.stderr.write("guestlink: %s\n" % line)
             sys.stderr.flush()
 
-    old = {}
+    old: Dict[signal.Signals, Any] = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
             old[sig] = signal.signal(sig, _raise_interrupt)
@@ -133,7 +127,7 @@ def run(args):
             result = _run(args, stack, log)
         finally:
             # cleanup must not be cut short by a second Ctrl-C
-            held = {}
+            held: Dict[signal.Signals, Any] = {}
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 try:
                     held[sig] = signal.signal(sig, signal.SIG_IGN)
@@ -148,22 +142,21 @@ def run(args):
         sys.stderr.write("guestlink: interrupted; everything set up was undone\n")
         return EXIT_INTERRUPTED
     except ImageError as exc:
-        sys.stderr.write("guestlink: error: %s\n" % exc)
-        return exc.exit_code
+        return exit_for(exc)
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
     _print(args, result)
-    return 0
+    return EXIT_OK
 
 
-def _run(args, stack, log):
+def _run(args: argparse.Namespace, stack: ExitStack, log: Callable[[str], None]) -> Dict[str, Any]:
     fault = _fault_hook()
     backend = None
     if args.root:
         root, where = args.root, "directory %s" % args.root
     else:
-        from .backends import open_root
+        from ..image.backends import open_root
         partition = args.partition
         # status reads only: a read-only open sharing QEMU's lock works on a running VM's disk
         root, backend, where = open_root(args.image, stack, args.backend, partition, args.force,
@@ -181,15 +174,16 @@ def _run(args, stack, log):
                 with open(args.agent, "rb") as f:
                     pyz = f.read()
             except OSError as exc:
-                raise ImageError("cannot read %s: %s" % (args.agent, exc.strerror), 66)
+                raise ImageError("cannot read %s: %s" % (args.agent, exc.strerror), EXIT_NOINPUT)
         else:
             from ..bundle import build_bundle_bytes
             pyz = build_bundle_bytes()
-        ctl = data = None
+        ctl: Optional[str] = None
+        data: Optional[str] = None
         if args.channel_names:
             names = [n.strip() for n in args.channel_names.split(",")]
             if not 1 <= len(names) <= 2 or not all(names):
-                raise ImageError("--channel-names wants CTL or CTL,DATA", 2)
+                raise ImageError("--channel-names wants CTL or CTL,DATA", EXIT_USAGE)
             ctl = names[0]
             data = names[1] if len(names) > 1 else None
         result = inst.install(pyz, None if args.init == "auto" else args.init, ctl, data)
@@ -210,7 +204,7 @@ def _run(args, stack, log):
     return result
 
 
-def _print(args, result):
+def _print(args: argparse.Namespace, result: Dict[str, Any]) -> None:
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
         return

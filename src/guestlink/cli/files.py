@@ -1,34 +1,43 @@
-"""``guestlink cp`` and ``guestlink run`` (file transfer commands of the CLI; see cli.py).
+"""``guestlink cp`` and ``guestlink run`` (the file transfer commands).
 
 ``cp SRC... DST``: exactly one side names the guest, scp-style: ``:PATH`` (the VM comes from
 --ctl/--data, $GUESTLINK_CTL/DATA or --domain) or ``VM:PATH`` (a libvirt domain, resolved by
-cli.resolve_target). ``-`` is stdin (push) or stdout (pull). A colon after a slash is part of a
+common.resolve_target). ``-`` is stdin (push) or stdout (pull). A colon after a slash is part of a
 local path (``./a:b``). Several sources (all on one side) go into DST, which must then be an
 existing directory; as with scp and cp, a source that fails is reported and the others are
-still copied.
+still copied. ``run`` delivers a script with the same push and runs it as ``exec`` does.
 """
 
+import argparse
 import asyncio
 import os
 import secrets
 import sys
-import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from .protocol.safetext import printable
+from ..exitcodes import EXIT_OK
+from .common import (ProgressBar, UsageError, VMParsers, error_message, exit_code_for, fail,
+                     parse_pairs, print_json)
+from .vm import cmd_exec
+
+if TYPE_CHECKING:  # the host library is imported when a command runs, not for --help
+    from ..host import Client
 
 CHECKSUMS = ("sha256", "blake2b", "crc32")
 
 
 class Spec:
-    def __init__(self, text, remote, path, domain=None):
+    """One SRC or DST argument: its text, whether it names the guest, the path, the domain."""
+
+    def __init__(self, text: str, remote: bool, path: str, domain: Optional[str] = None) -> None:
         self.text, self.remote, self.path, self.domain = text, remote, path, domain
 
     @property
-    def local_side(self):
+    def local_side(self) -> bool:
         return not self.remote
 
 
-def parse_spec(text):
+def parse_spec(text: str) -> Spec:
     if text == "-" or not text:
         return Spec(text, False, text)
     idx = text.find(":")
@@ -39,8 +48,8 @@ def parse_spec(text):
     return Spec(text, False, text)
 
 
-def add_parsers(sub, vm_command):
-    p = vm_command("cp", "copy files between the host and the guest (scp-like: :PATH or VM:PATH "
+def add_parsers(parsers: VMParsers) -> None:
+    p = parsers.add("cp", "copy files between the host and the guest (scp-like: :PATH or VM:PATH "
                          "names the guest side; several SRCs go into the directory DST)")
     p.add_argument("src", nargs="+", metavar="SRC")
     p.add_argument("dst", metavar="DST")
@@ -54,7 +63,7 @@ def add_parsers(sub, vm_command):
                    help="whole-file digest (default sha256; crc32 for slow guest CPUs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    p = vm_command("run", "copy a local script into the guest, run it with ARGS, stream its "
+    p = parsers.add("run", "copy a local script into the guest, run it with ARGS, stream its "
                           "output, remove it; exits with its status",
                    timeout_help="kill the script after S seconds (exit status 124)")
     p.set_defaults(timeout=None, stdin_mode="auto", shell=False)
@@ -68,8 +77,9 @@ def add_parsers(sub, vm_command):
     p.add_argument("script_args", nargs="...", metavar="ARG")
 
 
-def check_args(args, UsageError, parse_pairs):
-    """Called by cli._check_args before resolve_target."""
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a bad cp or run command line before connecting (before resolve_target, which
+    learns the domain of a ``VM:PATH`` here)."""
     if args.command == "cp":
         srcs, dst = [parse_spec(a) for a in args.src], parse_spec(args.dst)
         if len(srcs) == 1 and srcs[0].remote == dst.remote:
@@ -109,60 +119,20 @@ def check_args(args, UsageError, parse_pairs):
         args.env_map = parse_pairs(args.env, "--env") or None
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr (only used on a terminal)."""
-
-    def __init__(self, label, stream=None):
-        self.label = printable(label)  # drawn with our own escapes: the label's must not act
-        self.stream = stream or sys.stderr
-        self.start = time.monotonic()
-        self.shown = False
-
-    def __call__(self, done, total):
-        elapsed = max(time.monotonic() - self.start, 1e-6)
-        rate = done / elapsed
-        if total:
-            pct = 100.0 * done / total
-            eta = (total - done) / rate if rate > 0 else 0
-            width = 24
-            fill = int(width * done / total)
-            line = "%s [%s%s] %5.1f%% %s/%s %6.1f MB/s ETA %d:%02d" % (
-                self.label[-30:], "#" * fill, "." * (width - fill), pct, _human(done),
-                _human(total), rate / 1e6, eta // 60, eta % 60)
-        else:
-            line = "%s %s %6.1f MB/s" % (self.label[-30:], _human(done), rate / 1e6)
-        self.stream.write("\r" + line[:120] + "\033[K")
-        self.stream.flush()
-        self.shown = True
-
-    def close(self):
-        if self.shown:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _human(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
-        n /= 1024.0
-
-
-async def cmd_cp(vm, args, print_json):
+async def cmd_cp(vm: "Client", args: argparse.Namespace) -> int:
     if len(args.copies) == 1:
         result = await _copy_one(vm, args, args.local, args.remote, args.labels[0])
         if args.json:
             print_json(_result_json(result))
-        return 0
-    return await _copy_many(vm, args, print_json)
+        return EXIT_OK
+    return await _copy_many(vm, args)
 
 
-async def _copy_many(vm, args, print_json):
+async def _copy_many(vm: "Client", args: argparse.Namespace) -> int:
     """Several sources into one directory: each is copied as if alone; one that fails is
     reported (one line) and the rest still go; the exit status is the first failure's."""
-    from . import cli
-    from .host import errors as E
-    from .protocol import codes
+    from ..host import errors as E
+    from ..protocol import codes
 
     if args.direction == "push":
         target = args.copies[0][1]
@@ -173,17 +143,18 @@ async def _copy_many(vm, args, print_json):
         if st is None or st.get("type") != "dir":
             raise E.RemoteNotADirectory(codes.NOT_A_DIRECTORY, "target %s is not a directory in the guest "
                                         "(several sources)" % target)
-    status, results, errors = 0, [], []
+    status = EXIT_OK
+    results: List[Any] = []
+    errors: List[Dict[str, str]] = []
     for (local, remote), label in zip(args.copies, args.labels):
         try:
             results.append(await _copy_one(vm, args, local, remote, label))
         except (E.GuestlinkError, OSError) as exc:
-            message = str(exc) if isinstance(exc, E.GuestlinkError) else cli.local_error(exc)
+            message = error_message(exc)
             path = remote if args.direction == "pull" else local
-            cli._fail(message if path in message else "%s: %s" % (label, message))
+            fail(message if path in message else "%s: %s" % (label, message))
             errors.append({"source": label, "error": message})
-            status = status or (cli.exit_code_for(exc, "cp") if isinstance(exc, E.GuestlinkError)
-                                else cli.EXIT_IOERR)
+            status = status or exit_code_for(exc, "cp")
     if args.json:
         seconds = sum(r.seconds for r in results)
         nbytes = sum(r.bytes for r in results)
@@ -194,7 +165,7 @@ async def _copy_many(vm, args, print_json):
     return status
 
 
-def _result_json(result):
+def _result_json(result: Any) -> Dict[str, Any]:
     obj = {"source": result.source, "destination": result.destination, "bytes": result.bytes,
            "seconds": round(result.seconds, 6), "mb_per_s": round(result.rate, 3),
            "algorithm": result.algorithm, "digest": result.digest, "files": result.files,
@@ -204,7 +175,8 @@ def _result_json(result):
     return obj
 
 
-async def _copy_one(vm, args, local, remote, label):
+async def _copy_one(vm: "Client", args: argparse.Namespace, local: str, remote: str,
+                    label: str) -> Any:
     bar = None
     try:
         tty = os.isatty(sys.stderr.fileno())
@@ -225,7 +197,7 @@ async def _copy_one(vm, args, local, remote, label):
         finally:
             if bar is not None:
                 bar.close()
-    except asyncio.CancelledError:  # Ctrl-C (cli._main_async exits 130): say what became of it
+    except asyncio.CancelledError:  # Ctrl-C (app._main_async exits 130): say what became of it
         if args.recursive or len(args.copies) > 1:
             what = "files already copied stay"
         elif args.direction == "pull" and local == "-":
@@ -237,7 +209,7 @@ async def _copy_one(vm, args, local, remote, label):
         raise
 
 
-async def cmd_run(vm, args, cmd_exec):
+async def cmd_run(vm: "Client", args: argparse.Namespace) -> int:
     name = os.path.basename(args.script) or "script"
     remote = "%s/.guestlink-run-%s-%s" % (args.dir.rstrip("/"), secrets.token_hex(6), name)
     await vm.push(args.script, remote, timeout=args.connect_timeout)

@@ -1,32 +1,29 @@
 """``guestlink libvirt xml|attach|detach`` and ``guestlink list`` (see :mod:`guestlink.libvirt`).
 
-cli.py adds these parsers with :func:`add_parsers` and dispatches to :func:`run`.
+guestlink.cli.app adds these parsers with :func:`add_parsers` and dispatches to :func:`run`.
 """
 
 import argparse
 import asyncio
 import json
 import sys
+from typing import Any, Dict, List, Tuple
 
-from . import libvirt as L
-from .protocol.safetext import printable
+from .. import libvirt as L
+from ..exitcodes import EXIT_OK
+from ..protocol.safetext import printable
+from .common import EPILOG, exit_for, positive_seconds
 
 COMMANDS = ("libvirt", "list")
 
 
-def _positive(value):
-    from .cli import _positive as positive_seconds
-
-    return positive_seconds(value)
-
-
-def _add_connect(p):
+def _add_connect(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--connect", metavar="URI", dest="libvirt_uri",
                    help="libvirt URI, as for virsh (default: $LIBVIRT_DEFAULT_URI, else "
                         "qemu:///system)")
 
 
-def _add_names(p, recorded=True):
+def _add_names(p: argparse.ArgumentParser, recorded: bool = True) -> None:
     where = " (default: $%s, else the name recorded in the domain's metadata, else %s)"
     if not recorded:
         where = " (default: $%s, else %s)"
@@ -36,7 +33,8 @@ def _add_names(p, recorded=True):
                    + where % (L.DATA_NAME_ENV, L.DATA_NAME))
 
 
-def add_parsers(sub, epilog=None):
+def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    epilog = EPILOG
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("libvirt", help="libvirt integration: channel XML, attach/detach channels",
                        description="libvirt integration: print the channel XML, add or remove the "
@@ -87,39 +85,33 @@ def add_parsers(sub, epilog=None):
     _add_connect(p)
     _add_names(p)
     p.add_argument("--all", action="store_true", help="also list domains that are not running")
-    p.add_argument("--timeout", type=_positive, default=3.0, metavar="S",
+    p.add_argument("--timeout", type=positive_seconds, default=3.0, metavar="S",
                    help="seconds to wait for each agent (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also print the socket paths and how libvirt is reached")
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Run ``libvirt ...`` or ``list``; return the exit status."""
-    from . import cli
-
     try:
         if args.command == "list":
             return asyncio.run(_list(args))
         if args.libvirt_command == "xml":
             return _xml(args)
         return _attach_detach(args)
-    except ValueError as exc:
-        cli._fail(str(exc))
-        return cli.EXIT_USAGE
-    except L.LibvirtError as exc:
-        cli._fail(str(exc))
-        return cli.exit_code_for(exc)
+    except (ValueError, L.LibvirtError) as exc:  # ValueError: an argument libvirt.py refused
+        return exit_for(exc)
 
 
-def _xml(args):
+def _xml(args: argparse.Namespace) -> int:
     names = L.choose_names(None, *L.names_from_env(args.ctl_name, args.data_name))
     sys.stdout.write(L.channels_xml(names.ctl, names.data, args.socket_dir, args.ports,
                                     args.index))
-    return 0
+    return EXIT_OK
 
 
-def _attach_detach(args):
+def _attach_detach(args: argparse.Namespace) -> int:
     be = L.backend(args.libvirt_uri)
     ctl_name, data_name = L.names_from_env(args.ctl_name, args.data_name)
     kw = dict(live=args.live, config=args.config, ctl_name=ctl_name, data_name=data_name,
@@ -147,28 +139,30 @@ def _attach_detach(args):
                     args.domain, label, "already attached" if verb == "attach" else "not attached"))
         for note in result.get("notes", ()):
             sys.stderr.write("guestlink: note: %s\n" % note)
-    return 0
+    return EXIT_OK
 
 
-async def _probe(entry, timeout):
+async def _probe(entry: Any, timeout: float) -> Dict[str, Any]:
     """Ask a running domain's agent for its description; fills agent fields, never raises."""
-    from .host import errors as E
-    from .host.client import connect
+    from ..host import errors as E
+    from ..host.client import connect
 
     if entry.ctl is None or not entry.ctl.path:
         return {"agent": None, "error": None}
     try:
         async with connect(ctl=entry.ctl.path, data=entry.data.path if entry.data else None,
                            timeout=timeout, reconnect=False) as vm:
-            return {"agent": {"version": vm.agent.version, "hostname": vm.agent.hostname,
-                              "protocol": vm.agent.protocol}, "error": None}
+            agent = vm.agent
+            assert agent is not None  # connected: the handshake described the agent
+            return {"agent": {"version": agent.version, "hostname": agent.hostname,
+                              "protocol": agent.protocol}, "error": None}
     except E.GuestlinkError as exc:
         return {"agent": None, "error": str(exc)}
     except OSError as exc:
         return {"agent": None, "error": str(exc)}
 
 
-async def _list(args):
+async def _list(args: argparse.Namespace) -> int:
     be = L.backend(args.libvirt_uri)
     loop = asyncio.get_running_loop()
     names = L.names_from_env(args.ctl_name, args.data_name)
@@ -178,7 +172,7 @@ async def _list(args):
         rows = [r for r in rows if r.id is not None]
     probes = await asyncio.gather(*[
         _probe(r, args.timeout) if r.id is not None else _none() for r in rows])
-    out = []
+    out: List[Dict[str, Any]] = []
     for r, probe in zip(rows, probes):
         if r.ctl is None:
             channel = "none"
@@ -199,9 +193,9 @@ async def _list(args):
     if args.json:
         sys.stdout.write(json.dumps({"uri": be.uri, "backend": be.name, "domains": out},
                                     sort_keys=True) + "\n")
-        return 0
+        return EXIT_OK
     header = ("Id", "Name", "State", "Channel", "Agent", "Hostname")
-    table = [header]
+    table: List[Tuple[str, ...]] = [header]
     for d in out:  # the agent's version and hostname come from the guest: escaped
         table.append(tuple(printable(c) for c in (
             str(d["id"]) if d["id"] is not None else "-", d["name"], d["state"], d["channel"],
@@ -218,8 +212,8 @@ async def _list(args):
                 print(printable("%s: ctl %s, data %s" % (d["name"], d["ctl"], d["data"] or "-")))
             if d["error"]:
                 print(printable("%s: agent: %s" % (d["name"], d["error"])))
-    return 0
+    return EXIT_OK
 
 
-async def _none():
+async def _none() -> Dict[str, Any]:
     return {"agent": None, "error": None}

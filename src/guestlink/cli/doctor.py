@@ -1,0 +1,36 @@
+"""``guestlink doctor``: the command line of guestlink.doctor's checks."""
+
+import argparse
+
+from .. import doctor
+from ..exitcodes import DOCTOR, help_text
+from ..protocol.ports import CTL_NAME, DATA_NAME
+
+
+def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser(
+        "doctor", help="check what guestlink's features need on this host",
+        description="check what guestlink's features need on this host: QEMU, libvirt and the "
+                    "user's rights on it, a domain's channel sockets, the image backends "
+                    "(qemu-storage-daemon + FUSE, libguestfs and a kernel for its appliance, the "
+                    "nbd module) and the agent bundle; one line per item with the fix",
+        epilog=help_text(DOCTOR), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("domain", nargs="?", metavar="DOMAIN",
+                   help="also check this libvirt domain's channel sockets")
+    p.add_argument("--connect", metavar="URI", dest="libvirt_uri",
+                   help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")
+    p.add_argument("--ctl-name", metavar="N",
+                   help="DOMAIN's control channel name (default: $GUESTLINK_CTL_NAME, else the "
+                        "name in its guestlink metadata, else %s)" % CTL_NAME)
+    p.add_argument("--data-name", metavar="N",
+                   help="DOMAIN's data channel name (default: $GUESTLINK_DATA_NAME, else the name "
+                        "in its guestlink metadata, else %s)" % DATA_NAME)
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of {name, ok, detail, fix, optional}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..libvirt import names_from_env
+
+    names = names_from_env(args.ctl_name, args.data_name)
+    return doctor.report(doctor.run_checks(args.libvirt_uri, args.domain, names), args.json)
