@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import traceback
+from typing import Dict, NoReturn, Optional, Sequence
 
 from .. import _version
 from ..protocol.safetext import printable
@@ -29,13 +30,13 @@ EXIT_CONFIG = 78
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         sys.stderr.write("%s: error: %s\n" % (self.prog, message))
         sys.exit(EXIT_USAGE)
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="The guestlink guest agent: answers the host over "
                      "virtio-serial and relays topic messages for guest programs.")
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, _version.__version__))
@@ -100,12 +101,12 @@ def internal_error(prog: str, exc: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-def fail(message, code):
+def fail(message: str, code: int) -> int:
     sys.stderr.write("%s: %s\n" % (PROG, message))
     return code
 
 
-def setup_logging(level):
+def setup_logging(level: str) -> None:
     root = logging.getLogger("guestlink")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
@@ -114,8 +115,8 @@ def setup_logging(level):
     root.propagate = False
 
 
-def cmd_run(args):
-    overrides = {
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides: Dict[str, Optional[str]] = {
         "ctl_name": args.ctl_name, "data_name": args.data_name, "ctl_device": args.ctl_device,
         "socket": args.socket, "handlers_dir": args.handlers_dir, "allow": args.allow,
         "deny": args.deny, "log_level": args.log_level,
@@ -132,7 +133,7 @@ def cmd_run(args):
     return Agent(config).run()
 
 
-def _socket_path(args):
+def _socket_path(args: argparse.Namespace) -> str:
     if args.socket:
         return args.socket
     try:
@@ -141,7 +142,7 @@ def _socket_path(args):
         return Config().socket
 
 
-def cmd_send(args):
+def cmd_send(args: argparse.Namespace) -> int:
     from ..protocol.messages import MAX_MESSAGE_DATA, ProtocolViolation, check_topic
 
     try:
@@ -171,7 +172,7 @@ def cmd_send(args):
         return fail(str(exc), exc.exit_code)
 
 
-def cmd_listen(args):
+def cmd_listen(args: argparse.Namespace) -> int:
     from ..protocol.messages import ProtocolViolation, check_topic
 
     if args.count < 0:
@@ -212,7 +213,7 @@ def cmd_listen(args):
     return EXIT_OK
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

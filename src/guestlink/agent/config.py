@@ -9,7 +9,7 @@ import os
 import re
 import shlex
 import stat
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..protocol.ports import CTL_NAME, DATA_NAME
 
@@ -114,7 +114,7 @@ def read_trusted_file(dir_fd: int, name: str, shown: str, limit: int) -> bytes:
 class Config:
     """Every setting of the agent. Attribute names equal the config-file keys."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ctl_name = CTL_NAME
         self.data_name = DATA_NAME
         self.ctl_device = ""  # empty: find the port by name; "unix:PATH" for development
@@ -123,29 +123,29 @@ class Config:
         self.handlers_dir = "/etc/guestlink/handlers.d"
         self.log_level = "info"
         self.allow = ["*"]
-        self.deny = []
+        self.deny: List[str] = []
         self.max_concurrent = 32
         self.max_output = 16 << 20
         self.max_timeout = 0.0  # 0: no limit
-        self.poweroff_command = []  # empty: systemctl / poweroff / busybox poweroff -f
-        self.reboot_command = []
+        self.poweroff_command: List[str] = []  # empty: systemctl / poweroff / busybox poweroff -f
+        self.reboot_command: List[str] = []
         self.read_roots = ["/"]  # file transfers: where the host may read (pull, stat, list)
         self.write_roots = ["/"]  # ... and write (push, mkdir, symlink, setattr, remove)
         self.test_hooks = False  # honour test-only request fields (e.g. corrupt a chunk)
-        self.config_path = None  # the file that was read, if any
+        self.config_path: Optional[str] = None  # the file that was read, if any
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Config(%s)" % ", ".join("%s=%r" % kv for kv in sorted(vars(self).items()))
 
     # -- policy ------------------------------------------------------------------------------
 
-    def policy_allows(self, op):
+    def policy_allows(self, op: str) -> bool:
         """Deny wins over allow; both are fnmatch patterns of op names."""
         if any(fnmatch.fnmatchcase(op, p) for p in self.deny):
             return False
         return any(fnmatch.fnmatchcase(op, p) for p in self.allow)
 
-    def denial_reason(self, op):
+    def denial_reason(self, op: str) -> str:
         for p in self.deny:
             if fnmatch.fnmatchcase(op, p):
                 return "operation %r is denied by the agent's policy (deny = %s)" % (op, p)
@@ -155,18 +155,18 @@ class Config:
 
 # -- value parsers ---------------------------------------------------------------------------
 
-def parse_patterns(text):
+def parse_patterns(text: str) -> List[str]:
     return [p for p in re.split(r"[\s,]+", text.strip()) if p]
 
 
-def parse_size(text):
+def parse_size(text: object) -> int:
     m = _SIZE_RE.match(str(text))
     if not m:
         raise ValueError("expected a size such as 1048576, 512K or 16M")
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
-def _parse(kind, text):
+def _parse(kind: str, text: str) -> Any:
     text = text.strip()
     if kind == "str":
         return text
@@ -205,16 +205,16 @@ def _parse(kind, text):
             raise ValueError("not a valid command line: %s" % exc)
     if kind == "seconds":
         try:
-            value = float(text)
+            seconds = float(text)
         except ValueError:
             raise ValueError("expected a number of seconds")
-        if not value >= 0 or value == float("inf"):
+        if not seconds >= 0 or seconds == float("inf"):
             raise ValueError("expected a number of seconds >= 0")
-        return value
+        return seconds
     raise AssertionError(kind)
 
 
-def read_config_file(config, path, required):
+def read_config_file(config: Config, path: str, required: bool) -> Config:
     """Apply the INI file at ``path`` to ``config``. A missing file is an error only if required."""
     parser = configparser.ConfigParser(interpolation=None, empty_lines_in_values=False)
     try:
@@ -254,14 +254,15 @@ def read_config_file(config, path, required):
     return config
 
 
-def load_config(path=None, overrides=None):
+def load_config(path: Optional[str] = None,
+                overrides: Optional[Mapping[str, Optional[str]]] = None) -> Config:
     """Build the configuration. ``path`` None reads the default file if it exists.
 
     ``overrides`` maps key -> raw string from command-line flags (None values are ignored).
     """
     config = Config()
     read_config_file(config, path or DEFAULT_CONFIG_PATH, required=path is not None)
-    kinds = {}
+    kinds: Dict[str, str] = {}
     for keys in _KEYS.values():
         kinds.update(keys)
     for key, value in (overrides or {}).items():

@@ -9,7 +9,7 @@ import os
 import queue
 import threading
 import traceback
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..protocol.messages import OP_RE
 from .config import UntrustedFile, open_trusted_dir, read_trusted_file
@@ -22,27 +22,28 @@ MAX_HANDLER_SIZE = 4 << 20
 class HandlerContext:
     """The ``ctx`` a handler receives."""
 
-    def __init__(self, op, request_id, log, send_message):
+    def __init__(self, op: str, request_id: int, log: logging.Logger,
+                 send_message: Callable[[str, bytes], None]) -> None:
         self.op = op
         self.request_id = request_id
         self.log = log
         self._send_message = send_message
 
-    def send_message(self, topic, data):
+    def send_message(self, topic: str, data: Union[str, bytes, bytearray, memoryview]) -> None:
         """Send a topic message to the host (queued; dropped if no host session is established)."""
         if isinstance(data, str):
             data = data.encode("utf-8")
         self._send_message(topic, bytes(data))
 
 
-def load_handlers(directory: str, builtin: Sequence[str]) -> Dict[str, Callable]:
+def load_handlers(directory: str, builtin: Sequence[str]) -> Dict[str, Callable[..., Any]]:
     """Return {op: handle function} for every valid, trusted handler file in ``directory``.
 
     The directory and each file must be owned by root (or the agent's user) and not writable by
     group or others (see config.check_trusted); a file that is not is skipped with one log line.
     Each file is read from the descriptor that was checked, and compiled from those bytes.
     """
-    handlers = {}
+    handlers: Dict[str, Callable[..., Any]] = {}
     if not directory:
         return handlers
     try:
@@ -68,7 +69,7 @@ def load_handlers(directory: str, builtin: Sequence[str]) -> Dict[str, Callable]
 
 
 def _load_handler(dir_fd: int, directory: str, name: str,
-                  builtin: Sequence[str]) -> Optional[Callable]:
+                  builtin: Sequence[str]) -> Optional[Callable[..., Any]]:
     """The ``handle`` function of handler file ``name``, or None (after logging why)."""
     path = os.path.join(directory, name)
     op = name[:-3]
@@ -89,6 +90,7 @@ def _load_handler(dir_fd: int, directory: str, name: str,
     try:
         spec = importlib.util.spec_from_loader(
             "guestlink_handler_" + op.replace(".", "_").replace("-", "_"), loader=None, origin=path)
+        assert spec is not None  # a name and no loader always make a spec
         module = importlib.util.module_from_spec(spec)
         module.__file__ = path
         exec(compile(source, path, "exec"), module.__dict__)
@@ -107,14 +109,15 @@ def _load_handler(dir_fd: int, directory: str, name: str,
 class WorkerPool:
     """Daemon worker threads (so a stuck handler cannot keep the agent from exiting)."""
 
-    def __init__(self, workers, on_done):
-        self._jobs = queue.Queue()
+    def __init__(self, workers: int,
+                 on_done: Callable[[Any, bool, Any, Optional[str]], None]) -> None:
+        self._jobs: "queue.Queue[Optional[Tuple[Any, Callable[..., Any], Tuple[Any, ...]]]]" = queue.Queue()
         self._on_done = on_done  # called in the worker thread with (token, ok, value, tb)
-        self._threads = []
+        self._threads: List[threading.Thread] = []
         self._workers = workers
         self.pending = 0
 
-    def submit(self, token, fn, *args):
+    def submit(self, token: Any, fn: Callable[..., Any], *args: Any) -> None:
         if len(self._threads) < self._workers and self.pending >= len(self._threads):
             t = threading.Thread(target=self._work, name="guestlink-handler-%d" % len(self._threads),
                                  daemon=True)
@@ -123,7 +126,7 @@ class WorkerPool:
         self.pending += 1
         self._jobs.put((token, fn, args))
 
-    def _work(self):
+    def _work(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
@@ -136,6 +139,6 @@ class WorkerPool:
             else:
                 self._on_done(token, True, value, None)
 
-    def stop(self):
+    def stop(self) -> None:
         for _ in self._threads:
             self._jobs.put(None)

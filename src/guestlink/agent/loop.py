@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import time
+from typing import Any, Callable, Deque, Iterable, List, Optional, Sequence, Tuple, Union
 
 IOV_MAX = 64  # chunks per writev/sendmsg call; well below the kernel's 1024
 TIMER_SLACK = 0.002  # seconds
@@ -13,35 +14,37 @@ TIMER_SLACK = 0.002  # seconds
 #: ~24.8 days (INT_MAX milliseconds), so a far timer is reached by waking up now and then instead.
 MAX_WAIT = 3600.0
 
+Buffer = Union[bytes, bytearray, memoryview]
+
 
 class Timer:
     __slots__ = ("when", "callback", "active")
 
-    def __init__(self, when, callback):
+    def __init__(self, when: float, callback: Callable[[], Any]) -> None:
         self.when = when
         self.callback = callback
         self.active = True
 
-    def cancel(self):
+    def cancel(self) -> None:
         self.active = False
 
 
 class Timers:
     """A heap of one-shot timers on the monotonic clock."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._heap = []
+        self._heap: List[Tuple[float, int, Timer]] = []
         self._seq = itertools.count()
 
-    def call_later(self, delay, callback):
+    def call_later(self, delay: float, callback: Callable[[], Any]) -> Timer:
         if not math.isfinite(delay):
             raise ValueError("timer delay must be a finite number of seconds, not %r" % (delay,))
         timer = Timer(self.clock() + max(0.0, delay), callback)
         heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
         return timer
 
-    def timeout(self):
+    def timeout(self) -> Optional[float]:
         """Seconds until the next active timer (at most MAX_WAIT), or None when there is none."""
         heap = self._heap
         while heap and not heap[0][2].active:
@@ -50,7 +53,7 @@ class Timers:
             return None
         return min(MAX_WAIT, max(0.0, heap[0][0] - self.clock()))
 
-    def run_due(self, on_error=None):
+    def run_due(self, on_error: Optional[Callable[[Exception], Any]] = None) -> None:
         """Run the due timers. ``on_error(exc)`` handles a callback's exception (re-raise to stop)."""
         # A poll can return a hair before the deadline it was given (millisecond rounding, emulated
         # clocks); running timers that are that close avoids a second, near-empty wakeup.
@@ -72,20 +75,20 @@ class Timers:
 class Waker:
     """A non-blocking self-pipe: signal handlers and worker threads write, the loop reads."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.rfd, self.wfd = os.pipe()
         for fd in (self.rfd, self.wfd):
             os.set_blocking(fd, False)
             os.set_inheritable(fd, False)
 
-    def wake(self):
+    def wake(self) -> None:
         try:
             os.write(self.wfd, b"\0")
         except OSError as exc:  # a full pipe already guarantees a wakeup
             if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 raise
 
-    def drain(self):
+    def drain(self) -> bytes:
         """Read everything; returns the bytes (signal numbers when used as a wakeup fd)."""
         out = b""
         while True:
@@ -97,7 +100,7 @@ class Waker:
                 return out
             out += data
 
-    def close(self):
+    def close(self) -> None:
         for fd in (self.rfd, self.wfd):
             try:
                 os.close(fd)
@@ -112,27 +115,27 @@ class ByteQueue:
     first chunk, so every byte is copied at most once (no quadratic buffer handling).
     """
 
-    def __init__(self):
-        self._chunks = collections.deque()
+    def __init__(self) -> None:
+        self._chunks: Deque[Buffer] = collections.deque()
         self.size = 0
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.size
 
-    def push(self, data):
+    def push(self, data: Buffer) -> None:
         if data:
             self._chunks.append(data)
             self.size += len(data)
 
-    def extend(self, parts):
+    def extend(self, parts: Iterable[Buffer]) -> None:
         for part in parts:
             self.push(part)
 
-    def clear(self):
+    def clear(self) -> None:
         self._chunks.clear()
         self.size = 0
 
-    def write_to(self, writev):
+    def write_to(self, writev: Callable[[Sequence[Buffer]], int]) -> int:
         """Write as much as ``writev(list_of_buffers) -> n`` takes; returns the bytes written.
 
         Stops at the first short write. BlockingIOError propagates only when nothing at all was

@@ -13,8 +13,14 @@ import select
 import shutil
 import socket
 import subprocess
+from typing import Optional, Sequence, Union
+
+from .config import Config
 
 log = logging.getLogger("guestlink.agent")
+
+Buffer = Union[bytes, bytearray, memoryview]
+WritableBuffer = Union[bytearray, memoryview]
 
 
 class PortAbsent(Exception):
@@ -33,30 +39,30 @@ class Port:
     polls_for_host = False
     #: Seconds between attempts to open an absent port.
     retry_interval = 1.0
-    fd = None
+    fd: Optional[int] = None
 
-    def open(self):
+    def open(self) -> int:
         raise NotImplementedError
 
-    def read_into(self, buf):
+    def read_into(self, buf: WritableBuffer) -> int:
         """Read into ``buf``; returns the byte count, 0 when no host is connected / EOF.
 
         Raises BlockingIOError when nothing is readable.
         """
         raise NotImplementedError
 
-    def writev(self, buffers):
+    def writev(self, buffers: Sequence[Buffer]) -> int:
         raise NotImplementedError
 
-    def host_present(self):
+    def host_present(self) -> bool:
         """A zero-timeout check whether a host is connected (no POLLHUP)."""
         return True
 
-    def replaced(self):
+    def replaced(self) -> bool:
         """True when the open device no longer is the port (unplugged); the agent reopens it."""
         return False
 
-    def close(self):
+    def close(self) -> None:
         raise NotImplementedError
 
 
@@ -64,20 +70,21 @@ class VirtioPort(Port):
     polls_for_host = True
     retry_interval = 3.0
 
-    def __init__(self, name, device=None, sys_root="/sys/class/virtio-ports", dev_root="/dev",
-                 modprobe=True):
+    def __init__(self, name: str, device: Optional[str] = None,
+                 sys_root: str = "/sys/class/virtio-ports", dev_root: str = "/dev",
+                 modprobe: bool = True) -> None:
         self.name = name
         self.device = device  # explicit path: skip the lookup by name
         self.sys_root = sys_root
         self.dev_root = dev_root
         self._modprobe = modprobe
         self._missing_logged = False
-        self.path = None
+        self.path: Optional[str] = None
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "control port %s%s" % (self.name, " (%s)" % self.path if self.path else "")
 
-    def find(self):
+    def find(self) -> Optional[str]:
         """The device path of the port named ``self.name``, or None."""
         if self.device:
             return self.device if os.path.exists(self.device) else None
@@ -96,7 +103,7 @@ class VirtioPort(Port):
                 return path
         return None
 
-    def _sysfs_name(self, device_path):
+    def _sysfs_name(self, device_path: str) -> Optional[str]:
         """The port name sysfs gives for a device node, or None when sysfs does not say."""
         try:
             with open(os.path.join(self.sys_root, os.path.basename(device_path), "name"),
@@ -105,7 +112,7 @@ class VirtioPort(Port):
         except OSError:
             return None
 
-    def replaced(self):
+    def replaced(self) -> bool:
         """True when the open device is no longer the port of this name (unplugged, or unplugged
         and plugged again as a new device node): the agent must reopen it by name."""
         if self.fd is None:
@@ -119,7 +126,7 @@ class VirtioPort(Port):
             return True
         return (now.st_dev, now.st_ino, now.st_rdev) != (held.st_dev, held.st_ino, held.st_rdev)
 
-    def _load_modules(self):
+    def _load_modules(self) -> None:
         modprobe = shutil.which("modprobe") or next(
             (p for p in ("/sbin/modprobe", "/usr/sbin/modprobe") if os.path.exists(p)), None)
         if not modprobe:
@@ -133,7 +140,7 @@ class VirtioPort(Port):
             except (OSError, subprocess.SubprocessError) as exc:
                 log.debug("modprobe %s failed: %s", module, exc)
 
-    def open(self):
+    def open(self) -> int:
         path = self.find()
         if path is None and self._modprobe and not self.device:
             self._modprobe = False  # only once per agent lifetime
@@ -165,13 +172,16 @@ class VirtioPort(Port):
         self.fd = fd
         return fd
 
-    def read_into(self, buf):
+    def read_into(self, buf: WritableBuffer) -> int:
+        assert self.fd is not None  # open() came first
         return os.readv(self.fd, [buf])
 
-    def writev(self, buffers):
+    def writev(self, buffers: Sequence[Buffer]) -> int:
+        assert self.fd is not None
         return os.writev(self.fd, buffers)
 
-    def host_present(self):
+    def host_present(self) -> bool:
+        assert self.fd is not None
         p = select.poll()
         p.register(self.fd, select.POLLIN | select.POLLOUT)
         for _, revents in p.poll(0):
@@ -179,7 +189,7 @@ class VirtioPort(Port):
                 return False
         return True
 
-    def close(self):
+    def close(self) -> None:
         if self.fd is not None:
             try:
                 os.close(self.fd)
@@ -191,14 +201,14 @@ class UnixPort(Port):
     polls_for_host = False
     retry_interval = 1.0
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.sock = None
+        self.sock: Optional[socket.socket] = None
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "control port unix:%s" % self.path
 
-    def open(self):
+    def open(self) -> int:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(2.0)
@@ -211,16 +221,18 @@ class UnixPort(Port):
         self.fd = sock.fileno()
         return self.fd
 
-    def read_into(self, buf):
+    def read_into(self, buf: WritableBuffer) -> int:
+        assert self.sock is not None  # open() came first
         try:
             return self.sock.recv_into(buf)
         except ConnectionResetError:
             return 0
 
-    def writev(self, buffers):
+    def writev(self, buffers: Sequence[Buffer]) -> int:
+        assert self.sock is not None
         return self.sock.sendmsg(buffers)
 
-    def close(self):
+    def close(self) -> None:
         if self.sock is not None:
             try:
                 self.sock.close()
@@ -229,7 +241,7 @@ class UnixPort(Port):
                 self.fd = None
 
 
-def make_port(config):
+def make_port(config: Config) -> Port:
     device = config.ctl_device
     if device.startswith("unix:"):
         return UnixPort(device[len("unix:"):])

@@ -1,15 +1,16 @@
 """``shutdown`` / ``reboot``: choose the commands before replying, run them after the reply left."""
 import os
 import shutil
+from typing import List
 
 _BUSYBOX = ("/bin/busybox", "/usr/bin/busybox", "/sbin/busybox")
 
 
-def systemd_is_init():
+def systemd_is_init() -> bool:
     return os.path.isdir("/run/systemd/system")
 
 
-def power_commands(action):
+def power_commands(action: str) -> List[List[str]]:
     """Candidate argv lists for ``action`` ("poweroff" or "reboot"), best first.
 
     systemctl when systemd is PID 1, else the plain command, else busybox's forced variant.

@@ -7,13 +7,14 @@ import shlex
 import socket
 import struct
 import sys
+from typing import Any, Dict, Iterable, List, Optional
 
 log = logging.getLogger("guestlink.agent")
 
 SIOCGIFADDR = 0x8915
 
 
-def read_text(path, default=""):
+def read_text(path: str, default: Optional[str] = "") -> Optional[str]:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
@@ -21,15 +22,20 @@ def read_text(path, default=""):
         return default
 
 
-def boot_id():
-    return read_text("/proc/sys/kernel/random/boot_id").strip()
+def _read_text(path: str) -> str:
+    """The file's text, "" when it cannot be read."""
+    return read_text(path) or ""
 
 
-def hostname():
+def boot_id() -> str:
+    return _read_text("/proc/sys/kernel/random/boot_id").strip()
+
+
+def hostname() -> str:
     return socket.gethostname()
 
 
-def parse_os_release(text):
+def parse_os_release(text: str) -> Dict[str, str]:
     out = {}
     for line in text.splitlines():
         line = line.strip()
@@ -48,7 +54,7 @@ def parse_os_release(text):
     return out
 
 
-def os_release():
+def os_release() -> Dict[str, str]:
     for path in ("/etc/os-release", "/usr/lib/os-release"):
         text = read_text(path, None)
         if text is not None:
@@ -56,15 +62,15 @@ def os_release():
     return {}
 
 
-def uptime():
+def uptime() -> float:
     try:
-        return float(read_text("/proc/uptime").split()[0])
+        return float(_read_text("/proc/uptime").split()[0])
     except (IndexError, ValueError):
         return 0.0
 
 
-def _ipv4_addresses():
-    out = []
+def _ipv4_addresses() -> List[Dict[str, str]]:
+    out: List[Dict[str, str]] = []
     try:
         interfaces = socket.if_nameindex()
     except OSError:
@@ -81,9 +87,9 @@ def _ipv4_addresses():
     return out
 
 
-def _ipv6_addresses():
+def _ipv6_addresses() -> List[Dict[str, str]]:
     out = []
-    for line in read_text("/proc/net/if_inet6").splitlines():
+    for line in _read_text("/proc/net/if_inet6").splitlines():
         fields = line.split()
         if len(fields) < 6 or len(fields[0]) != 32:
             continue
@@ -95,11 +101,11 @@ def _ipv6_addresses():
     return out
 
 
-def addresses():
+def addresses() -> List[Dict[str, str]]:
     return _ipv4_addresses() + _ipv6_addresses()
 
 
-def info(version, protocol, capabilities):
+def info(version: str, protocol: int, capabilities: Iterable[str]) -> Dict[str, Any]:
     uname = os.uname()
     return {
         "hostname": hostname(),

@@ -50,7 +50,7 @@ ERROR_CODES = {
 }
 
 
-def errno_to_code(errno_value):
+def errno_to_code(errno_value: int) -> str:
     """Map an OSError's errno to a protocol error code."""
     import errno as _errno
 
