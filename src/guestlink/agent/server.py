@@ -13,6 +13,7 @@ Port states:
 Each opening of the port drains the stale bytes already readable, then queues HELLO. A SYNC
 starts a host session; requests before it get ``not_ready``. The session ends when the host goes
 away (HUP/EOF) or on a new SYNC: its exec process groups are killed and its pending calls dropped.
+Those rules are ``protocol.session.AgentSession``'s; this module does the I/O and serves requests.
 """
 import errno
 import logging
@@ -31,6 +32,8 @@ from .. import _version
 from ..protocol import (CorruptFrame, Frame, FrameDecoder, FrameType, Garbage, UnsupportedVersion,
                         codes, frame_type_name)
 from ..protocol import messages as m
+from ..protocol.session import (AgentSession, Ignored, Passed, Request, SendBytes, SessionEnded,
+                                SessionStarted)
 from . import power, sysinfo
 from .execs import Exec, OpError, parse_exec_args, signal_group
 from .handlers import HandlerContext, WorkerPool, load_handlers
@@ -60,10 +63,10 @@ class FatalError(Exception):
 
 
 class Session:
-    """One host session: from a SYNC until the host goes away or sends another SYNC."""
+    """What one host session has in flight: from a SYNC until the host goes away or sends another
+    SYNC."""
 
-    def __init__(self, nonce):
-        self.nonce = nonce
+    def __init__(self):
         self.execs = {}  # request id -> Exec
         self.calls = {}  # request id -> handler op in flight
         self.transfers = {}  # request id -> transfers.Transfer
@@ -92,6 +95,7 @@ class Agent:
         self._host_timer = None
         self.opening = None  # random id of the current port opening (HELLO's "session")
         self.session = None
+        self.rules = AgentSession(self.description, self._in_flight)
         self.output_paused = False
         self.orphans = []  # Popen objects killed but not yet reaped
         self.local = LocalServer(self, config.socket) if config.socket else None
@@ -311,6 +315,7 @@ class Agent:
         self.decoder.reset()
         self.outq.clear()
         self.session = None
+        self.rules.end()
         self._queue_hello()
         if self.port.polls_for_host and not self.port.host_present():
             self._enter_absent(initial=True)
@@ -553,19 +558,26 @@ class Agent:
                         "the process was killed")
 
     def _on_frame(self, frame):
-        t = frame.type
-        if t == FrameType.REQUEST:
-            self._on_request(frame)
-        elif t == FrameType.SYNC:
-            self._on_sync(frame)
-        elif t == FrameType.STREAM:
-            self._on_stream(frame)
-        elif t == FrameType.CANCEL:
-            self._on_cancel(frame.id)
-        elif t == FrameType.MESSAGE:
-            self._on_host_message(frame)
-        else:
-            log.debug("ignoring a %s frame from the host", frame_type_name(t))
+        for ev in self.rules.receive_frame(frame):
+            if isinstance(ev, Request):
+                self._on_request(ev)
+            elif isinstance(ev, SendBytes):
+                self.outq.push(ev.data)
+            elif isinstance(ev, Passed):
+                t = ev.frame.type
+                if t == FrameType.STREAM:
+                    self._on_stream(ev.frame)
+                elif t == FrameType.CANCEL:
+                    self._on_cancel(ev.frame.id)
+                else:
+                    self._on_host_message(ev.frame)
+            elif isinstance(ev, SessionStarted):
+                self.session = Session()
+                log.info("host session started")
+            elif isinstance(ev, SessionEnded):
+                self._drop_session(ev.reason)
+            elif isinstance(ev, Ignored):
+                log.log(logging.WARNING if ev.warning else logging.DEBUG, "%s", ev.reason)
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -585,29 +597,17 @@ class Agent:
         return [op for op in ops if self.config.policy_allows(op)]
 
     def _queue_hello(self):
-        self.outq.push(m.encode_hello(self.description()))
+        self.outq.push(self.rules.hello())
 
-    def _on_sync(self, frame):
-        try:
-            nonce, protocol = m.parse_sync(frame.payload)
-        except m.ProtocolViolation as exc:
-            log.warning("invalid SYNC ignored: %s", exc)
-            return
-        if protocol != m.PROTOCOL_VERSION:
-            log.warning("host speaks protocol %d, this agent %d", protocol, m.PROTOCOL_VERSION)
-            self._error(0, codes.PROTOCOL_MISMATCH, "the agent speaks protocol %d, not %d" % (
-                m.PROTOCOL_VERSION, protocol), {"nonce": nonce, "protocol": m.PROTOCOL_VERSION})
-            return
-        if self.session is not None and self.session.nonce == nonce:
-            log.debug("repeated SYNC for the current session: acknowledged again")
-        else:
-            if self.session is not None:
-                self._end_session("new SYNC from the host")
-            self.session = Session(nonce)
-            log.info("host session started")
-        self.outq.push(m.encode_sync_ack(nonce, self.description()))
+    def _in_flight(self, req_id):
+        return self.session is not None and self.session.in_flight(req_id)
 
     def _end_session(self, reason):
+        """The host went away (or the agent stops): the session is over for the rules too."""
+        self.rules.end()
+        self._drop_session(reason)
+
+    def _drop_session(self, reason):
         session, self.session = self.session, None
         for ex in list(session.execs.values()):
             ex.kill(reason)
@@ -620,24 +620,8 @@ class Agent:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _on_request(self, frame):
-        rid = frame.id
-        if not rid:
-            log.warning("REQUEST with id 0 ignored (ids must be non-zero)")
-            return
-        session = self.session
-        if session is None:
-            self._error(rid, codes.NOT_READY, "the agent has not received a SYNC from this host "
-                        "session yet")
-            return
-        if session.in_flight(rid):
-            self._error(rid, codes.BAD_REQUEST, "request id %d is already in flight" % rid)
-            return
-        try:
-            op, args = m.parse_request(frame.payload)
-        except m.ProtocolViolation as exc:
-            self._error(rid, exc.code, str(exc))
-            return
+    def _on_request(self, request):
+        rid, op, args = request.id, request.op, request.args
         if op not in BUILTIN_OPS and op not in self.handlers:
             self._error(rid, codes.UNKNOWN_COMMAND, "the agent has no command %r" % op)
             return
@@ -840,11 +824,6 @@ class Agent:
     # -- topic messages -------------------------------------------------------------------------
 
     def _on_host_message(self, frame):
-        if self.session is None:
-            if frame.id:
-                self._error(frame.id, codes.NOT_READY, "the agent has not received a SYNC from this "
-                            "host session yet")
-            return
         try:
             topic, data = m.parse_message(frame.payload)
         except m.ProtocolViolation as exc:

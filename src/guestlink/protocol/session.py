@@ -409,9 +409,10 @@ class Request:
 
 @dataclass(frozen=True)
 class Ignored:
-    """A frame the rules drop (``reason`` is for the log)."""
+    """A frame the rules drop (``reason`` is for the log; ``warning``: worth a warning)."""
 
     reason: str
+    warning: bool = False
 
 
 @dataclass(frozen=True)
@@ -473,9 +474,10 @@ class AgentSession:
         try:
             nonce, protocol = m.parse_sync(frame.payload)
         except ProtocolViolation as exc:
-            return [Ignored("invalid SYNC ignored: %s" % exc)]
+            return [Ignored("invalid SYNC ignored: %s" % exc, warning=True)]
         if protocol != m.PROTOCOL_VERSION:
-            return [Ignored("host speaks protocol %d, this agent %d" % (protocol, m.PROTOCOL_VERSION)),
+            return [Ignored("host speaks protocol %d, this agent %d" % (protocol, m.PROTOCOL_VERSION),
+                            warning=True),
                     SendBytes(m.encode_error(0, codes.PROTOCOL_MISMATCH,
                                              "the agent speaks protocol %d, not %d"
                                              % (m.PROTOCOL_VERSION, protocol),
@@ -494,7 +496,7 @@ class AgentSession:
     def _request(self, frame: Frame) -> list[AgentEvent]:
         rid = frame.id
         if not rid:
-            return [Ignored("REQUEST with id 0 ignored (ids must be non-zero)")]
+            return [Ignored("REQUEST with id 0 ignored (ids must be non-zero)", warning=True)]
         if not self.active:
             return [SendBytes(m.encode_error(rid, codes.NOT_READY, NOT_SYNCED))]
         if self._in_flight(rid):
