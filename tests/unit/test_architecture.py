@@ -106,3 +106,68 @@ def test_agent_bundle_holds_only_guest_code(tmp_path):
     assert any(n.startswith("guestlink/filecopy/") for n in names)
     assert not any(n.startswith(("guestlink/host/", "guestlink/cli")) for n in names)
     assert target.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+
+
+def module_name(path):
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["guestlink"] + parts)
+
+
+def import_graph():
+    """module -> the guestlink modules it imports, at module level or inside functions alike (a
+    lazy import still closes a circle; only when it runs differs)."""
+    paths = sorted(SRC.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    graph = {}
+    for path in paths:
+        edges = graph.setdefault(module_name(path), set())
+        for names, _line in absolute_imports(path):
+            imported = [n for n in names[1:] if n in modules]  # "from pkg import submodule"
+            if len(imported) < len(names) - 1 or not names[1:]:
+                imported.append(names[0])  # "from m import name", "import m"
+            edges.update(n for n in imported if n in modules)
+    return graph
+
+
+def import_cycles(graph):
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in graph.get(node, ()):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_import_cycles_are_found():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+
+
+def test_the_cli_package_has_no_import_cycle():
+    """The CLI imports in one direction: cli.common <- the command groups <- cli.app."""
+    cycles = import_cycles(import_graph())
+    assert [c for c in cycles if any(m.startswith("guestlink.cli") for m in c)] == []

@@ -28,7 +28,7 @@ from vmhelpers import cli_env, guest_sh, run, sha
 
 MiB = 1 << 20
 GiB = 1 << 30
-EXIT_SOFTWARE = 70  # cli.py: any other error reported by the agent (here: changed)
+EXIT_SOFTWARE = 70  # guestlink.exitcodes: any other error reported by the agent (here: changed)
 EXIT_INTERRUPTED = 130
 
 

@@ -9,9 +9,10 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional, TextIO
+from typing import Any, Dict, Iterable, Optional, TextIO, Union
 
 from .. import exitcodes as X
+from ..libvirt import CTL_NAME_ENV, DATA_NAME_ENV
 from ..protocol.ports import CTL_NAME, DATA_NAME
 from ..protocol.safetext import printable
 
@@ -199,6 +200,25 @@ def parse_pairs(pairs: Optional[Iterable[str]], what: str) -> Dict[str, str]:
     return out
 
 
+def add_connect(p: Union[argparse.ArgumentParser, "argparse._ArgumentGroup"], what: str,
+                *flags: str) -> None:
+    """``--connect URI`` (and ``flags``, e.g. ``-c``): the libvirt URI."""
+    p.add_argument(*flags, "--connect", metavar="URI", dest="libvirt_uri",
+                   help="%s, as for virsh (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)"
+                        % what)
+
+
+def add_channel_names(p: Union[argparse.ArgumentParser, "argparse._ArgumentGroup"],
+                      recorded: bool = True) -> None:
+    """``--ctl-name``/``--data-name``: a domain's channel names (``recorded``: else the names its
+    guestlink metadata records), else the defaults."""
+    where = "the name in its guestlink metadata, else " if recorded else ""
+    for option, env, default, which in (("--ctl-name", CTL_NAME_ENV, CTL_NAME, "control"),
+                                        ("--data-name", DATA_NAME_ENV, DATA_NAME, "data")):
+        p.add_argument(option, metavar="N", help="the domain's %s channel name (default: $%s, else "
+                       "%s%s)" % (which, env, where, default))
+
+
 def vm_options() -> argparse.ArgumentParser:
     """The VM-addressing options, a parent parser of every VM command."""
     vm_opts = argparse.ArgumentParser(add_help=False)
@@ -210,15 +230,8 @@ def vm_options() -> argparse.ArgumentParser:
     group.add_argument("--domain", metavar="DOMAIN",
                        help="a libvirt domain (name or UUID) instead of --ctl/--data "
                             "(default: $GUESTLINK_DOMAIN)")
-    group.add_argument("--connect", metavar="URI", dest="libvirt_uri",
-                       help="libvirt URI for --domain, as for virsh (default: "
-                            "$LIBVIRT_DEFAULT_URI, else qemu:///system)")
-    group.add_argument("--ctl-name", metavar="N",
-                       help="the domain's control channel name (default: $GUESTLINK_CTL_NAME, else "
-                            "the name in its guestlink metadata, else %s)" % CTL_NAME)
-    group.add_argument("--data-name", metavar="N",
-                       help="the domain's data channel name (default: $GUESTLINK_DATA_NAME, else "
-                            "the name in its guestlink metadata, else %s)" % DATA_NAME)
+    add_connect(group, "libvirt URI for --domain")
+    add_channel_names(group)
     group.add_argument("--queue-timeout", type=seconds, metavar="S",
                        help="a VM serves one guestlink command at a time: wait at most S seconds "
                             "for the one using it (default: until it finishes; 0: fail at once)")

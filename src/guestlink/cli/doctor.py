@@ -4,7 +4,7 @@ import argparse
 
 from .. import doctor
 from ..exitcodes import DOCTOR, help_text
-from ..protocol.ports import CTL_NAME, DATA_NAME
+from .common import add_channel_names, add_connect
 
 
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -17,14 +17,8 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
         epilog=help_text(DOCTOR), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("domain", nargs="?", metavar="DOMAIN",
                    help="also check this libvirt domain's channel sockets")
-    p.add_argument("--connect", metavar="URI", dest="libvirt_uri",
-                   help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")
-    p.add_argument("--ctl-name", metavar="N",
-                   help="DOMAIN's control channel name (default: $GUESTLINK_CTL_NAME, else the "
-                        "name in its guestlink metadata, else %s)" % CTL_NAME)
-    p.add_argument("--data-name", metavar="N",
-                   help="DOMAIN's data channel name (default: $GUESTLINK_DATA_NAME, else the name "
-                        "in its guestlink metadata, else %s)" % DATA_NAME)
+    add_connect(p, "libvirt URI")
+    add_channel_names(p)
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {name, ok, detail, fix, optional}")
 

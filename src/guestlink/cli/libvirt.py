@@ -12,25 +12,9 @@ from typing import Any, Dict, List, Tuple
 from .. import libvirt as L
 from ..exitcodes import EXIT_OK
 from ..protocol.safetext import printable
-from .common import EPILOG, exit_for, positive_seconds
+from .common import EPILOG, add_channel_names, add_connect, exit_for, positive_seconds
 
 COMMANDS = ("libvirt", "list")
-
-
-def _add_connect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--connect", metavar="URI", dest="libvirt_uri",
-                   help="libvirt URI, as for virsh (default: $LIBVIRT_DEFAULT_URI, else "
-                        "qemu:///system)")
-
-
-def _add_names(p: argparse.ArgumentParser, recorded: bool = True) -> None:
-    where = " (default: $%s, else the name recorded in the domain's metadata, else %s)"
-    if not recorded:
-        where = " (default: $%s, else %s)"
-    p.add_argument("--ctl-name", metavar="N", help="control channel's port name"
-                   + where % (L.CTL_NAME_ENV, L.CTL_NAME))
-    p.add_argument("--data-name", metavar="N", help="data channel's port name"
-                   + where % (L.DATA_NAME_ENV, L.DATA_NAME))
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -49,7 +33,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                                     "<devices> (virsh edit DOMAIN); with other channel names "
                                     "than the defaults, also a <metadata> element recording them "
                                     "for the domain")
-    _add_names(x, recorded=False)
+    add_channel_names(x, recorded=False)
     x.add_argument("--socket-dir", metavar="DIR",
                    help="put the host sockets in DIR (default: libvirt places them)")
     x.add_argument("--ports", type=int, default=L.DEFAULT_PORTS, metavar="N",
@@ -65,8 +49,8 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                             "persistent config, plus the running domain if it runs.",
                             epilog=epilog, formatter_class=fmt)
         a.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
-        _add_connect(a)
-        _add_names(a)
+        add_connect(a, "libvirt URI", "-c")
+        add_channel_names(a)
         a.add_argument("--config", action="store_true", help="change the persistent config")
         a.add_argument("--live", action="store_true", help="change the running domain")
         if name == "attach":
@@ -82,8 +66,8 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                                    "their guestlink control channel and, where the agent "
                                    "answers, its version and hostname", epilog=epilog,
                        formatter_class=fmt)
-    _add_connect(p)
-    _add_names(p)
+    add_connect(p, "libvirt URI", "-c")
+    add_channel_names(p)
     p.add_argument("--all", action="store_true", help="also list domains that are not running")
     p.add_argument("--timeout", type=positive_seconds, default=3.0, metavar="S",
                    help="seconds to wait for each agent (default 3)")
