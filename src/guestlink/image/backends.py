@@ -22,16 +22,21 @@ import subprocess
 import tempfile
 import time
 from contextlib import ExitStack
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
-from .disk import (CommandFailed, Runner, SAFE_MOUNT, blockdev_options, candidates, check_image,
-                   choose_partitions, describe_partition, image_info, image_opts, looks_like_qcow2,
-                   mount_options)
+from .disk import (CommandFailed, ImageInfo, Partition, Runner, SAFE_MOUNT, blockdev_options,
+                   candidates, check_image, choose_partitions, describe_partition, image_info,
+                   image_opts, looks_like_qcow2, mount_options)
 from .errors import BackendUnavailable, ImageError, ImageInUse, NoRootFilesystem
 
 AUTO_ORDER = ("nbd", "loop", "guestfs")
 
+Log = Callable[[str], None]
+#: The block device for a partition; registers its own cleanup on the ExitStack it is given.
+DeviceFor = Callable[[Partition, ExitStack], str]
 
-def _mounted(path):
+
+def _mounted(path: str) -> bool:
     """Is ``path`` a mount point (per /proc/self/mountinfo, which also sees file mounts)?"""
     path = os.path.realpath(path)
     try:
@@ -45,11 +50,11 @@ def _mounted(path):
     return False
 
 
-def _unescape(field):
+def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _wait(cond, timeout, interval=0.05):
+def _wait(cond: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         if cond():
@@ -59,11 +64,11 @@ def _wait(cond, timeout, interval=0.05):
         time.sleep(interval)
 
 
-def _is_root(mnt):
+def _is_root(mnt: str) -> bool:
     return os.path.lexists(os.path.join(mnt, "etc/os-release"))
 
 
-def _pid_alive(pid):
+def _pid_alive(pid: int) -> bool:
     try:
         with open("/proc/%d/stat" % pid) as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -74,42 +79,45 @@ def _pid_alive(pid):
 class Backend:
     name = "?"
 
-    def __init__(self, runner=None, log=None):
+    def __init__(self, runner: Optional[Runner] = None, log: Optional[Log] = None) -> None:
         self.runner = runner or Runner()
         self.log = log or (lambda line: None)
         self.succeeded = False  # set by the caller before closing the stack
 
-    def probe(self, info):
+    def probe(self, info: ImageInfo) -> List[str]:
         """What is missing for this backend on this machine ([] = looks usable)."""
         raise NotImplementedError
 
-    def open(self, info, stack, partition=None, force=False):
+    def open(self, info: ImageInfo, stack: ExitStack, partition: Optional[int] = None,
+             force: bool = False) -> Tuple[str, str]:
+        """Mount the image's root filesystem; returns (mount point, description)."""
         raise NotImplementedError
 
     # helpers shared by the kernel-mount backends
-    def _tempdir(self, stack):
+    def _tempdir(self, stack: ExitStack) -> str:
         tmp = tempfile.mkdtemp(prefix="guestlink-image-")
         stack.callback(self._rmdir, tmp)
         return tmp
 
     @staticmethod
-    def _rmdir(path):
+    def _rmdir(path: str) -> None:
         try:
             os.rmdir(path)  # never rmtree: a still-mounted guest must not be deleted
         except FileNotFoundError:
             pass
 
-    def _mkdir(self, stack, path):
+    def _mkdir(self, stack: ExitStack, path: str) -> str:
         os.mkdir(path, 0o700)
         stack.callback(self._rmdir, path)
         return path
 
-    def _mount(self, stack, device, fstype, mnt, read_only=False):
+    def _mount(self, stack: ExitStack, device: str, fstype: str, mnt: str,
+               read_only: bool = False) -> None:
         self.runner.run(["mount", "-t", fstype, "-o", mount_options(fstype, read_only), device,
                          mnt])
         stack.callback(self._umount, mnt)
 
-    def _umount(self, mnt):
+    def _umount(self, mnt: str) -> None:
         for _ in range(20):
             try:
                 self.runner.run(["umount", mnt])
@@ -120,15 +128,18 @@ class Backend:
                 time.sleep(0.25)  # busy for a moment (e.g. a just-closed file)
         self.runner.run(["umount", "-l", mnt], check=False)
 
-    def _root_helper(self, device_for, data, size, partition, stack, tmp, read_only=False):
+    def _root_helper(self, device_for: DeviceFor, data: str, size: Optional[int],
+                     partition: Optional[int], stack: ExitStack, tmp: str,
+                     read_only: bool = False) -> Tuple[str, str]:
         """Mount the candidate partitions of raw disk ``data`` one by one until one holds
         /etc/os-release; returns (mnt, description). ``device_for(partition)`` returns the block
         device for a partition (registering its own cleanup on the stack it is given)."""
         cands = candidates(data, size)
         usable = choose_partitions(cands, partition)
         mnt = self._mkdir(stack, os.path.join(tmp, "root"))
-        tried = []
+        tried: List[str] = []
         for part, fstype in usable:
+            assert fstype is not None  # choose_partitions keeps Linux filesystems only
             sub = ExitStack()
             with sub:
                 dev = device_for(part, sub)
@@ -146,7 +157,7 @@ class Backend:
 class LoopBackend(Backend):
     name = "loop"
 
-    def probe(self, info):
+    def probe(self, info: ImageInfo) -> List[str]:
         missing = []
         if os.geteuid() != 0:
             missing.append("root privileges (loop devices and mount)")
@@ -161,10 +172,11 @@ class LoopBackend(Backend):
         return missing
 
     @staticmethod
-    def _qsd_ok():
+    def _qsd_ok() -> bool:
         return bool(shutil.which("qemu-storage-daemon")) and os.path.exists("/dev/fuse")
 
-    def open(self, info, stack, partition=None, force=False):
+    def open(self, info: ImageInfo, stack: ExitStack, partition: Optional[int] = None,
+             force: bool = False) -> Tuple[str, str]:
         tmp = self._tempdir(stack)
         if info.format == "raw":
             data = info.path
@@ -173,7 +185,7 @@ class LoopBackend(Backend):
         else:
             data = self._convert(info, stack, tmp)
 
-        def device_for(part, sub):
+        def device_for(part: Partition, sub: ExitStack) -> str:
             dev = self.runner.run(["losetup", "--find", "--show"]
                                   + (["--read-only"] if info.read_only else [])
                                   + ["--offset", str(part.start), "--sizelimit", str(part.size),
@@ -188,7 +200,7 @@ class LoopBackend(Backend):
             "qemu-storage-daemon FUSE export" if data.endswith("export.raw") else "converted copy")
         return mnt, "%s via loop device (%s)" % (desc, how)
 
-    def _detach(self, dev):
+    def _detach(self, dev: str) -> None:
         for _ in range(20):
             proc = self.runner.run(["losetup", "--detach", dev], check=False)
             if proc.returncode == 0 or "No such device" in (proc.stderr or ""):
@@ -196,10 +208,14 @@ class LoopBackend(Backend):
             time.sleep(0.25)
         raise ImageError("cannot detach %s" % dev)
 
-    def _fuse_export(self, info, stack, tmp, force):
+    def _fuse_export(self, info: ImageInfo, stack: ExitStack, tmp: str, force: bool) -> str:
         exp = os.path.join(tmp, "export.raw")
         open(exp, "w").close()
-        stack.callback(lambda: os.path.exists(exp) and not _mounted(exp) and os.unlink(exp))
+        def remove_export_file() -> None:
+            if os.path.exists(exp) and not _mounted(exp):
+                os.unlink(exp)
+
+        stack.callback(remove_export_file)
         disk_node = blockdev_options(info, force)
         file_node = dict(disk_node.pop("file"), **{"node-name": "file0"})
         disk_node.update({"file": "file0", "node-name": "disk0"})
@@ -209,7 +225,11 @@ class LoopBackend(Backend):
                "--export", json.dumps({"type": "fuse", "id": "exp0", "node-name": "disk0",
                                        "mountpoint": exp, "writable": not info.read_only})]
         errlog = open(os.path.join(tmp, "qsd.log"), "w+")
-        stack.callback(lambda: (errlog.close(), os.unlink(errlog.name)))
+        def remove_errlog() -> None:
+            errlog.close()
+            os.unlink(errlog.name)
+
+        stack.callback(remove_errlog)
         proc = self.runner.popen(cmd, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
                                  start_new_session=True)
         stack.callback(self._stop_qsd, proc, exp)
@@ -225,7 +245,7 @@ class LoopBackend(Backend):
                  % (info.path, info.format))
         return exp
 
-    def _stop_qsd(self, proc, exp):
+    def _stop_qsd(self, proc: "subprocess.Popen[Any]", exp: str) -> None:
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -241,10 +261,14 @@ class LoopBackend(Backend):
             if _mounted(exp):
                 self.runner.run(["umount", "-l", exp], check=False)
 
-    def _convert(self, info, stack, tmp):
+    def _convert(self, info: ImageInfo, stack: ExitStack, tmp: str) -> str:
         """Last resort without qemu-storage-daemon: convert to raw, convert back on success."""
         raw = os.path.join(tmp, "converted.raw")
-        stack.callback(lambda: os.path.exists(raw) and os.unlink(raw))
+        def remove_raw() -> None:
+            if os.path.exists(raw):
+                os.unlink(raw)
+
+        stack.callback(remove_raw)
         if not info.read_only:
             # registered before the mount steps, so it runs after they are undone
             stack.callback(self._convert_back, info, raw, tmp)
@@ -254,7 +278,7 @@ class LoopBackend(Backend):
                          raw])
         return raw
 
-    def _convert_back(self, info, raw, tmp):
+    def _convert_back(self, info: ImageInfo, raw: str, tmp: str) -> None:
         if not self.succeeded:
             return
         out = os.path.join(os.path.dirname(os.path.abspath(info.path)),
@@ -272,17 +296,18 @@ class LoopBackend(Backend):
 class NbdBackend(Backend):
     name = "nbd"
 
-    def __init__(self, runner=None, log=None, dev_dir="/dev", sys_dir="/sys", wait_timeout=10):
+    def __init__(self, runner: Optional[Runner] = None, log: Optional[Log] = None,
+                 dev_dir: str = "/dev", sys_dir: str = "/sys", wait_timeout: float = 10) -> None:
         Backend.__init__(self, runner, log)
         self.dev_dir = dev_dir
         self.sys_dir = sys_dir
         self.wait_timeout = wait_timeout
 
-    def _module_present(self):
+    def _module_present(self) -> bool:
         return (os.path.exists(os.path.join(self.dev_dir, "nbd0"))
                 or os.path.isdir(os.path.join(self.sys_dir, "module/nbd")))
 
-    def probe(self, info):
+    def probe(self, info: ImageInfo) -> List[str]:
         missing = []
         if os.geteuid() != 0:
             missing.append("root privileges (qemu-nbd --connect and mount)")
@@ -297,14 +322,14 @@ class NbdBackend(Backend):
                                % kver)
         return missing
 
-    def _size(self, name):
+    def _size(self, name: str) -> int:
         try:
             with open(os.path.join(self.sys_dir, "block", name, "size")) as f:
                 return int(f.read().strip() or 0)
         except (OSError, ValueError):
             return 0
 
-    def _free_device(self):
+    def _free_device(self) -> str:
         for i in range(64):
             name = "nbd%d" % i
             if not os.path.exists(os.path.join(self.dev_dir, name)):
@@ -315,7 +340,8 @@ class NbdBackend(Backend):
                 return name
         raise BackendUnavailable("no free /dev/nbdN device")
 
-    def open(self, info, stack, partition=None, force=False):
+    def open(self, info: ImageInfo, stack: ExitStack, partition: Optional[int] = None,
+             force: bool = False) -> Tuple[str, str]:
         if not self._module_present():
             try:
                 self.runner.run(["modprobe", "nbd", "max_part=16"])
@@ -340,7 +366,7 @@ class NbdBackend(Backend):
             raise ImageError("%s did not come up after qemu-nbd --connect" % dev)
         self.log("connected %s to %s" % (info.path, dev))
 
-        def device_for(part, sub):
+        def device_for(part: Partition, sub: ExitStack) -> str:
             if part.number == 0:
                 return dev
             pdev = "%sp%d" % (dev, part.number)
@@ -353,13 +379,13 @@ class NbdBackend(Backend):
                                       info.read_only)
         return mnt, "%s via %s" % (desc, dev)
 
-    def _disconnect(self, dev):
+    def _disconnect(self, dev: str) -> None:
         self.runner.run(["qemu-nbd", "--disconnect", dev], check=False)
 
 
 # --- guestfs -------------------------------------------------------------------------------
 
-def _kvm_usable():
+def _kvm_usable() -> bool:
     if os.environ.get("LIBGUESTFS_BACKEND_SETTINGS"):
         return True  # the user decided
     try:
@@ -378,12 +404,13 @@ def _kvm_usable():
 class GuestfsBackend(Backend):
     name = "guestfs"
 
-    def __init__(self, runner=None, log=None):
+    def __init__(self, runner: Optional[Runner] = None, log: Optional[Log] = None) -> None:
         Backend.__init__(self, runner, log)
-        self.pid = None
+        self.pid: Optional[int] = None
+        self._last_error: Optional[CommandFailed] = None
         self.env = dict(os.environ)
 
-    def probe(self, info):
+    def probe(self, info: ImageInfo) -> List[str]:
         missing = []
         if not shutil.which("guestfish"):
             missing.append("guestfish (Debian package libguestfs-tools)")
@@ -393,11 +420,13 @@ class GuestfsBackend(Backend):
             missing.append("fusermount (Debian package fuse3)")
         return missing
 
-    def _fish(self, *args, check=True, timeout=600):
+    def _fish(self, *args: str, check: bool = True,
+              timeout: float = 600) -> "subprocess.CompletedProcess[str]":
+        assert self.pid is not None  # _start() came first
         return self.runner.run(["guestfish", "--remote=%d" % self.pid, "--"] + list(args),
                                check=check, env=self.env, timeout=timeout)
 
-    def _start(self, info, stack, tmp):
+    def _start(self, info: ImageInfo, stack: ExitStack, tmp: str) -> bool:
         out_path = os.path.join(tmp, "listen.out")
         with open(out_path, "w+") as out:
             proc = self.runner.popen(
@@ -423,7 +452,7 @@ class GuestfsBackend(Backend):
             self._last_error = exc
             return False
 
-    def _appliance_failed(self):
+    def _appliance_failed(self) -> BackendUnavailable:
         """Why the appliance did not start, in one line. `guestfish --remote` reports only its
         exit status; the usual cause, supermin finding no kernel, is checked by doctor's rules."""
         from ..doctor import check_supermin_kernel
@@ -439,18 +468,20 @@ class GuestfsBackend(Backend):
                                   "doctor` for what this host lacks, libguestfs-test-tool for "
                                   "the appliance's own log)" % why)
 
-    def _stop_server(self):
-        if self.pid is None:
+    def _stop_server(self) -> None:
+        pid = self.pid
+        if pid is None:
             return
         self._fish("exit", check=False, timeout=60)
-        if not _wait(lambda: not _pid_alive(self.pid), 60, 0.1):
+        if not _wait(lambda: not _pid_alive(pid), 60, 0.1):
             try:
-                os.kill(self.pid, 9)
+                os.kill(pid, 9)
             except OSError:
                 pass
         self.pid = None
 
-    def open(self, info, stack, partition=None, force=False):
+    def open(self, info: ImageInfo, stack: ExitStack, partition: Optional[int] = None,
+             force: bool = False) -> Tuple[str, str]:
         tmp = self._tempdir(stack)
         if not _kvm_usable():
             self.env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
@@ -481,6 +512,7 @@ class GuestfsBackend(Backend):
         mnt = self._mkdir(stack, os.path.join(tmp, "root"))
         self._fish("mount-local", mnt, *(["readonly:true"] if info.read_only else []),
                    "options:" + ",".join(SAFE_MOUNT))
+        assert self.pid is not None  # _start() set it
         run = self.runner.popen(["guestfish", "--remote=%d" % self.pid, "--", "mount-local-run"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=self.env, start_new_session=True)
@@ -492,7 +524,7 @@ class GuestfsBackend(Backend):
         fstype = dict(devices).get(root_dev, "?")
         return mnt, "%s, %s via libguestfs mount-local" % (root_dev, fstype)
 
-    def _umount_local(self, mnt, run):
+    def _umount_local(self, mnt: str, run: "subprocess.Popen[Any]") -> None:
         if _mounted(mnt):
             tool = shutil.which("fusermount3") or shutil.which("fusermount") or "umount"
             cmd = [tool, "-u", mnt] if "fusermount" in tool else [tool, mnt]
@@ -508,8 +540,8 @@ class GuestfsBackend(Backend):
             if _mounted(mnt):
                 self.runner.run(["umount", "-l", mnt], check=False)
 
-    def _find_root(self, devices, partition):
-        def pnum(dev):
+    def _find_root(self, devices: Sequence[Tuple[str, str]], partition: Optional[int]) -> str:
+        def pnum(dev: str) -> int:
             m = re.search(r"(\d+)$", dev)
             return int(m.group(1)) if m and re.match(r"/dev/[sv]d[a-z]+\d+$", dev) else 0
 
@@ -539,11 +571,15 @@ class GuestfsBackend(Backend):
                                    ", ".join("%s (%s)" % d for d in devices) or "none"))
 
 
-BACKENDS = {"nbd": NbdBackend, "loop": LoopBackend, "guestfs": GuestfsBackend}
+BACKENDS: Dict[str, Type[Backend]] = {"nbd": NbdBackend, "loop": LoopBackend,
+                                      "guestfs": GuestfsBackend}
 
 
-def open_root(image, stack, backend="auto", partition=None, force=False, log=None, runner=None,
-              factories=None, fmt=None, read_only=False, allow_backing=False):
+def open_root(image: str, stack: ExitStack, backend: str = "auto", partition: Optional[int] = None,
+              force: bool = False, log: Optional[Log] = None, runner: Optional[Runner] = None,
+              factories: Optional[Mapping[str, Callable[..., Backend]]] = None,
+              fmt: Optional[str] = None, read_only: bool = False,
+              allow_backing: bool = False) -> Tuple[str, Backend, str]:
     """Open IMAGE's root filesystem as a directory; returns (root, backend object, description).
 
     The format is ``fmt`` or follows from the name (never probed). ``read_only`` opens it

@@ -10,7 +10,7 @@ import stat
 import struct
 import subprocess
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from ..exitcodes import EXIT_USAGE
 from ..protocol.safetext import printable
@@ -37,7 +37,9 @@ NO_REPLAY = {"ext4": "noload", "ext3": "noload", "xfs": "norecovery",
 class Runner:
     """Runs commands; tests replace it with a fake that records the command lines."""
 
-    def run(self, cmd, check=True, env=None, timeout=None, input=None):
+    def run(self, cmd: Sequence[str], check: bool = True, env: Optional[Mapping[str, str]] = None,
+            timeout: Optional[float] = None,
+            input: Optional[str] = None) -> "subprocess.CompletedProcess[str]":
         try:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=env, timeout=timeout, input=input)
@@ -47,12 +49,12 @@ class Runner:
             raise CommandFailed(cmd, proc.returncode, proc.stderr)
         return proc
 
-    def popen(self, cmd, **kwargs):
+    def popen(self, cmd: Sequence[str], **kwargs: Any) -> "subprocess.Popen[Any]":
         return subprocess.Popen(cmd, **kwargs)
 
 
 class CommandFailed(ImageError):
-    def __init__(self, cmd, returncode, stderr):
+    def __init__(self, cmd: Sequence[str], returncode: int, stderr: Optional[str]) -> None:
         msg = (stderr or "").strip().splitlines()
         # a tool's message can quote the image (a backing file name the guest wrote)
         ImageError.__init__(self, "%s failed (exit %s)%s" % (
@@ -157,7 +159,7 @@ def looks_like_qcow2(path: str) -> bool:
         return False
 
 
-def _external_files(info: Dict) -> List[tuple]:
+def _external_files(info: Dict[str, Any]) -> List[Tuple[str, str]]:
     """[(what, host path)] that ``qemu-img info`` says the image header names."""
     out = []
     backing = info.get("full-backing-filename") or info.get("backing-filename")
@@ -170,7 +172,7 @@ def _external_files(info: Dict) -> List[tuple]:
     return out
 
 
-def _qemu_opt(value) -> str:
+def _qemu_opt(value: object) -> str:
     if value is None:
         return ""  # "backing=": no backing file (the key=value spelling of null)
     if value is True or value is False:
@@ -178,12 +180,12 @@ def _qemu_opt(value) -> str:
     return str(value).replace(",", ",,")  # a comma in a path must not start another option
 
 
-def blockdev_options(info: ImageInfo, force: bool = False) -> Dict:
+def blockdev_options(info: ImageInfo, force: bool = False) -> Dict[str, Any]:
     """QAPI BlockdevOptions for the image, as nested dicts: driver named, no backing file
     (even one the header check missed), read-only with the lock shared for ``info.read_only``,
     QEMU locking off for ``force``."""
-    file = {"driver": "file", "filename": info.path}
-    node = {"driver": info.format, "file": file}
+    file: Dict[str, Any] = {"driver": "file", "filename": info.path}
+    node: Dict[str, Any] = {"driver": info.format, "file": file}
     if info.format in BACKING_FORMATS and not info.allow_backing:
         node["backing"] = None
     if info.read_only:
@@ -197,7 +199,7 @@ def blockdev_options(info: ImageInfo, force: bool = False) -> Dict:
 
 def image_opts(info: ImageInfo, force: bool = False) -> str:
     """:func:`blockdev_options` in the ``--image-opts`` key=value syntax of qemu-nbd/qemu-img."""
-    def flat(d: Dict, prefix: str) -> List[str]:
+    def flat(d: Dict[str, Any], prefix: str) -> List[str]:
         out = []
         for k, v in d.items():
             if isinstance(v, dict):
@@ -228,12 +230,12 @@ class Partition:
     type: str = ""        # MBR type byte as hex, or GPT type GUID
 
 
-def _read(f, offset, size):
+def _read(f: IO[bytes], offset: int, size: int) -> bytes:
     f.seek(offset)
     return f.read(size)
 
 
-def _guid(raw):
+def _guid(raw: bytes) -> str:
     a, b, c = struct.unpack_from("<IHH", raw)
     return "%08x-%04x-%04x-%s-%s" % (a, b, c, raw[8:10].hex(), raw[10:16].hex())
 
@@ -245,7 +247,7 @@ MAX_GPT_ENTRIES = 1024
 GPT_ENTRY_SIZES = range(128, 4096 + 1, 8)
 
 
-def partitions(f, disk_size: Optional[int]) -> List[Partition]:
+def partitions(f: IO[bytes], disk_size: Optional[int]) -> List[Partition]:
     """The partitions of the disk open as binary file ``f`` ([] when there is no table).
     Partitions that do not lie inside the disk are left out."""
     if disk_size is None:
@@ -274,8 +276,10 @@ def _inside(p: Partition, disk_size: int) -> bool:
     return p.size > 0 and p.start + p.size <= disk_size
 
 
-def _logical(f, ext_lba: int, disk_size: int) -> List[Partition]:
-    out, number, ebr_lba, seen = [], 5, ext_lba, set()
+def _logical(f: IO[bytes], ext_lba: int, disk_size: int) -> List[Partition]:
+    out: List[Partition] = []
+    seen: Set[int] = set()
+    number, ebr_lba = 5, ext_lba
     while ebr_lba not in seen and len(seen) < MAX_EBR_HOPS and ebr_lba * SECTOR < disk_size:
         seen.add(ebr_lba)
         ebr = _read(f, ebr_lba * SECTOR, SECTOR)
@@ -292,7 +296,7 @@ def _logical(f, ext_lba: int, disk_size: int) -> List[Partition]:
     return out
 
 
-def _gpt(f, disk_size: int) -> List[Partition]:
+def _gpt(f: IO[bytes], disk_size: int) -> List[Partition]:
     hdr = _read(f, SECTOR, 92)
     if hdr[:8] != b"EFI PART":
         return []
@@ -315,7 +319,7 @@ def _gpt(f, disk_size: int) -> List[Partition]:
     return out
 
 
-def _fs_type_at(f, offset):
+def _fs_type_at(f: IO[bytes], offset: int) -> Optional[str]:
     """Filesystem type from its superblock magic at byte ``offset``, or None."""
     head = _read(f, offset, 70 * 1024)
     if len(head) >= 1082 and head[1080:1082] == b"\x53\xef":
@@ -339,14 +343,19 @@ def _fs_type_at(f, offset):
 
 LINUX_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs")
 
+#: A partition and the filesystem type found in it (None: not recognised).
+Candidate = Tuple[Partition, Optional[str]]
 
-def fs_type(f, offset):
+
+def fs_type(f: IO[bytes], offset: int) -> Optional[str]:
     return _fs_type_at(f, offset)
 
 
-def candidates(path_or_file, disk_size=None):
+def candidates(path_or_file: Union[str, bytes, "os.PathLike[str]", IO[bytes]],
+               disk_size: Optional[int] = None) -> List[Candidate]:
     """[(Partition, fs type or None)] for a raw disk (file or block device): the partitions, or
     the whole disk (number 0) when it holds a filesystem directly."""
+    f: IO[bytes]
     if isinstance(path_or_file, (str, bytes, os.PathLike)):
         with open(path_or_file, "rb") as f:
             return candidates(f, disk_size)
@@ -360,10 +369,11 @@ def candidates(path_or_file, disk_size=None):
     return [(p, _fs_type_at(f, p.start)) for p in partitions(f, disk_size)]
 
 
-def choose_partitions(cands, partition=None):
+def choose_partitions(cands: Sequence[Candidate],
+                      partition: Optional[int] = None) -> List[Candidate]:
     """The candidates worth trying (Linux filesystems), or just ``partition``. Raises a clear
     error when there is nothing to try."""
-    def describe():
+    def describe() -> str:
         return ", ".join("%s (%s)" % ("whole disk" if p.number == 0 else "partition %d" % p.number,
                                        t or "unknown filesystem") for p, t in cands) or \
             "no partition table and no filesystem"
@@ -379,12 +389,12 @@ def choose_partitions(cands, partition=None):
                 return [(p, t)]
         raise ImageError("no partition %d in the image (found: %s)" % (partition, describe()),
                          EXIT_DATAERR)
-    usable = [(p, t) for p, t in cands if t in LINUX_FILESYSTEMS]
+    usable: List[Candidate] = [(p, t) for p, t in cands if t in LINUX_FILESYSTEMS]
     if not usable:
         raise ImageError("no Linux filesystem in the image (found: %s; supported: %s)"
                          % (describe(), ", ".join(LINUX_FILESYSTEMS)), EXIT_DATAERR)
     return usable
 
 
-def describe_partition(p, t):
+def describe_partition(p: Partition, t: Optional[str]) -> str:
     return "%s, %s" % ("whole disk" if p.number == 0 else "partition %d" % p.number, t)

@@ -32,9 +32,10 @@ import signal
 import stat
 import struct
 import time
+import types
 import zipfile
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from ..protocol.safetext import printable
 from .errors import EXIT_DATAERR, BadGuestFile, ImageError, NoRootFilesystem, NoSpace, ReadOnly
@@ -115,7 +116,7 @@ def _os_error(exc: OSError, what: str) -> ImageError:
 
 # --- generated files -----------------------------------------------------------------------
 
-def wrapper_text():
+def wrapper_text() -> str:
     return """#!/bin/sh
 # guestlink agent launcher; installed by `guestlink image install`, removed by `guestlink image remove`.
 for py in /usr/bin/python3 /usr/local/bin/python3 /bin/python3; do
@@ -125,7 +126,7 @@ exec python3 %(pyz)s "$@"
 """ % {"pyz": AGENT_PYZ}
 
 
-def config_text(ctl_name, data_name):
+def config_text(ctl_name: str, data_name: str) -> str:
     return """# guestlink agent configuration (keys: see the guestlink-agent README).
 # Written by `guestlink image install`. Edit freely: an upgrade keeps a file you have changed.
 
@@ -140,12 +141,12 @@ deny =
 """ % (ctl_name, data_name)
 
 
-def modules_text(modules):
+def modules_text(modules: Iterable[str]) -> str:
     return ("# virtio-serial for the guestlink agent; written by `guestlink image install`.\n"
             + "".join(m + "\n" for m in modules))
 
 
-def systemd_unit_text():
+def systemd_unit_text() -> str:
     return """[Unit]
 Description=guestlink guest agent
 Documentation=https://github.com/guestlink/guestlink
@@ -163,7 +164,7 @@ WantedBy=multi-user.target
 """ % WRAPPER
 
 
-def init_script_text():
+def init_script_text() -> str:
     return """#!/bin/sh
 ### BEGIN INIT INFO
 # Provides:          guestlink-agent
@@ -217,18 +218,18 @@ exit 0
 """ % {"wrapper": WRAPPER, "modules": MODULES_CONF}
 
 
-def rc_local_block():
+def rc_local_block() -> str:
     return "%s\n%s start\n%s\n" % (BLOCK_BEGIN, RCLOCAL_SCRIPT, BLOCK_END)
 
 
-def strip_block(text):
+def strip_block(text: str) -> Tuple[str, bool]:
     """``text`` without our block; (text, found)."""
     pattern = re.compile(re.escape(BLOCK_BEGIN) + r"\n.*?" + re.escape(BLOCK_END) + r"\n?", re.S)
     new, n = pattern.subn("", text, count=1)
     return new, bool(n)
 
 
-def insert_block(text):
+def insert_block(text: str) -> str:
     """Put our block before a final ``exit 0`` (rc.local's usual last line), else at the end."""
     block = rc_local_block()
     lines = text.splitlines(True)
@@ -665,9 +666,10 @@ def read_manifest(tree: Tree) -> Optional[Dict[str, Any]]:
     return validate_manifest(man)
 
 
-def _plan(tree, pyz, init, ctl_name, data_name):
+def _plan(tree: Tree, pyz: bytes, init: str, ctl_name: str,
+          data_name: str) -> List[Dict[str, Any]]:
     """The desired entries: dicts with path, kind and content/target."""
-    entries = [
+    entries: List[Dict[str, Any]] = [
         {"path": AGENT_PYZ, "kind": "file", "content": pyz, "mode": 0o755},
         {"path": WRAPPER, "kind": "file", "content": wrapper_text().encode(), "mode": 0o755},
         {"path": CONFIG, "kind": "config", "content": config_text(ctl_name, data_name).encode(),
@@ -706,19 +708,19 @@ def _plan(tree, pyz, init, ctl_name, data_name):
 class _DeferSigint:
     """Hold Ctrl-C while the commit renames run, so the manifest always matches the tree."""
 
-    def __enter__(self):
+    def __enter__(self) -> "_DeferSigint":
         self.pending = False
-        self.old = None
+        self.old: Any = None  # the previous handler: a callable, SIG_DFL/SIG_IGN or None
         try:
             self.old = signal.signal(signal.SIGINT, self._handler)
         except ValueError:  # not the main thread
             pass
         return self
 
-    def _handler(self, signum, frame):
+    def _handler(self, signum: int, frame: Optional[types.FrameType]) -> None:
         self.pending = True
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         if self.old is not None:
             signal.signal(signal.SIGINT, self.old)
         if self.pending and exc[0] is None:
@@ -728,14 +730,15 @@ class _DeferSigint:
 class Installer:
     """One install/remove run on a Tree. ``log`` receives human-readable lines."""
 
-    def __init__(self, tree, log=None, fault=None):
+    def __init__(self, tree: Tree, log: Optional[Callable[[str], None]] = None,
+                 fault: Optional[Callable[[str], None]] = None) -> None:
         self.tree = tree
         self.log = log or (lambda line: None)
         self.fault = fault  # tests: callable(stage_name) that may raise
-        self.created_dirs = []
-        self.staged = []
+        self.created_dirs: List[str] = []
+        self.staged: List[str] = []
 
-    def _fault(self, name):
+    def _fault(self, name: str) -> None:
         if self.fault:
             self.fault(name)
 
@@ -838,7 +841,7 @@ class Installer:
         notes = []
         for d in desired:
             path, kind = d["path"], d["kind"]
-            prev = old_entries.get(path)
+            prev: Any = old_entries.get(path)  # None when not ours; `ours` implies a dict
             ours = prev is not None and prev.get("kind") == kind and not prev.get("kept_existing")
             cur_st = tree.lstat(path)
             present = cur_st is not None
@@ -858,7 +861,7 @@ class Installer:
                             path, "" if cur is None else " (new defaults not applied)"))
                         records.append(rec)
                         continue
-                if present and ours and self._current_sha(path) == rec["sha256"] \
+                if cur_st is not None and ours and self._current_sha(path) == rec["sha256"] \
                         and stat.S_IMODE(cur_st.st_mode) == d["mode"]:
                     records.append(dict(prev, **rec))
                     continue
@@ -1003,7 +1006,7 @@ class Installer:
         if kind == "block":
             final = tree.resolve(path, follow=True)
             try:
-                data, st = tree.read_file(final, MAX_TEXT, follow=False)
+                data, rc_st = tree.read_file(final, MAX_TEXT, follow=False)
             except FileNotFoundError:
                 return
             new, had = strip_block(data.decode("utf-8", "surrogateescape"))
@@ -1013,7 +1016,7 @@ class Installer:
             if had:
                 mode = e.get("mode_before")
                 self._replace(final, new.encode("utf-8", "surrogateescape"),
-                              mode if mode is not None else stat.S_IMODE(st.st_mode))
+                              mode if mode is not None else stat.S_IMODE(rc_st.st_mode))
             return
         st = tree.lstat(path)
         if kind == "config" and st is not None and self._current_sha(path) != e.get("sha256"):
