@@ -1,7 +1,8 @@
 """A scriptable fake guest agent for the host-library and CLI unit tests (no tests of its own here).
 
-It speaks the real protocol through ``guestlink.protocol`` over a real unix socket, so the host
-client is exercised exactly as against the guest agent, plus knobs for misbehaviour: garbage,
+It speaks the real protocol through ``guestlink.protocol`` over a real unix socket, its session
+rules are the real agent's (``protocol.session.AgentSession``), so the host client is exercised
+exactly as against the guest agent, plus knobs for misbehaviour: garbage,
 stale SYNC_ACKs, silence, protocol mismatch, restarts, dropped connections, malformed replies.
 
 Exec is scripted (nothing runs): argv[0] selects the behaviour, see ``FakeAgent._exec_body``.
@@ -16,6 +17,7 @@ import threading
 from guestlink.protocol import FrameDecoder, FrameType, codes
 from guestlink.protocol import messages as m
 from guestlink.protocol.frames import encode_frame
+from guestlink.protocol.session import AgentSession, Passed, Request, SendBytes
 
 DESCRIPTION = {
     "agent": "guestlink-agent", "agent_version": "0.1.0", "protocol": 1,
@@ -46,9 +48,23 @@ class FakeConn:
         self.agent = agent
         self.reader = reader
         self.writer = writer
-        self.synced = False
         self.tasks = {}
         self.stdin = {}
+        self.rules = AgentSession(lambda: agent.description, self._in_flight)
+
+    def _in_flight(self, id_):
+        task = self.tasks.get(id_)
+        return task is not None and not task.done()
+
+    @property
+    def synced(self):
+        return self.rules.active
+
+    @synced.setter
+    def synced(self, value):
+        """Only False: the agent forgets the session (as after a restart)."""
+        assert not value
+        self.rules.end()
 
     def send(self, data):
         if not self.writer.is_closing():
@@ -97,16 +113,19 @@ class FakeConn:
             if agent.stale_ack:
                 self.send(m.encode_sync_ack("0" * 32, dict(agent.description, hostname="stale")))
                 self.send(b"\x89GLK garbage between frames \x00\x01")
-            self.synced = True
-            self.send(m.encode_sync_ack(nonce, agent.description))
-        elif t == FrameType.REQUEST:
-            if not self.synced:
-                self.send(m.encode_error(frame.id, codes.NOT_READY, "no SYNC yet"))
-                return
-            op, args = m.parse_request(frame.payload)
-            agent.requests.append((op, dict(args.obj)))
-            self.tasks[frame.id] = asyncio.ensure_future(self.serve(frame.id, op, args))
-        elif t == FrameType.STREAM:
+        for ev in self.rules.receive_frame(frame):
+            if isinstance(ev, SendBytes):
+                self.send(ev.data)
+            elif isinstance(ev, Request):
+                agent.requests.append((ev.op, dict(ev.args.obj)))
+                self.tasks[ev.id] = asyncio.ensure_future(self.serve(ev.id, ev.op, ev.args))
+            elif isinstance(ev, Passed):
+                self.on_session_frame(ev.frame)
+
+    def on_session_frame(self, frame):
+        agent = self.agent
+        t = frame.type
+        if t == FrameType.STREAM:
             queue = self.stdin.get(frame.id)
             if queue is not None:
                 stream, eof = m.stream_flags(frame.flags)

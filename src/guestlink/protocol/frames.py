@@ -19,13 +19,11 @@ A header with a valid CRC but a corrupt payload drops the whole frame and report
 request it belonged to can be failed instead of hanging.
 """
 
-from __future__ import annotations
-
 import enum
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Union
+from typing import List, Optional, Tuple, Union
 
 MAGIC = b"\x89GLK"
 VERSION = 1
@@ -147,7 +145,7 @@ def encode_header(type: int, length: int, flags: int = 0, id: int = 0,
 
 def encode_parts(type: int, payload: Payload = b"", flags: int = 0, id: int = 0,
                  max_payload: int = MAX_PAYLOAD,
-                 payload_crc: int | None = None) -> tuple[bytes, Payload, bytes]:
+                 payload_crc: Optional[int] = None) -> Tuple[bytes, Payload, bytes]:
     """Return the frame as (header, payload, trailer), ready for writev without a copy.
 
     ``payload_crc`` lets a caller that already computed the payload's CRC-32 (the data path does,
@@ -184,7 +182,7 @@ class FrameDecoder:
         self._skipped = 0
         # When a valid header announced a frame, remember it so we don't re-parse the header
         # while waiting for the rest of the payload.
-        self._pending: tuple[int, int, int, int] | None = None
+        self._pending: Optional[Tuple[int, int, int, int]] = None
 
     @property
     def buffered(self) -> int:
@@ -198,8 +196,8 @@ class FrameDecoder:
         self._skipped = 0
         self._pending = None
 
-    def feed(self, data: Payload) -> list[DecoderEvent]:
-        events: list[DecoderEvent] = []
+    def feed(self, data: Payload) -> List[DecoderEvent]:
+        events: List[DecoderEvent] = []
         if data:
             self._buf += data
         buf = self._buf
@@ -282,7 +280,7 @@ class FrameDecoder:
         """True while a frame's header has been accepted but its payload is incomplete."""
         return self._pending is not None
 
-    def abandon_partial(self) -> list[DecoderEvent]:
+    def abandon_partial(self) -> List[DecoderEvent]:
         """Give up on an incomplete frame (its writer died mid-frame) and rescan after its magic.
 
         Whatever followed such a frame would otherwise be taken as the rest of its payload. The
@@ -293,20 +291,20 @@ class FrameDecoder:
             return []
         type_, flags, id_, length = self._pending
         self._pending = None
-        events: list[DecoderEvent] = []
+        events: List[DecoderEvent] = []
         self._flush_skipped(events)
         events.append(CorruptFrame(type_, flags, id_, length, "truncated"))
         del self._buf[:1]
         self._skipped += 1
         return events + self.feed(b"")
 
-    def _flush_skipped(self, events: list[DecoderEvent]) -> None:
+    def _flush_skipped(self, events: List[DecoderEvent]) -> None:
         if self._skipped:
             events.append(Garbage(self._skipped))
             self._skipped = 0
 
-    def flush_garbage(self) -> list[DecoderEvent]:
+    def flush_garbage(self) -> List[DecoderEvent]:
         """Report garbage counted so far (events are otherwise emitted before the next frame)."""
-        events: list[DecoderEvent] = []
+        events: List[DecoderEvent] = []
         self._flush_skipped(events)
         return events

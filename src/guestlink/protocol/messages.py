@@ -5,15 +5,13 @@ function validates what it returns and raises ProtocolViolation (never anything 
 because the bytes come from the other side, which neither side trusts.
 """
 
-from __future__ import annotations
-
 import builtins
 import itertools
 import json
 import math
 import re
 import struct
-from typing import Any, Dict, Pattern
+from typing import Any, Dict, Optional, Pattern, Tuple
 
 from . import codes
 from .frames import FLAG_EOF, FrameType, Payload, encode_frame
@@ -86,7 +84,7 @@ _NOT_BRACKET = bytes(c for c in range(256) if c not in b"[]{}")
 _BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
-def json_shape_problem(data: bytes) -> str | None:
+def json_shape_problem(data: bytes) -> Optional[str]:
     """Why the JSON ``data`` is nested too deep or has too long a number, or None."""
     if b"\\" in data:
         bare = _JSON_STRING.sub(b"", data)
@@ -173,7 +171,7 @@ class Fields:
         return ProtocolViolation("%s: field %r must be %s" % (self.where, key, expected))
 
     def str(self, key: builtins.str, default: Any = _MISSING, max_len: builtins.int = MAX_STRING,
-            pattern: Pattern[builtins.str] | None = None) -> Any:
+            pattern: Optional[Pattern[builtins.str]] = None) -> Any:
         value = self._get(key, default)
         if value is _MISSING:
             return default
@@ -183,8 +181,8 @@ class Fields:
             raise self._bad(key, "a string matching %s" % pattern.pattern)
         return value
 
-    def int(self, key: builtins.str, default: Any = _MISSING, min: builtins.int | None = INT64_MIN,
-            max: builtins.int | None = INT64_MAX) -> Any:
+    def int(self, key: builtins.str, default: Any = _MISSING, min: Optional[builtins.int] = INT64_MIN,
+            max: Optional[builtins.int] = INT64_MAX) -> Any:
         """An integer in [min, max]; by default what a 64-bit OS call takes (a bigger one would
         raise OverflowError in whatever the value reaches, far from this check)."""
         value = self._get(key, default)
@@ -196,8 +194,8 @@ class Fields:
             raise self._bad(key, "an integer in [%s, %s]" % (min, max))
         return value
 
-    def number(self, key: builtins.str, default: Any = _MISSING, min: float | None = None,
-               max: float | None = None) -> Any:
+    def number(self, key: builtins.str, default: Any = _MISSING, min: Optional[float] = None,
+               max: Optional[float] = None) -> Any:
         value = self._get(key, default)
         if value is _MISSING:
             return default
@@ -272,7 +270,7 @@ def encode_sync(nonce: str, protocol: int = PROTOCOL_VERSION) -> bytes:
     return encode_frame(FrameType.SYNC, dump_json({"nonce": nonce, "protocol": protocol}))
 
 
-def parse_sync(payload: Payload) -> tuple[str, int]:
+def parse_sync(payload: Payload) -> Tuple[str, int]:
     f = Fields(load_json_object(payload, "SYNC"), "SYNC")
     return f.str("nonce", max_len=MAX_NONCE), f.int("protocol", min=0, max=0xFFFF)
 
@@ -283,7 +281,7 @@ def encode_sync_ack(nonce: str, info: JSON) -> bytes:
     return encode_frame(FrameType.SYNC_ACK, dump_json(body))
 
 
-def parse_sync_ack(payload: Payload) -> tuple[str, JSON]:
+def parse_sync_ack(payload: Payload) -> Tuple[str, JSON]:
     """Returns (nonce, agent description)."""
     obj = load_json_object(payload, "SYNC_ACK")
     nonce = Fields(obj, "SYNC_ACK").str("nonce", max_len=MAX_NONCE)
@@ -292,11 +290,11 @@ def parse_sync_ack(payload: Payload) -> tuple[str, JSON]:
 
 # --- requests and replies ----------------------------------------------------------------------
 
-def encode_request(id: int, op: str, args: JSON | None = None) -> bytes:
+def encode_request(id: int, op: str, args: Optional[JSON] = None) -> bytes:
     return encode_frame(FrameType.REQUEST, dump_json({"op": op, "args": args or {}}), id=id)
 
 
-def parse_request(payload: Payload) -> tuple[str, Fields]:
+def parse_request(payload: Payload) -> Tuple[str, Fields]:
     """Returns (op, Fields of args)."""
     f = Fields(load_json_object(payload, "REQUEST"), "REQUEST")
     op = f.str("op", max_len=MAX_OP, pattern=OP_RE)
@@ -304,7 +302,7 @@ def parse_request(payload: Payload) -> tuple[str, Fields]:
     return op, (args if args is not None else Fields({}, "REQUEST.args"))
 
 
-def encode_response(id: int, result: JSON | None = None) -> bytes:
+def encode_response(id: int, result: Optional[JSON] = None) -> bytes:
     return encode_frame(FrameType.RESPONSE, dump_json(result if result is not None else {}), id=id)
 
 
@@ -320,14 +318,14 @@ def parse_event(payload: Payload) -> JSON:
     return load_json_object(payload, "EVENT")
 
 
-def encode_error(id: int, code: str, message: str, details: JSON | None = None) -> bytes:
+def encode_error(id: int, code: str, message: str, details: Optional[JSON] = None) -> bytes:
     body: JSON = {"code": code, "message": message[:MAX_STRING]}
     if details:
         body["details"] = details
     return encode_frame(FrameType.ERROR, dump_json(body), id=id)
 
 
-def parse_error(payload: Payload) -> tuple[str, str, JSON]:
+def parse_error(payload: Payload) -> Tuple[str, str, JSON]:
     """Returns (code, message, details). Unknown codes are kept: the host maps them to RemoteError."""
     f = Fields(load_json_object(payload, "ERROR"), "ERROR")
     details = f.object("details", default=None)
@@ -360,7 +358,7 @@ def encode_message(topic: str, data: Payload, id: int = 0) -> bytes:
     return encode_frame(FrameType.MESSAGE, _TOPIC_LEN.pack(len(raw)) + raw + bytes(data), id=id)
 
 
-def parse_message(payload: Payload) -> tuple[str, bytes]:
+def parse_message(payload: Payload) -> Tuple[str, bytes]:
     """Returns (topic, data)."""
     if len(payload) < 1:
         raise ProtocolViolation("MESSAGE without a topic")
@@ -385,6 +383,6 @@ def encode_stream(id: int, stream: int, data: Payload, eof: bool = False) -> byt
     return encode_frame(FrameType.STREAM, data, flags=stream | (FLAG_EOF if eof else 0), id=id)
 
 
-def stream_flags(flags: int) -> tuple[int, bool]:
+def stream_flags(flags: int) -> Tuple[int, bool]:
     """Returns (stream number, eof)."""
     return flags & 0xFF, bool(flags & FLAG_EOF)

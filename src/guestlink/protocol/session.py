@@ -56,11 +56,9 @@ What the host does with each event (exactly what host/client.py did before this 
 Agent side: :class:`AgentSession` (see its docstring) — used by the guest agent and the tests'
 fake agent.
 """
-from __future__ import annotations
-
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 from . import codes
 from . import messages as m
@@ -189,12 +187,12 @@ class HostSession:
                  nonce_factory: Callable[[], str] = new_nonce) -> None:
         self.decoder = FrameDecoder(max_payload)
         self._new_nonce = nonce_factory
-        self.nonce: str | None = None
+        self.nonce: Optional[str] = None
         self.synchronised = False
         self.failed = False
-        self._in_flight: set[int] = set()
+        self._in_flight: Set[int] = set()
         self._next_id = 1
-        self.stats: dict[str, int] = {"garbage_bytes": 0, "corrupt_frames": 0, "stale_frames": 0,
+        self.stats: Dict[str, int] = {"garbage_bytes": 0, "corrupt_frames": 0, "stale_frames": 0,
                                       "bad_messages": 0, "messages": 0, "agent_restarts": 0}
 
     # -- handshake ----------------------------------------------------------------------------
@@ -205,7 +203,7 @@ class HostSession:
         self.synchronised = False
         return m.encode_sync(self.nonce)
 
-    def sync_due(self) -> bytes | None:
+    def sync_due(self) -> Optional[bytes]:
         """The periodic resend: the SYNC again while not synchronised, else None."""
         if self.synchronised or self.failed or self.nonce is None:
             return None
@@ -242,15 +240,15 @@ class HostSession:
         """True while a frame has begun but not completed (the I/O layer times its stall)."""
         return self.decoder.partial
 
-    def receive_data(self, data: bytes) -> list[HostEvent]:
+    def receive_data(self, data: bytes) -> List[HostEvent]:
         return self._handle(self.decoder.feed(data) if data else [])
 
-    def abandon_partial(self) -> list[HostEvent]:
+    def abandon_partial(self) -> List[HostEvent]:
         """The partial frame stalled: its writer died mid-frame (docs/protocol.md)."""
         return self._handle(self.decoder.abandon_partial())
 
-    def _handle(self, decoded: list[DecoderEvent]) -> list[HostEvent]:
-        out: list[HostEvent] = []
+    def _handle(self, decoded: List[DecoderEvent]) -> List[HostEvent]:
+        out: List[HostEvent] = []
         for event in decoded:
             if self.failed:
                 break
@@ -278,7 +276,7 @@ class HostSession:
                                                               event.reason)))
         return out
 
-    def _fail(self, out: list[HostEvent], event: HandshakeFailed) -> None:
+    def _fail(self, out: List[HostEvent], event: HandshakeFailed) -> None:
         self.failed = True
         self.synchronised = False
         self._in_flight.clear()
@@ -288,7 +286,7 @@ class HostSession:
         return HandshakeFailed(True, "the agent refused protocol %d: %s" % (m.PROTOCOL_VERSION,
                                                                              message), details)
 
-    def _handshake_frame(self, frame: Frame, out: list[HostEvent]) -> None:
+    def _handshake_frame(self, frame: Frame, out: List[HostEvent]) -> None:
         t = frame.type
         if t == FrameType.HELLO:
             if self.nonce is not None:  # the agent (re)opened its port and may have missed SYNC
@@ -324,13 +322,13 @@ class HostSession:
         else:
             self.stats["stale_frames"] += 1
 
-    def _restart(self, out: list[HostEvent], reason: str) -> None:
+    def _restart(self, out: List[HostEvent], reason: str) -> None:
         self.stats["agent_restarts"] += 1
         self._in_flight.clear()
         out.append(SessionLost(reason))
         out.append(SendBytes(self.start()))
 
-    def _frame(self, frame: Frame, out: list[HostEvent]) -> None:
+    def _frame(self, frame: Frame, out: List[HostEvent]) -> None:
         t = frame.type
         id_ = frame.id
         if t == FrameType.HELLO:
@@ -372,7 +370,7 @@ class HostSession:
         # SYNC_ACK duplicates (answers to our resends) and frame types a host never receives are
         # ignored.
 
-    def _connection_error(self, payload: bytes, out: list[HostEvent]) -> None:
+    def _connection_error(self, payload: bytes, out: List[HostEvent]) -> None:
         try:
             code, message, details = m.parse_error(payload)
         except ProtocolViolation:
@@ -441,7 +439,7 @@ class AgentSession:
     def __init__(self, describe: Callable[[], JSON], in_flight: Callable[[int], bool]) -> None:
         self._describe = describe
         self._in_flight = in_flight
-        self.nonce: str | None = None
+        self.nonce: Optional[str] = None
 
     @property
     def active(self) -> bool:
@@ -454,7 +452,7 @@ class AgentSession:
     def end(self) -> None:
         self.nonce = None
 
-    def receive_frame(self, frame: Frame) -> list[AgentEvent]:
+    def receive_frame(self, frame: Frame) -> List[AgentEvent]:
         t = frame.type
         if t == FrameType.SYNC:
             return self._sync(frame)
@@ -470,7 +468,7 @@ class AgentSession:
             return []
         return [Ignored("ignoring a %s frame from the host" % frame_type_name(t))]
 
-    def _sync(self, frame: Frame) -> list[AgentEvent]:
+    def _sync(self, frame: Frame) -> List[AgentEvent]:
         try:
             nonce, protocol = m.parse_sync(frame.payload)
         except ProtocolViolation as exc:
@@ -482,7 +480,7 @@ class AgentSession:
                                              "the agent speaks protocol %d, not %d"
                                              % (m.PROTOCOL_VERSION, protocol),
                                              {"nonce": nonce, "protocol": m.PROTOCOL_VERSION}))]
-        out: list[AgentEvent] = []
+        out: List[AgentEvent] = []
         if self.nonce == nonce:
             out.append(Ignored("repeated SYNC for the current session: acknowledged again"))
         else:
@@ -493,7 +491,7 @@ class AgentSession:
         out.append(SendBytes(m.encode_sync_ack(nonce, self._describe())))
         return out
 
-    def _request(self, frame: Frame) -> list[AgentEvent]:
+    def _request(self, frame: Frame) -> List[AgentEvent]:
         rid = frame.id
         if not rid:
             return [Ignored("REQUEST with id 0 ignored (ids must be non-zero)", warning=True)]
