@@ -429,7 +429,10 @@ def _record_fsyncs(monkeypatch):
 
     def replace(src, dst, *a, **kw):
         real_replace(src, dst, *a, **kw)
-        events.append(("replace", os.path.dirname(os.path.abspath(dst))))
+        if kw.get("dst_dir_fd") is not None:  # renamed within a held directory fd
+            events.append(("replace", os.fstat(kw["dst_dir_fd"]).st_ino))
+        else:
+            events.append(("replace", os.stat(os.path.dirname(os.path.abspath(dst))).st_ino))
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
@@ -441,8 +444,7 @@ def _dir_fsynced_after_rename(events):
     renames = [i for i, ev in enumerate(events) if ev[0] == "replace"]
     assert renames, events
     for i in renames:
-        ino = os.stat(events[i][1]).st_ino
-        if ("fsync", True, ino) not in events[i + 1:]:
+        if ("fsync", True, events[i][1]) not in events[i + 1:]:
             return False
     return True
 

@@ -45,13 +45,13 @@ class TransferError(Exception):
     """A transfer failed. ``code`` is a protocol error code; ``interrupted`` means the peer went
     away (the partial data is kept for --resume)."""
 
-    def __init__(self, code, message, interrupted=False):
+    def __init__(self, code: str, message: str, interrupted: bool = False) -> None:
         Exception.__init__(self, message)
         self.code = code
         self.interrupted = interrupted
 
 
-def cancelled():
+def cancelled() -> TransferError:
     return TransferError(codes.CANCELLED, "the transfer was cancelled")
 
 

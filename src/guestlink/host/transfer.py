@@ -24,8 +24,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
+from ..filecopy import commit
 from ..filecopy import engine as CE
 from ..protocol import Fields, ProtocolViolation, codes
 from ..protocol import messages as m
@@ -145,17 +146,7 @@ def _reported_file(obj: Any, what: str) -> Tuple[int, str]:
         raise _violation(what, exc) from None
 
 
-def _verify_one(reply, result, args):
-    nbytes, digest = result
-    size, theirs = _reported_file(reply, "transfer reply")
-    if theirs != digest or size != nbytes:
-        raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "the agent reports %s %s (%d bytes), this "
-                                 "side %s (%d bytes)" % (args.get("checksum"), theirs, size, digest,
-                                                         nbytes))
-
-
-async def _transfer_one(client, direction, args, engine, progress, total, timeout,
-                        verify=_verify_one):
+async def _transfer_one(client, direction, args, engine, progress, total, timeout, verify):
     """The one engine for both directions.
 
     ``args``: transfer.open arguments (without transfer/direction). ``engine(chan, tid, ready,
@@ -282,14 +273,113 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
                 link.reset()
 
 
-# --- single files --------------------------------------------------------------------------------
+# --- files: a single file is a batch of one ------------------------------------------------------
+#
+# push_file/pull_file and the batches of push_tree/pull_tree run the same code: one request
+# (the single-file wire form for push_file/pull_file, "files" for a tree's batch), one sender
+# or receiver looping over the files, one verifier and one commit step (guestlink.filecopy).
 
-def _local_meta(fd):
+
+#: What one transfer gives: (the agent's reply, its ready event, [(bytes, digest)] a file, seconds).
+_Outcome = Tuple[Any, Dict[str, Any], List[Tuple[int, str]], float]
+_Verify = Callable[[Any, List[Tuple[int, str]], Dict[str, Any]], None]
+
+
+def _verifier(paths: List[str], batch: bool) -> _Verify:
+    """verify() for _transfer_one: the agent's reply gives each file's size and digest (a
+    batch's in its list ``files``, a single file's at the top level), which must be what this
+    side sent or received."""
+    def verify(reply: Any, result: List[Tuple[int, str]], args: Dict[str, Any]) -> None:
+        files = reply.get("files") if batch else [reply]
+        if not isinstance(files, list) or len(files) != len(result):
+            raise E.ProtocolError("the agent's reply does not list the batch's files")
+        what = "file entry of the transfer reply" if batch else "transfer reply"
+        for entry, (nbytes, digest), path in zip(files, result, paths):
+            size, theirs = _reported_file(entry, what)
+            if theirs != digest or size != nbytes:
+                raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "%sthe agent reports %s %s (%d "
+                                         "bytes), this side %s (%d bytes)" % (
+                                             "%s: " % path if batch else "", args.get("checksum"),
+                                             theirs, size, digest, nbytes))
+    return verify
+
+
+def _local_meta(fd: int) -> Tuple[os.stat_result, Optional[int]]:
     st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory (use -r)")
     regular = stat.S_ISREG(st.st_mode)
     return st, (st.st_size if regular else None)
+
+
+class _Outgoing(NamedTuple):
+    """One file of a push."""
+
+    local: str
+    st: os.stat_result  # as it was listed: it must not change while it is sent
+    size: Optional[int]  # None: not a regular file (a pipe), sent to its end
+    fd: Optional[int]  # open already (push_file, perhaps stdin), else opened in its turn
+
+
+def _send(chan: CE.Channel, tid: int, src: _Outgoing, checksum: str, offset: int,
+          progress: Callable[[int], None]) -> Tuple[int, str]:
+    """Send one file from ``offset``; if it changes meanwhile, the agent learns why (it drops
+    its temp file) and the error names it."""
+    fd = src.fd if src.fd is not None else os.open(src.local, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        check = commit.unchanged_check(fd, src.size, src.st.st_mtime_ns,
+                                       "%s changed during the transfer" % src.local)
+        try:
+            check()
+            if offset:
+                os.lseek(fd, offset, os.SEEK_SET)
+            return CE.send_file(chan, fd, tid, checksum, offset, src.size, progress=progress,
+                                check=check)
+        except CE.TransferError as exc:
+            if exc.code != codes.CHANGED:
+                raise
+            if src.local not in str(exc):  # say which file
+                exc = CE.TransferError(codes.CHANGED, "%s changed during the transfer (%s)"
+                                       % (src.local, exc))
+            try:
+                chan.write_all([T.encode_end_error(tid, exc.code, str(exc))])
+            except CE.TransferError:
+                pass
+            raise exc from None
+    finally:
+        if src.fd is None:
+            os.close(fd)
+
+
+async def _push(client: Any, sources: List[_Outgoing], targets: List[str], args: Dict[str, Any], *,
+                batch: bool, resume: bool, checksum: str, progress: Any, timeout: Optional[float],
+                base: int, total: Optional[int]) -> _Outcome:
+    """Push ``sources`` (to the guest paths ``targets``) in one transfer: returns (reply, ready
+    event, [(bytes, digest)] a file, seconds)."""
+    def engine(chan: CE.Channel, tid: int, ready: Dict[str, Any],
+               prog: Callable[[int], None]) -> List[Tuple[int, str]]:
+        if batch:
+            offsets = ready["offsets"]
+            if (not isinstance(offsets, list) or len(offsets) != len(sources)
+                    or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= s.st.st_size
+                               for o, s in zip(offsets, sources))):
+                raise E.ProtocolError("bad offsets in the agent's ready event")
+        else:
+            offsets = [ready["offset"]]
+            size = sources[0].size
+            if offsets[0] > (size if size is not None and resume else 0):
+                raise E.ProtocolError("bad ready event: field 'offset' (%d) is beyond what this "
+                                      "side sends" % offsets[0])
+        chan.write_all([T.encode_hello(tid, ready["nonce"], "host")])
+        done, sent = [], base
+        for i, (src, offset) in enumerate(zip(sources, offsets)):
+            done.append(_send(chan, T.batch_tid(tid, i), src, checksum, offset,
+                              lambda pos, at=sent: prog(at + pos)))
+            sent += src.size or 0
+        return done
+
+    return await _transfer_one(client, "push", args, engine, progress, total, timeout,
+                               verify=_verifier(targets, batch))
 
 
 async def push_file(client, local, remote, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
@@ -313,38 +403,10 @@ async def push_file(client, local, remote, *, preserve=False, resume=False, chec
         if _test_corrupt is not None:
             args["test_corrupt"] = _test_corrupt
         args = {k: v for k, v in args.items() if v is not None}
-
-        def engine(chan, tid, ready, prog):
-            offset = ready["offset"]
-            if offset > (size if size is not None and resume else 0):
-                raise E.ProtocolError("bad ready event: field 'offset' (%d) is beyond what this "
-                                      "side sends" % offset)
-            if offset:
-                os.lseek(fd, offset, os.SEEK_SET)
-            chan.write_all([T.encode_hello(tid, ready["nonce"], "host")])
-
-            def check():
-                if size is None:
-                    return
-                now = os.fstat(fd)
-                if now.st_size != st.st_size or now.st_mtime_ns != st.st_mtime_ns:
-                    raise CE.TransferError(codes.CHANGED, "%s changed during the transfer" % local)
-            try:
-                return CE.send_file(chan, fd, tid, checksum, offset, size, progress=prog, check=check)
-            except CE.TransferError as exc:
-                if exc.code != codes.CHANGED:
-                    raise
-                if local not in str(exc):  # say which file
-                    exc = CE.TransferError(codes.CHANGED, "%s changed during the transfer (%s)"
-                                           % (local, exc))
-                try:  # tell the agent why (it drops its temp file)
-                    chan.write_all([T.encode_end_error(tid, exc.code, str(exc))])
-                except CE.TransferError:
-                    pass
-                raise exc from None
-
-        reply, ready, (nbytes, digest), seconds = await _transfer_one(
-            client, "push", args, engine, progress, size, timeout)
+        reply, ready, result, seconds = await _push(
+            client, [_Outgoing(local, st, size, fd)], [remote], args, batch=False, resume=resume,
+            checksum=checksum, progress=progress, timeout=timeout, base=0, total=size)
+        nbytes, digest = result[0]
         return TransferResult(local, reply.get("path", remote), nbytes, seconds, checksum, digest, 1,
                               ready["offset"])
     finally:
@@ -352,34 +414,18 @@ async def push_file(client, local, remote, *, preserve=False, resume=False, chec
             os.close(fd)
 
 
-def _receive(chan: CE.Channel, fd: int, tid: int, checksum: str, offset: int, size: int,
-             progress: Optional[Callable[[int], None]]) -> Tuple[int, str]:
-    """recv_file for a pull: never more than the ``size`` the guest announced (recv_file refuses
-    the excess; a frame too large for it is said to be more than announced, too)."""
-    try:
-        return CE.recv_file(chan, fd, tid, checksum, offset, size, progress=progress)
-    except CE.TransferError as exc:
-        if exc.code != codes.TOO_LARGE:
-            raise
-        raise CE.TransferError(exc.code, "%s (the guest announced %d bytes)" % (exc, size),
-                               exc.interrupted) from None
-
-
-def _open_partial(parent, name, offset):
-    fd = os.open(os.path.join(parent, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
-    os.ftruncate(fd, offset)
-    os.lseek(fd, offset, os.SEEK_SET)
-    return fd
-
-
-def _resume_from(parent: str, partial: str, size: int) -> int:
-    """Where a --resume pull continues: after the verified prefix in the hidden partial file."""
-    try:
-        pst = os.lstat(os.path.join(parent, partial))
-    except OSError:
-        return 0
-    return T.resume_offset(pst.st_size, size) if stat.S_ISREG(pst.st_mode) else 0
+async def _push_batch(client, batch, *, preserve, resume, checksum, progress, timeout, base,
+                      grand_total):
+    """Push the files of one batch (``[(local, guest path, lstat)]``) in one transfer: the agent
+    checks them all first, then receives them in turn on one opening of the data port.
+    Returns (bytes, last digest)."""
+    args = {"files": [_batch_entry(target, st, preserve) for _, target, st in batch],
+            "checksum": checksum, "resume": bool(resume), "preserve": preserve}
+    reply, ready, result, seconds = await _push(
+        client, [_Outgoing(local, st, st.st_size, None) for local, _, st in batch],
+        [target for _, target, _ in batch], args, batch=True, resume=resume, checksum=checksum,
+        progress=progress, timeout=timeout, base=base, total=grand_total)
+    return sum(n for n, _ in result), result[-1][1]
 
 
 def _check_space(path: str, need: int) -> None:
@@ -404,21 +450,6 @@ def _check_space(path: str, need: int) -> None:
                       % (probe, need, free))
 
 
-def _fsync_dir(path: str) -> None:
-    """Make renames into ``path`` durable: a rename is recorded in the directory, which the
-    file's own fsync does not write."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a directory (EINVAL): nothing more to do
-        pass
-    finally:
-        os.close(fd)
-
-
 def _stat_fields(rst: Any, path: str) -> Dict[str, Any]:
     """The agent's fs.stat reply for ``path``, every field type- and range-checked."""
     try:
@@ -431,6 +462,185 @@ def _stat_fields(rst: Any, path: str) -> Dict[str, Any]:
                 "gid": f.int("gid", default=None, min=0, max=MAX_ID)}
     except ProtocolViolation as exc:
         raise _violation("fs.stat reply for %r" % path, exc) from None
+
+
+def _receive(chan: CE.Channel, fd: int, tid: int, checksum: str, offset: int, size: int,
+             progress: Optional[Callable[[int], None]]) -> Tuple[int, str]:
+    """recv_file for a pull: never more than the ``size`` the guest announced (recv_file refuses
+    the excess; a frame too large for it is said to be more than announced, too)."""
+    try:
+        return CE.recv_file(chan, fd, tid, checksum, offset, size, progress=progress)
+    except CE.TransferError as exc:
+        if exc.code != codes.TOO_LARGE:
+            raise
+        raise CE.TransferError(exc.code, "%s (the guest announced %d bytes)" % (exc, size),
+                               exc.interrupted) from None
+
+
+class _Incoming(NamedTuple):
+    """One file of a pull: received into ``partial`` beside ``dest`` (``dest`` "-": stdout)."""
+
+    remote: str
+    dest: str
+    partial: Optional[str]
+    offset: int
+    size: int
+    mtime_ns: int
+    attrs: Any  # ListEntry-like (mode, mtime_ns, uid, gid) for the commit step; None: the ready event's
+    parts: Optional[List[str]] = None  # a tree's file: its path below the root, checked again
+
+    def request(self) -> Dict[str, Any]:
+        return {"path": self.remote, "size": self.size, "mtime_ns": self.mtime_ns, "offset": self.offset}
+
+
+def _resume_at(parent: str, partial: str, size: int) -> int:
+    """commit.resume_offset by path (0 where the directory is not there yet)."""
+    try:
+        dfd = commit.open_directory(parent)
+    except OSError:
+        return 0
+    try:
+        return commit.resume_offset(dfd, partial, size)
+    finally:
+        os.close(dfd)
+
+
+def _pulled_attrs(dfd: int, name: str, meta: Any, preserve: bool) -> commit.Attrs:
+    """Owner, mode and mtime of a pulled file: with -p the guest's (never setuid/setgid), else
+    the mode of the file it replaces or the default."""
+    if not preserve:
+        try:
+            kept: Optional[os.stat_result] = os.stat(name, dir_fd=dfd)
+        except OSError:
+            kept = None
+        return commit.Attrs(commit.kept_mode(kept))
+    mode = meta.mode if meta.mode is not None else commit.kept_mode(None)
+    return commit.Attrs(mode, GUEST_MODE_BITS, meta.mtime_ns, meta.uid, meta.gid)
+
+
+class _Landing:
+    """The file a pull is writing: its directory fd, temp file and fd (closed and, unless kept
+    for --resume, removed if the pull fails)."""
+
+    def __init__(self) -> None:
+        self.dfd: Optional[int] = None
+        self.fd: Optional[int] = None
+        self.partial: Optional[str] = None
+        self.keep = False
+
+    def open(self, item: _Incoming, replace_link: bool) -> None:
+        parent, name = os.path.split(item.dest)
+        self.dfd = commit.open_directory(parent)
+        old = commit.existing(self.dfd, name)
+        if replace_link and old is not None and stat.S_ISLNK(old.st_mode):
+            os.unlink(name, dir_fd=self.dfd)  # never written through a link
+        try:
+            self.fd = commit.open_partial(self.dfd, item.partial, item.offset)
+        except commit.PartialReplaced:
+            raise E.ProtocolError("%s was replaced since the pull was planned"
+                                  % os.path.join(parent, item.partial)) from None
+        self.partial = item.partial
+
+    def commit(self, item: _Incoming, meta: Any, preserve: bool, sync_dir: bool) -> None:
+        name = os.path.basename(item.dest)
+        commit.commit(self.fd, self.dfd, self.partial, name,
+                      _pulled_attrs(self.dfd, name, meta, preserve), sync_dir=sync_dir)
+        self.partial = None
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.dfd is not None:
+            if self.partial is not None and not self.keep:
+                commit.drop_partial(self.dfd, self.partial)
+            self.partial = None
+            os.close(self.dfd)
+            self.dfd = None
+
+
+def _sync_directories(paths: Set[str]) -> None:
+    for path in sorted(paths):
+        try:
+            dfd = commit.open_directory(path)
+        except OSError:
+            continue
+        try:
+            commit.sync_directory(dfd)
+        finally:
+            os.close(dfd)
+
+
+async def _pull(client: Any, items: List[_Incoming], args: Dict[str, Any], *, batch: bool,
+                root: Optional[str], preserve: bool, checksum: str, progress: Any,
+                timeout: Optional[float], base: int, total: int) -> _Outcome:
+    """Pull ``items`` in one transfer, each received into its temp file and committed: a batch's
+    files each before the next (a later failure leaves them), a single file once the agent's
+    reply agrees. Returns (reply, ready event, [(bytes, digest)] a file, seconds)."""
+    landing = _Landing()
+    to_stdout = not batch and items[0].dest == "-"
+    if not batch and not to_stdout:
+        landing.open(items[0], replace_link=False)  # a local error stops it before it starts
+
+    def engine(chan: CE.Channel, tid: int, ready: Dict[str, Any],
+               prog: Callable[[int], None]) -> List[Tuple[int, str]]:
+        if not batch and (ready["offset"] != items[0].offset or ready["size"] not in (None, items[0].size)):
+            raise E.ProtocolError("bad ready event: field 'offset' %d / 'size' %s where %d / %d "
+                                  "was asked" % (ready["offset"], ready["size"], items[0].offset,
+                                                 items[0].size))
+        done, received = [], base
+        renamed_in: Set[str] = set()  # directories to fsync: once each, even if a later file fails
+        try:
+            for i, item in enumerate(items):
+                if item.parts is not None:
+                    _safe_parent(root, item.parts)  # again: nothing may have moved under us
+                if landing.fd is None and not to_stdout:
+                    landing.open(item, replace_link=True)
+                fd = sys.stdout.fileno() if to_stdout else landing.fd
+                try:
+                    done.append(_receive(chan, fd, T.batch_tid(tid, i), checksum, item.offset,
+                                         item.size, lambda pos, at=received: prog(at + pos)))
+                except CE.TransferError as exc:
+                    landing.keep = exc.interrupted  # the verified prefix stays for --resume
+                    raise
+                if batch:
+                    landing.commit(item, item.attrs, preserve, sync_dir=False)
+                    renamed_in.add(os.path.dirname(item.dest))
+                elif not to_stdout:
+                    os.fsync(landing.fd)  # before the ack (committed once the reply agrees)
+                received += item.size
+        finally:
+            _sync_directories(renamed_in)
+        chan.write_all([T.encode_ack(T.batch_tid(tid, len(items) - 1))])
+        return done
+
+    try:
+        try:
+            reply, ready, result, seconds = await _transfer_one(
+                client, "pull", args, engine, progress, total, timeout,
+                verify=_verifier([item.remote for item in items], batch))
+        except (E.ConnectionLost, E.RequestTimeout):
+            landing.keep = True  # interrupted: the verified prefix stays for --resume
+            raise
+        if landing.fd is not None:
+            landing.commit(items[0], _ReadyMeta.of(ready), preserve, sync_dir=True)
+    finally:
+        landing.close()
+    return reply, ready, result, seconds
+
+
+class _ReadyMeta(NamedTuple):
+    """A single pull's attributes, from the agent's ready event."""
+
+    mode: Optional[int]
+    mtime_ns: Optional[int]
+    uid: Optional[int]
+    gid: Optional[int]
+
+    @classmethod
+    def of(cls, ready: Dict[str, Any]) -> "_ReadyMeta":
+        return cls(ready["mode"], ready["mtime_ns"], ready["uid"], ready["gid"])
 
 
 async def pull_file(client, remote, local, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
@@ -450,10 +660,8 @@ async def pull_file(client, remote, local, *, preserve=False, resume=False, chec
         if rst[key] is None:  # the size bounds the pull; both name its resume file
             raise E.ProtocolError("malformed fs.stat reply for %r from the agent: no field %r"
                                   % (remote, key))
-    to_stdout = local == "-"
-    if to_stdout:
-        fd, dest, partial, offset = sys.stdout.fileno(), "-", None, 0
-        parent = None
+    if local == "-":
+        item = _Incoming(remote, "-", None, 0, size, mtime_ns, None)
     else:
         dest = os.path.abspath(local)
         if os.path.isdir(dest):
@@ -464,59 +672,30 @@ async def pull_file(client, remote, local, *, preserve=False, resume=False, chec
         if not os.path.isdir(parent):
             raise FileNotFoundError(errno.ENOENT, "local directory %s does not exist" % parent)
         partial = T.partial_name(dest, size, mtime_ns, checksum)
-        offset = _resume_from(parent, partial, size) if resume else 0
+        offset = _resume_at(parent, partial, size) if resume else 0
         _check_space(parent, size - offset)
-        fd = _open_partial(parent, partial, offset)
-    args = {"path": remote, "checksum": checksum, "offset": offset, "size": size, "mtime_ns": mtime_ns}
+        item = _Incoming(remote, dest, partial, offset, size, mtime_ns, None)
+    args = dict(item.request(), checksum=checksum)
     if _test_corrupt is not None:
         args["test_corrupt"] = _test_corrupt
-    keep = False
+    reply, ready, result, seconds = await _pull(
+        client, [item], args, batch=False, root=None, preserve=preserve, checksum=checksum,
+        progress=progress, timeout=timeout, base=0, total=size)
+    nbytes, digest = result[0]
+    return TransferResult(remote, item.dest, nbytes, seconds, checksum, digest, 1, ready["offset"])
 
-    def engine(chan, tid, ready, prog):
-        if ready["offset"] != offset or ready["size"] not in (None, size):
-            raise E.ProtocolError("bad ready event: field 'offset' %d / 'size' %s where %d / %d "
-                                  "was asked" % (ready["offset"], ready["size"], offset, size))
-        nbytes, digest = _receive(chan, fd, tid, checksum, offset, size, prog)
-        if not to_stdout:
-            os.fsync(fd)
-        chan.write_all([T.encode_ack(tid)])
-        return nbytes, digest
 
-    try:
-        try:
-            reply, ready, (nbytes, digest), seconds = await _transfer_one(
-                client, "pull", args, engine, progress, size, timeout)
-        except (E.ConnectionLost, E.RequestTimeout):
-            keep = True  # interrupted: the verified prefix stays for --resume
-            raise
-        if not to_stdout:
-            final = os.path.join(parent, partial)
-            if preserve:
-                if ready["uid"] is not None and os.geteuid() == 0:
-                    os.fchown(fd, ready["uid"], ready["gid"] if ready["gid"] is not None else -1)
-                if ready["mode"] is not None:
-                    os.fchmod(fd, ready["mode"] & GUEST_MODE_BITS)
-                if ready["mtime_ns"] is not None:
-                    os.utime(fd, ns=(ready["mtime_ns"], ready["mtime_ns"]))
-            else:
-                try:
-                    os.fchmod(fd, stat.S_IMODE(os.stat(dest).st_mode))
-                except OSError:
-                    mask = os.umask(0o022)
-                    os.umask(mask)
-                    os.fchmod(fd, 0o666 & ~mask)
-            os.replace(final, dest)
-            partial = None
-            _fsync_dir(parent)
-        return TransferResult(remote, dest, nbytes, seconds, checksum, digest, 1, ready["offset"])
-    finally:
-        if not to_stdout:
-            os.close(fd)
-            if partial is not None and not keep:
-                try:
-                    os.unlink(os.path.join(parent, partial))
-                except OSError:
-                    pass
+async def _pull_batch(client, root, batch, *, preserve, checksum, progress, timeout, base,
+                      grand_total):
+    """Pull the files of one batch (``[_Incoming]``) in one transfer: the agent sends them in
+    turn on one opening of the data port; each is received into a temp file beside its
+    destination, verified and renamed before the next (at most its listed size is accepted).
+    Returns (bytes, last digest)."""
+    args = {"files": [item.request() for item in batch], "checksum": checksum}
+    reply, ready, result, seconds = await _pull(
+        client, batch, args, batch=True, root=root, preserve=preserve, checksum=checksum,
+        progress=progress, timeout=timeout, base=base, total=grand_total)
+    return sum(n for n, _ in result), result[-1][1]
 
 
 # --- trees ---------------------------------------------------------------------------------------
@@ -564,7 +743,7 @@ async def push_tree(client, local, remote, *, preserve=False, resume=False, chec
             elif stat.S_ISREG(st.st_mode):
                 files.append((full, target, st))
     grand_total = sum(st.st_size for _, _, st in files)
-    for batch in _batches(files, preserve):
+    for batch in _batches(files, lambda f: _batch_entry(f[1], f[2], preserve)):
         nbytes, digest = await _push_batch(client, batch, preserve=preserve, resume=resume,
                                            checksum=checksum, progress=progress, timeout=timeout,
                                            base=total.bytes, grand_total=grand_total)
@@ -588,172 +767,20 @@ def _batch_entry(target, st, preserve):
     return entry
 
 
-def _batches(files, preserve, items=None):
-    """Split ``files`` ([(_, guest path, lstat or None)]) into batches of at most T.MAX_BATCH files
-    and T.BATCH_REQUEST_BYTES of request (a batch opens the agent's data port once for all its
-    files); the batches hold ``items`` (default: ``files``) at the same positions."""
+def _batches(items, request_entry):
+    """Split ``items`` into batches of at most T.MAX_BATCH files and T.BATCH_REQUEST_BYTES of
+    request (``request_entry(item)``: the item's entry in transfer.open's "files"): a batch opens
+    the agent's data port once for all its files."""
     batch, nbytes = [], 0
-    for item, out in zip(files, items if items is not None else files):
-        st = item[2]
-        entry = _batch_entry(item[1], st, preserve) if st is not None else {
-            "path": item[1], "size": 2 ** 63, "mtime_ns": -2 ** 63, "offset": 2 ** 63}
-        size = len(m.dump_json(entry)) + 1
+    for item in items:
+        size = len(m.dump_json(request_entry(item))) + 1
         if batch and (len(batch) >= T.MAX_BATCH or nbytes + size > T.BATCH_REQUEST_BYTES):
             yield batch
             batch, nbytes = [], 0
-        batch.append(out)
+        batch.append(item)
         nbytes += size
     if batch:
         yield batch
-
-
-def _batch_verifier(paths):
-    """verify() for _transfer_one: the agent's reply lists each file of the batch (``paths``, the
-    guest paths) with the size and digest this side sent or received."""
-    def verify(reply, result, args):
-        files = reply.get("files")
-        if not isinstance(files, list) or len(files) != len(result):
-            raise E.ProtocolError("the agent's reply does not list the batch's files")
-        for entry, (nbytes, digest), path in zip(files, result, paths):
-            size, theirs = _reported_file(entry, "file entry of the transfer reply")
-            if theirs != digest or size != nbytes:
-                raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "%s: the agent reports %s %s "
-                                         "(%d bytes), this side %s (%d bytes)" % (
-                                             path, args.get("checksum"), theirs, size, digest,
-                                             nbytes))
-    return verify
-
-
-async def _push_batch(client, batch, *, preserve, resume, checksum, progress, timeout, base,
-                      grand_total):
-    """Push the files of one batch (``[(local, guest path, lstat)]``) in one transfer: the agent
-    checks them all first, then receives them in turn on one opening of the data port.
-    Returns (bytes, last digest)."""
-    args = {"files": [_batch_entry(target, st, preserve) for _, target, st in batch],
-            "checksum": checksum, "resume": bool(resume), "preserve": preserve}
-
-    def engine(chan, tid, ready, prog):
-        offsets = ready["offsets"]
-        if (not isinstance(offsets, list) or len(offsets) != len(batch)
-                or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= st.st_size
-                           for o, (_, _, st) in zip(offsets, batch))):
-            raise E.ProtocolError("bad offsets in the agent's ready event")
-        chan.write_all([T.encode_hello(tid, ready["nonce"], "host")])
-        done, sent = [], base
-        for i, (local, _, st) in enumerate(batch):
-            sub_tid = T.batch_tid(tid, i)
-            fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            try:
-                def check(fd=fd, st=st, local=local):
-                    now = os.fstat(fd)
-                    if now.st_size != st.st_size or now.st_mtime_ns != st.st_mtime_ns:
-                        raise CE.TransferError(codes.CHANGED, "%s changed during the transfer"
-                                               % local)
-                try:
-                    check()
-                    os.lseek(fd, offsets[i], os.SEEK_SET)
-                    nbytes, digest = CE.send_file(
-                        chan, fd, sub_tid, checksum, offsets[i], st.st_size,
-                        progress=lambda pos, at=sent: prog(at + pos), check=check)
-                except CE.TransferError as exc:
-                    if exc.code == codes.CHANGED:
-                        try:  # tell the agent why (it drops its temp file)
-                            chan.write_all([T.encode_end_error(sub_tid, exc.code, str(exc))])
-                        except CE.TransferError:
-                            pass
-                    raise
-            finally:
-                os.close(fd)
-            sent += st.st_size
-            done.append((nbytes, digest))
-        return done
-
-    reply, ready, result, seconds = await _transfer_one(
-        client, "push", args, engine, progress, grand_total, timeout,
-        verify=_batch_verifier([target for _, target, _ in batch]))
-    return sum(n for n, _ in result), result[-1][1]
-
-
-async def _pull_batch(client, root, batch, *, preserve, resume, checksum, progress, timeout, base,
-                      grand_total):
-    """Pull the files of one batch (``[(parts, guest path, listing entry)]``) in one transfer: the
-    agent sends them in turn on one opening of the data port; each is received into a temp file
-    beside its destination, verified and renamed before the next (at most its listed size is
-    accepted). Returns (bytes, last digest)."""
-    plan = []
-    for parts, path, e in batch:
-        dest = _safe_parent(root, parts)
-        partial = T.partial_name(dest, e.size, e.mtime_ns, checksum)
-        offset = _resume_from(os.path.dirname(dest), partial, e.size) if resume else 0
-        plan.append((parts, dest, partial, offset, e))
-    args = {"files": [{"path": path, "size": e.size, "mtime_ns": e.mtime_ns, "offset": offset}
-                      for (_, path, e), (_, _, _, offset, _) in zip(batch, plan)],
-            "checksum": checksum}
-    mask = os.umask(0o022)
-    os.umask(mask)
-    state = {"partial": None, "keep": False}
-
-    def engine(chan, tid, ready, prog):
-        done, received = [], base
-        renamed_in = set()  # directories to fsync: once each, even if a later file fails
-        try:
-            for i, (parts, dest, partial, offset, e) in enumerate(plan):
-                dest = _safe_parent(root, parts)  # again: nothing may have moved under us
-                if os.path.islink(dest):
-                    os.unlink(dest)  # never write through a link
-                parent = os.path.dirname(dest)
-                fd = _open_partial(parent, partial, offset)
-                state["partial"] = os.path.join(parent, partial)
-                try:
-                    nbytes, digest = _receive(chan, fd, T.batch_tid(tid, i), checksum, offset,
-                                              e.size, lambda pos, at=received: prog(at + pos))
-                    os.fsync(fd)
-                    _finish_pulled(fd, dest, e, preserve, mask)
-                    os.replace(state["partial"], dest)
-                    state["partial"] = None
-                    renamed_in.add(parent)
-                except CE.TransferError as exc:
-                    state["keep"] = exc.interrupted  # the verified prefix stays for --resume
-                    raise
-                finally:
-                    os.close(fd)
-                received += e.size
-                done.append((nbytes, digest))
-        finally:
-            for parent in sorted(renamed_in):
-                _fsync_dir(parent)
-        chan.write_all([T.encode_ack(T.batch_tid(tid, len(plan) - 1))])
-        return done
-
-    try:
-        reply, ready, result, seconds = await _transfer_one(
-            client, "pull", args, engine, progress, grand_total, timeout,
-            verify=_batch_verifier([path for _, path, _ in batch]))
-    except (E.ConnectionLost, E.RequestTimeout):
-        state["keep"] = True
-        raise
-    finally:
-        if state["partial"] is not None and not state["keep"]:
-            try:
-                os.unlink(state["partial"])
-            except OSError:
-                pass
-    return sum(n for n, _ in result), result[-1][1]
-
-
-def _finish_pulled(fd, dest, e, preserve, mask):
-    """Owner, mode and mtime of a pulled file (from the guest's listing, never setuid/setgid)."""
-    if preserve:
-        if e.uid is not None and os.geteuid() == 0:
-            os.fchown(fd, e.uid, e.gid if e.gid is not None else -1)
-        if e.mode is not None:
-            os.fchmod(fd, e.mode & GUEST_MODE_BITS)
-        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
-    else:
-        try:
-            os.fchmod(fd, stat.S_IMODE(os.stat(dest).st_mode))
-        except OSError:
-            os.fchmod(fd, 0o666 & ~mask)
 
 
 def _safe_parent(root, parts):
@@ -868,8 +895,8 @@ async def pull_tree(client, remote, local, *, preserve=False, resume=False, chec
             need += e.size
             if resume:  # an estimate: the partial files hold what need not come again
                 dest = os.path.join(root, *parts)
-                need -= _resume_from(os.path.dirname(dest),
-                                     T.partial_name(dest, e.size, e.mtime_ns, checksum), e.size)
+                need -= _resume_at(os.path.dirname(dest),
+                                   T.partial_name(dest, e.size, e.mtime_ns, checksum), e.size)
         plan.append((parts, rel, e))
     _check_space(root, need)
     total = TransferResult(remote, root, algorithm=checksum)
@@ -877,10 +904,9 @@ async def pull_tree(client, remote, local, *, preserve=False, resume=False, chec
     os.makedirs(root, exist_ok=True)
     if os.path.islink(root) or not os.path.isdir(root):
         raise E.ProtocolError("%s is not a directory" % root)
-    mask = os.umask(0o022)
-    os.umask(mask)
+    mask = commit.umask()
     dirs = []  # (path, listing entry, created here)
-    files = []  # (parts, guest path, listing entry): pulled in batches once every directory exists
+    files = []  # _Incoming: pulled in batches once every directory exists
     for parts, rel, e in plan:
         dest = _safe_parent(root, parts)
         if e.type == "dir":
@@ -897,11 +923,14 @@ async def pull_tree(client, remote, local, *, preserve=False, resume=False, chec
                 os.unlink(dest)
             os.symlink(e.target, dest)
         elif e.type == "file":
-            files.append((parts, _join_remote(remote, rel), e))
+            partial = T.partial_name(dest, e.size, e.mtime_ns, checksum)
+            offset = _resume_at(os.path.dirname(dest), partial, e.size) if resume else 0
+            files.append(_Incoming(_join_remote(remote, rel), dest, partial, offset, e.size,
+                                   e.mtime_ns, e, parts))
     del plan, seen, entries
-    grand_total = sum(e.size for _, _, e in files)
-    for batch in _batches([(None, path, None) for _, path, _ in files], False, files):
-        nbytes, digest = await _pull_batch(client, root, batch, preserve=preserve, resume=resume,
+    grand_total = sum(item.size for item in files)
+    for batch in _batches(files, _Incoming.request):
+        nbytes, digest = await _pull_batch(client, root, batch, preserve=preserve,
                                            checksum=checksum, progress=progress, timeout=timeout,
                                            base=total.bytes, grand_total=grand_total)
         total.bytes += nbytes

@@ -17,6 +17,7 @@ import hashlib
 import posixpath
 import struct
 import zlib
+from typing import Optional
 
 from . import codes
 from .frames import (HEADER, HEADER_SIZE, MAGIC, TRAILER, TRAILER_SIZE, VERSION, FrameType,
@@ -251,7 +252,7 @@ def partial_name(path, size, mtime_ns, algorithm):
                        .hexdigest()[:24], PARTIAL_SUFFIX)
 
 
-def resume_offset(partial_size, size):
+def resume_offset(partial_size: Optional[int], size: Optional[int]) -> int:
     """Where to resume given the partial file's size: 0 if it cannot be a prefix of the source."""
     if partial_size is None or size is None or partial_size < 0 or partial_size > size:
         return 0
