@@ -29,7 +29,8 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple,
+                    Union, overload)
 
 from .host.errors import ConnectError
 from .protocol.ports import CTL_NAME, DATA_NAME
@@ -85,21 +86,23 @@ class AttachError(LibvirtError):
     """libvirt refused to add or remove a device."""
 
 
-def default_uri(uri=None):
+def default_uri(uri: Optional[str] = None) -> str:
     """``uri``, else $LIBVIRT_DEFAULT_URI, else ``qemu:///system`` (as virsh does)."""
     return uri or os.environ.get("LIBVIRT_DEFAULT_URI") or FALLBACK_URI
 
 
 # --- XML generation ----------------------------------------------------------------------------
 
-def controller_element(index=0, ports=DEFAULT_PORTS, alias=None):
+def controller_element(index: int = 0, ports: int = DEFAULT_PORTS,
+                       alias: Optional[str] = None) -> ET.Element:
     el = ET.Element("controller", type="virtio-serial", index=str(index), ports=str(ports))
     if alias:
         ET.SubElement(el, "alias", name=alias)
     return el
 
 
-def channel_element(name, port, controller=0, path=None):
+def channel_element(name: str, port: int, controller: int = 0,
+                    path: Optional[str] = None) -> ET.Element:
     """``<channel type='unix'>`` for virtio-serial port ``port`` (>= 1) named ``name``; without
     ``path`` libvirt picks the socket's place (``<source mode='bind'/>``)."""
     if port < 1:
@@ -114,7 +117,7 @@ def channel_element(name, port, controller=0, path=None):
     return el
 
 
-def to_string(el, indent=""):
+def to_string(el: ET.Element, indent: str = "") -> str:
     """``el`` as indented XML text (libvirt's single-quote style), each line prefixed by ``indent``."""
     el = ET.fromstring(ET.tostring(el))
     ET.indent(el, space="  ")
@@ -125,7 +128,7 @@ def to_string(el, indent=""):
     return "\n".join(indent + line for line in text.splitlines())
 
 
-def _socket_path(socket_dir, name):
+def _socket_path(socket_dir: str, name: str) -> str:
     path = os.path.join(os.path.abspath(socket_dir), name)
     if len(path.encode()) > MAX_SOCKET_PATH:
         raise ValueError("socket path %s is longer than %d bytes (AF_UNIX limit): use a shorter "
@@ -133,7 +136,7 @@ def _socket_path(socket_dir, name):
     return path
 
 
-def _check_names(ctl_name, data_name):
+def _check_names(ctl_name: str, data_name: str) -> None:
     for n in (ctl_name, data_name):
         if not n or any(c.isspace() or c in "'\"<>&/" for c in n) or len(n) > 255:
             raise ValueError("invalid virtio-serial port name %r" % (n,))
@@ -141,8 +144,9 @@ def _check_names(ctl_name, data_name):
         raise ValueError("the control and data channels need different names")
 
 
-def channel_elements(ctl_name=CTL_NAME, data_name=DATA_NAME, socket_dir=None, ports=DEFAULT_PORTS,
-                     index=0, alias=None):
+def channel_elements(ctl_name: str = CTL_NAME, data_name: str = DATA_NAME,
+                     socket_dir: Optional[str] = None, ports: int = DEFAULT_PORTS, index: int = 0,
+                     alias: Optional[str] = None) -> List[ET.Element]:
     """[controller, ctl channel, data channel] elements, the channels on ports 1 and 2."""
     _check_names(ctl_name, data_name)
     if not 3 <= ports <= 31:
@@ -159,8 +163,9 @@ def metadata_element(ctl_name: str, data_name: str, namespaced: bool = True) -> 
     return ET.Element(METADATA_TAG if namespaced else "channels", ctl=ctl_name, data=data_name)
 
 
-def channels_xml(ctl_name=CTL_NAME, data_name=DATA_NAME, socket_dir=None, ports=DEFAULT_PORTS,
-                 index=0, indent=""):
+def channels_xml(ctl_name: str = CTL_NAME, data_name: str = DATA_NAME,
+                 socket_dir: Optional[str] = None, ports: int = DEFAULT_PORTS, index: int = 0,
+                 indent: str = "") -> str:
     """The text ``guestlink libvirt xml`` prints: paste it into the domain's ``<devices>``.
 
     With other names than the defaults it also holds, after a comment, a ``<metadata>`` element for
@@ -184,12 +189,12 @@ def channels_xml(ctl_name=CTL_NAME, data_name=DATA_NAME, socket_dir=None, ports=
 @dataclass
 class Channel:
     name: str
-    type: str                      # the channel's type attribute ("unix" for ours)
+    type: Optional[str]            # the channel's type attribute ("unix" for ours)
     path: Optional[str]            # socket path (live XML: where libvirt placed it)
     state: Optional[str]           # "connected" / "disconnected" (live XML only), else None
     controller: Optional[int]
     port: Optional[int]
-    element: ET.Element = field(repr=False, compare=False, default=None)
+    element: Optional[ET.Element] = field(repr=False, compare=False, default=None)
 
 
 @dataclass
@@ -200,24 +205,28 @@ class DomainXML:
     channels: Dict[str, Channel]   # virtio channels by target name
     #: virtio-serial controllers: index -> (ports, alias)
     controllers: Dict[int, Tuple[int, Optional[str]]]
-    used_ports: Dict[int, set]     # virtio-serial controller index -> port numbers taken
-    root: ET.Element = field(repr=False, compare=False, default=None)
+    used_ports: Dict[int, Set[int]]  # virtio-serial controller index -> port numbers taken
+    root: Optional[ET.Element] = field(repr=False, compare=False, default=None)
     #: (ctl, data) names from guestlink's <metadata> element; None where it names none
     recorded: Tuple[Optional[str], Optional[str]] = (None, None)
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self.id is not None and self.id >= 0
 
 
-def _int(value, default=None):
+@overload
+def _int(value: Any, default: int) -> int: ...
+@overload
+def _int(value: Any, default: None = None) -> Optional[int]: ...
+def _int(value: Any, default: Optional[int] = None) -> Optional[int]:
     try:
         return int(value, 0) if isinstance(value, str) else int(value)
     except (TypeError, ValueError):
         return default
 
 
-def parse_domain_xml(text):
+def parse_domain_xml(text: str) -> DomainXML:
     """Parse a domain's XML (``virsh dumpxml``) into a :class:`DomainXML`."""
     try:
         root = ET.fromstring(text)
@@ -226,7 +235,9 @@ def parse_domain_xml(text):
     if root.tag != "domain":
         raise LibvirtError("libvirt returned XML that is not a domain (<%s>)" % root.tag)
     devices = root.find("devices")
-    channels, controllers, used = {}, {}, {}
+    channels: Dict[str, Channel] = {}
+    controllers: Dict[int, Tuple[int, Optional[str]]] = {}
+    used: Dict[int, Set[int]] = {}
     if devices is not None:
         for ctl in devices.findall("controller"):
             if ctl.get("type") == "virtio-serial":
@@ -244,15 +255,16 @@ def parse_domain_xml(text):
                     used.setdefault(index, set()).add(port)
         for ch in devices.findall("channel"):
             target = ch.find("target")
-            if target is None or target.get("type") != "virtio" or not target.get("name"):
+            target_name = target.get("name") if target is not None else None
+            if target is None or target.get("type") != "virtio" or not target_name:
                 continue
             src = ch.find("source")
             addr = ch.find("address")
             controller = port = None
             if addr is not None and addr.get("type") == "virtio-serial":
                 controller, port = _int(addr.get("controller"), 0), _int(addr.get("port"))
-            channels.setdefault(target.get("name"), Channel(
-                name=target.get("name"), type=ch.get("type"),
+            channels.setdefault(target_name, Channel(
+                name=target_name, type=ch.get("type"),
                 path=src.get("path") if src is not None else None, state=target.get("state"),
                 controller=controller, port=port, element=ch))
     dom_id = _int(root.get("id"))
@@ -319,7 +331,8 @@ def attach_hint(domain: str, ctl_name: str = CTL_NAME, data_name: str = DATA_NAM
         shlex.quote(domain), names)
 
 
-def find_sockets(dom, ctl_name=None, data_name=None):
+def find_sockets(dom: DomainXML, ctl_name: Optional[str] = None,
+                 data_name: Optional[str] = None) -> Tuple[str, Optional[str]]:
     """(ctl_path, data_path or None) from a running domain's live XML, or raise.
 
     The names: as :func:`choose_names` (given, else recorded in the domain, else the defaults)."""
@@ -354,8 +367,8 @@ def no_channel_message(dom: DomainXML, names: ChannelNames) -> str:
 
 # --- attach / detach plans (pure: XML in, device XML out) --------------------------------------
 
-def plan_attach(dom, ctl_name=CTL_NAME, data_name=DATA_NAME, socket_dir=None,
-                ports=DEFAULT_PORTS):
+def plan_attach(dom: DomainXML, ctl_name: str = CTL_NAME, data_name: str = DATA_NAME,
+                socket_dir: Optional[str] = None, ports: int = DEFAULT_PORTS) -> List[ET.Element]:
     """Device elements to add so that ``dom`` has both channels; [] if it already has them.
 
     Missing channels go on free ports (>= 1) of an existing virtio-serial controller; when none has
@@ -364,8 +377,8 @@ def plan_attach(dom, ctl_name=CTL_NAME, data_name=DATA_NAME, socket_dir=None,
     missing = [n for n in (ctl_name, data_name) if n not in dom.channels]
     if not missing:
         return []
-    out = []
-    slot = None
+    out: List[ET.Element] = []
+    slot: Optional[Tuple[int, List[int]]] = None
     for index in sorted(dom.controllers):
         nports = dom.controllers[index][0]
         free = [p for p in range(1, nports) if p not in dom.used_ports.get(index, ())]
@@ -384,13 +397,15 @@ def plan_attach(dom, ctl_name=CTL_NAME, data_name=DATA_NAME, socket_dir=None,
     return out
 
 
-def plan_detach(dom, ctl_name=CTL_NAME, data_name=DATA_NAME):
+def plan_detach(dom: DomainXML, ctl_name: str = CTL_NAME,
+                data_name: str = DATA_NAME) -> List[ET.Element]:
     """Device elements to remove: our channels, and our controller if nothing else is on it."""
-    out = []
-    removed = set()
+    out: List[ET.Element] = []
+    removed: Set[Tuple[int, int]] = set()
     for name in (ctl_name, data_name):
         ch = dom.channels.get(name)
         if ch is not None:
+            assert ch.element is not None  # parse_domain_xml keeps every channel's element
             out.append(_device_copy(ch.element))
             if ch.controller is not None and ch.port is not None:
                 removed.add((ch.controller, ch.port))
@@ -404,7 +419,7 @@ def plan_detach(dom, ctl_name=CTL_NAME, data_name=DATA_NAME):
     return out
 
 
-def _device_copy(el):
+def _device_copy(el: ET.Element) -> ET.Element:
     """A channel element as libvirt wants it for detach (without live-only attributes)."""
     copy = ET.fromstring(ET.tostring(el))
     for sub in copy.iter():
@@ -424,7 +439,7 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 class _Backend:
     name = "?"
 
-    def __init__(self, uri):
+    def __init__(self, uri: Optional[str]) -> None:
         self.uri = default_uri(uri)
 
 
@@ -433,14 +448,15 @@ class VirshBackend(_Backend):
 
     name = "virsh"
 
-    def __init__(self, uri, virsh="virsh"):
+    def __init__(self, uri: Optional[str], virsh: str = "virsh") -> None:
         _Backend.__init__(self, uri)
-        self.virsh = shutil.which(virsh)
-        if not self.virsh:
+        found = shutil.which(virsh)
+        if not found:
             raise LibvirtUnavailable("neither libvirt-python nor virsh is installed (install "
                                      "libvirt-clients, or python3-libvirt)")
+        self.virsh = found
 
-    def _run(self, *args, domain=None, timeout=60):
+    def _run(self, *args: str, domain: Optional[str] = None, timeout: float = 60) -> str:
         cmd = [self.virsh, "-q", "-c", self.uri] + list(args)
         try:
             r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -454,7 +470,7 @@ class VirshBackend(_Backend):
             raise self._error(r.stderr.decode("utf-8", "replace"), domain)
         return r.stdout.decode("utf-8", "replace")
 
-    def _error(self, stderr, domain):
+    def _error(self, stderr: str, domain: Optional[str]) -> LibvirtError:
         lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
         text = " ".join(lines)
         low = text.lower()
@@ -473,18 +489,18 @@ class VirshBackend(_Backend):
             return LibvirtPermissionDenied("libvirt at %s refused access: %s" % (self.uri, detail))
         return LibvirtError("libvirt (%s): %s" % (self.uri, detail))
 
-    def dumpxml(self, domain, inactive=False):
+    def dumpxml(self, domain: str, inactive: bool = False) -> str:
         args = ["dumpxml", "--domain", domain] + (["--inactive"] if inactive else [])
         return self._run(*args, domain=domain)
 
-    def list_uuids(self):
+    def list_uuids(self) -> List[str]:
         out = self._run("list", "--all", "--uuid")
         return [ln.strip() for ln in out.splitlines() if ln.strip()]
 
-    def state(self, domain):
+    def state(self, domain: str) -> str:
         return self._run("domstate", "--domain", domain, domain=domain).strip()
 
-    def _change(self, domain, live, config, *args):
+    def _change(self, domain: str, live: bool, config: bool, *args: str) -> None:
         flags = (["--live"] if live else []) + (["--config"] if config else [])
         try:
             self._run(*args, *flags, domain=domain)
@@ -493,7 +509,7 @@ class VirshBackend(_Backend):
         except LibvirtError as exc:
             raise AttachError(str(exc))
 
-    def _device(self, verb, domain, xml, live, config):
+    def _device(self, verb: str, domain: str, xml: str, live: bool, config: bool) -> None:
         import tempfile
 
         with tempfile.NamedTemporaryFile("w", suffix=".xml", prefix="guestlink-") as f:
@@ -501,10 +517,10 @@ class VirshBackend(_Backend):
             f.flush()
             self._change(domain, live, config, verb, "--domain", domain, "--file", f.name)
 
-    def attach(self, domain, xml, live, config):
+    def attach(self, domain: str, xml: str, live: bool, config: bool) -> None:
         self._device("attach-device", domain, xml, live, config)
 
-    def detach(self, domain, xml, live, config):
+    def detach(self, domain: str, xml: str, live: bool, config: bool) -> None:
         self._device("detach-device", domain, xml, live, config)
 
     def set_metadata(self, domain: str, xml: Optional[str], live: bool, config: bool) -> None:
@@ -519,7 +535,7 @@ class PythonBackend(_Backend):
 
     name = "libvirt-python"
 
-    def __init__(self, uri, module=None):
+    def __init__(self, uri: Optional[str], module: Any = None) -> None:
         _Backend.__init__(self, uri)
         if module is None:
             import importlib
@@ -530,9 +546,9 @@ class PythonBackend(_Backend):
             module.registerErrorHandler(lambda _ctx, _err: None, None)
         except AttributeError:
             pass
-        self._conn = None
+        self._conn: Any = None  # a virConnect once opened
 
-    def _error(self, exc, domain=None):
+    def _error(self, exc: Any, domain: Optional[str] = None) -> LibvirtError:
         lv = self.lv
         code = exc.get_error_code()
         msg = exc.get_error_message() or str(exc)
@@ -545,7 +561,7 @@ class PythonBackend(_Backend):
             return LibvirtUnavailable("libvirt is not reachable at %s: %s" % (self.uri, msg))
         return LibvirtError("libvirt (%s): %s" % (self.uri, msg))
 
-    def conn(self):
+    def conn(self) -> Any:
         if self._conn is None:
             try:
                 self._conn = self.lv.open(self.uri)
@@ -557,7 +573,7 @@ class PythonBackend(_Backend):
                 raise err from None
         return self._conn
 
-    def _lookup(self, domain):
+    def _lookup(self, domain: str) -> Any:
         conn = self.conn()
         try:
             return conn.lookupByName(domain)
@@ -571,20 +587,20 @@ class PythonBackend(_Backend):
         except self.lv.libvirtError:
             raise DomainNotFound("no libvirt domain %r at %s" % (domain, self.uri)) from None
 
-    def dumpxml(self, domain, inactive=False):
+    def dumpxml(self, domain: str, inactive: bool = False) -> str:
         dom = self._lookup(domain)
         try:
             return dom.XMLDesc(self.lv.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
         except self.lv.libvirtError as exc:
             raise self._error(exc, domain) from None
 
-    def list_uuids(self):
+    def list_uuids(self) -> List[str]:
         try:
             return [d.UUIDString() for d in self.conn().listAllDomains(0)]
         except self.lv.libvirtError as exc:
             raise self._error(exc) from None
 
-    def state(self, domain):
+    def state(self, domain: str) -> str:
         names = {1: "running", 2: "idle", 3: "paused", 4: "in shutdown", 5: "shut off",
                  6: "crashed", 7: "pmsuspended"}
         try:
@@ -593,7 +609,8 @@ class PythonBackend(_Backend):
             raise self._error(exc, domain) from None
         return names.get(st, "no state")
 
-    def _change(self, domain, live, config, call):
+    def _change(self, domain: str, live: bool, config: bool,
+                call: Callable[[Any, int], object]) -> None:
         """``call(virDomain, flags)``, its errors mapped as a device change's."""
         lv = self.lv
         flags = (lv.VIR_DOMAIN_AFFECT_LIVE if live else 0) | (
@@ -605,13 +622,13 @@ class PythonBackend(_Backend):
             err = self._error(exc, domain)
             raise (AttachError(str(err)) if type(err) is LibvirtError else err) from None
 
-    def _device(self, verb, domain, xml, live, config):
+    def _device(self, verb: str, domain: str, xml: str, live: bool, config: bool) -> None:
         self._change(domain, live, config, lambda dom, flags: getattr(dom, verb)(xml, flags))
 
-    def attach(self, domain, xml, live, config):
+    def attach(self, domain: str, xml: str, live: bool, config: bool) -> None:
         self._device("attachDeviceFlags", domain, xml, live, config)
 
-    def detach(self, domain, xml, live, config):
+    def detach(self, domain: str, xml: str, live: bool, config: bool) -> None:
         self._device("detachDeviceFlags", domain, xml, live, config)
 
     def set_metadata(self, domain: str, xml: Optional[str], live: bool, config: bool) -> None:
@@ -621,7 +638,10 @@ class PythonBackend(_Backend):
             self.lv.VIR_DOMAIN_METADATA_ELEMENT, xml, key, METADATA_URI, flags))
 
 
-def backend(uri=None):
+Backend = Union[VirshBackend, PythonBackend]
+
+
+def backend(uri: Optional[str] = None) -> "Backend":
     """The backend for ``uri``: libvirt-python if importable, else virsh
     ($GUESTLINK_LIBVIRT_BACKEND=python|virsh forces one)."""
     forced = os.environ.get("GUESTLINK_LIBVIRT_BACKEND", "").strip().lower()
@@ -639,7 +659,9 @@ def backend(uri=None):
 
 # --- the resolver ----------------------------------------------------------------------------
 
-def resolve_domain(name, uri=None, ctl_name=None, data_name=None, *, backend_=None):
+def resolve_domain(name: str, uri: Optional[str] = None, ctl_name: Optional[str] = None,
+                   data_name: Optional[str] = None, *,
+                   backend_: Optional["Backend"] = None) -> Tuple[str, Optional[str]]:
     """(ctl_path, data_path) of a running libvirt domain, by name or UUID, from its live XML.
 
     Channel names: ``ctl_name``/``data_name`` when given, else the ones recorded in the domain's
@@ -653,18 +675,20 @@ def resolve_domain(name, uri=None, ctl_name=None, data_name=None, *, backend_=No
     return find_sockets(dom, ctl_name, data_name)
 
 
-def resolver(name, uri=None, ctl_name=None, data_name=None):
+def resolver(name: str, uri: Optional[str] = None, ctl_name: Optional[str] = None,
+             data_name: Optional[str] = None) -> Callable[[], Tuple[str, Optional[str]]]:
     """A zero-argument callable returning (ctl, data) afresh for ``name``; the host client calls it
     before every (re)connection, so it follows the domain across restarts (new socket paths)."""
-    def resolve():
+    def resolve() -> Tuple[str, Optional[str]]:
         return resolve_domain(name, uri, ctl_name, data_name)
-    resolve.domain = name
+    resolve.domain = name  # type: ignore[attr-defined]  # which domain, for a caller's messages
     return resolve
 
 
 # --- attach / detach / list ------------------------------------------------------------------
 
-def _affected(be, domain, live, config):
+def _affected(be: "Backend", domain: str, live: bool,
+              config: bool) -> Tuple[List[Tuple[str, bool]], bool]:
     """Which XMLs to change: [(label, inactive?)] and whether live was implied. Without flags: the
     persistent config, plus the running domain when it runs."""
     running = parse_domain_xml(be.dumpxml(domain)).running
@@ -687,7 +711,8 @@ def _recorded_pair(dom: DomainXML) -> Tuple[str, str]:
     return dom.recorded[0] or CTL_NAME, dom.recorded[1] or DATA_NAME
 
 
-def _metadata_change(dom: DomainXML, names: Tuple[str, str], attaching: bool):
+def _metadata_change(dom: DomainXML, names: Tuple[str, str],
+                     attaching: bool) -> Optional[Tuple[Optional[str], str]]:
     """What to do to guestlink's metadata in ``dom``: (xml, description) to set (``xml``) or remove
     (None) it, or None to leave it. Attaching records names that the metadata and defaults do not
     already lead to; detaching removes a record of exactly the names detached."""
@@ -702,15 +727,19 @@ def _metadata_change(dom: DomainXML, names: Tuple[str, str], attaching: bool):
     return None
 
 
-def _first_names(be, domain, targets, ctl_name, data_name) -> Tuple[str, str]:
+def _first_names(be: "Backend", domain: str, targets: Sequence[Tuple[str, bool]],
+                 ctl_name: Optional[str], data_name: Optional[str]) -> Tuple[str, str]:
     """The names for attach/detach, chosen once from the first XML changed (the persistent config
     when it is), so that config and live get the same pair."""
     dom = parse_domain_xml(be.dumpxml(domain, inactive=targets[0][1]))
-    return tuple(choose_names(dom, ctl_name, data_name)[:2])
+    names = choose_names(dom, ctl_name, data_name)
+    return names.ctl, names.data
 
 
-def attach(domain, uri=None, *, live=False, config=False, ctl_name=None, data_name=None,
-           socket_dir=None, ports=DEFAULT_PORTS, backend_=None):
+def attach(domain: str, uri: Optional[str] = None, *, live: bool = False, config: bool = False,
+           ctl_name: Optional[str] = None, data_name: Optional[str] = None,
+           socket_dir: Optional[str] = None, ports: int = DEFAULT_PORTS,
+           backend_: Optional["Backend"] = None) -> Dict[str, List[str]]:
     """Add the controller/channels to ``domain`` where missing, and record their names in its
     metadata unless the defaults are theirs. Idempotent.
 
@@ -720,7 +749,7 @@ def attach(domain, uri=None, *, live=False, config=False, ctl_name=None, data_na
     without one gets the channels at its next start (an error with an explicit ``live=True``, a
     note otherwise)."""
     be = backend_ or backend(uri)
-    result = {"notes": []}
+    result: Dict[str, List[str]] = {"notes": []}
     targets, implied = _affected(be, domain, live, config)
     names = _first_names(be, domain, targets, ctl_name, data_name)
     result["names"] = list(names)
@@ -747,12 +776,13 @@ def attach(domain, uri=None, *, live=False, config=False, ctl_name=None, data_na
     return result
 
 
-def detach(domain, uri=None, *, live=False, config=False, ctl_name=None, data_name=None,
-           backend_=None):
+def detach(domain: str, uri: Optional[str] = None, *, live: bool = False, config: bool = False,
+           ctl_name: Optional[str] = None, data_name: Optional[str] = None,
+           backend_: Optional["Backend"] = None) -> Dict[str, List[str]]:
     """Remove the channels (and the controller ``attach`` added, if nothing else uses it), and
     guestlink's metadata when it records these names. Names as for :func:`attach`."""
     be = backend_ or backend(uri)
-    result = {"notes": []}
+    result: Dict[str, List[str]] = {"notes": []}
     targets, _ = _affected(be, domain, live, config)
     names = _first_names(be, domain, targets, ctl_name, data_name)
     result["names"] = list(names)
@@ -772,7 +802,7 @@ def detach(domain, uri=None, *, live=False, config=False, ctl_name=None, data_na
     return result
 
 
-def _describe(el):
+def _describe(el: ET.Element) -> str:
     if el.tag == "controller":
         return "controller virtio-serial index %s" % el.get("index")
     target = el.find("target")
@@ -796,7 +826,9 @@ class DomainEntry:
     names: Optional[ChannelNames] = None    # the channel names looked for in this domain
 
 
-def list_domains(uri=None, ctl_name=None, data_name=None, *, backend_=None):
+def list_domains(uri: Optional[str] = None, ctl_name: Optional[str] = None,
+                 data_name: Optional[str] = None, *,
+                 backend_: Optional["Backend"] = None) -> List[DomainEntry]:
     """Every domain (running first, by id; then the others by name) with its guestlink channels
     (names per domain as :func:`choose_names`)."""
     be = backend_ or backend(uri)
