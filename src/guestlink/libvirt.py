@@ -823,7 +823,7 @@ class DomainEntry:
     state: str
     ctl: Optional[Channel]
     data: Optional[Channel]
-    names: Optional[ChannelNames] = None    # the channel names looked for in this domain
+    names: ChannelNames            # the channel names looked for in this domain
 
 
 def list_domains(uri: Optional[str] = None, ctl_name: Optional[str] = None,
