@@ -106,7 +106,7 @@ def _attach_detach(args: argparse.Namespace) -> int:
     else:
         result = L.detach(args.domain, **kw)
     if args.json:
-        out = dict(result)
+        out: Dict[str, Any] = dict(result)
         out["backend"] = be.name
         sys.stdout.write(json.dumps(out, sort_keys=True) + "\n")
     else:
@@ -168,7 +168,8 @@ async def _list(args: argparse.Namespace) -> int:
             "id": r.id, "name": r.name, "uuid": r.uuid, "state": r.state,
             "channel": channel,
             "ctl": r.ctl.path if r.ctl else None, "data": r.data.path if r.data else None,
-            "ctl_name": r.names.ctl, "data_name": r.names.data,
+            "ctl_name": r.names.ctl if r.names else None,
+            "data_name": r.names.data if r.names else None,
             "data_channel": (r.data.state or "unknown") if r.data and r.id is not None else None,
             "agent_version": probe["agent"]["version"] if probe["agent"] else None,
             "hostname": probe["agent"]["hostname"] if probe["agent"] else None,
