@@ -14,7 +14,6 @@ Nothing here performs I/O; the copy engine (``guestlink.filecopy.engine``) drive
 """
 
 import hashlib
-import posixpath
 import struct
 import zlib
 from typing import Optional
@@ -28,7 +27,6 @@ OFFSET = struct.Struct("!Q")
 OFFSET_SIZE = OFFSET.size
 #: Raw bytes per DATA frame (the payload adds the 8-byte offset; the frame limit is 1 MiB).
 DEFAULT_CHUNK = 512 * 1024
-MAX_CHUNK = (1 << 20) - OFFSET_SIZE
 ALGORITHMS = ("sha256", "blake2b", "crc32")
 DEFAULT_ALGORITHM = "sha256"
 MAX_TID = 0xFFFFFFFF
@@ -38,8 +36,6 @@ PARTIAL_SUFFIX = ".part"
 MAX_BATCH = 256
 #: Bytes of batch entries a host puts in one transfer.open (MAX_JSON_PAYLOAD leaves room).
 BATCH_REQUEST_BYTES = 192 * 1024
-#: Bytes a receiver keeps while looking for the peer's DATA_HELLO (older ones are stale garbage).
-SCAN_KEEP = 64 * 1024
 
 
 # --- digests -----------------------------------------------------------------------------------
@@ -274,15 +270,6 @@ def safe_relpath(rel):
         if part in ("", ".", "..") or len(part) > 255:
             raise ProtocolViolation("unsafe path name %r from the guest" % (rel,), codes.DENIED)
     return parts
-
-
-def symlink_escapes(rel, target):
-    """True if the symlink at ``rel`` (relative to a copied tree's root) pointing to ``target``
-    resolves outside that tree (absolute targets always do)."""
-    if not target or target.startswith("/"):
-        return True
-    joined = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
-    return joined == ".." or joined.startswith("../")
 
 
 def batch_tid(tid, index):
