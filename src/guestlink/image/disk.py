@@ -347,10 +347,6 @@ LINUX_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs")
 Candidate = Tuple[Partition, Optional[str]]
 
 
-def fs_type(f: IO[bytes], offset: int) -> Optional[str]:
-    return _fs_type_at(f, offset)
-
-
 def candidates(path_or_file: Union[str, bytes, "os.PathLike[str]", IO[bytes]],
                disk_size: Optional[int] = None) -> List[Candidate]:
     """[(Partition, fs type or None)] for a raw disk (file or block device): the partitions, or
