@@ -24,7 +24,7 @@ import subprocess
 import time
 
 from ..protocol import FLAG_EOF, STREAM_STDERR, STREAM_STDOUT, FrameType, codes, encode_parts
-from ..protocol.messages import ProtocolViolation
+from ..protocol.ops import ExecRequest, ExecResult, ExecStarted
 from .loop import ByteQueue
 
 log = logging.getLogger("guestlink.agent")
@@ -32,10 +32,6 @@ log = logging.getLogger("guestlink.agent")
 KILL_AFTER = 2.0
 EXIT_GRACE = 0.5
 FINAL_DRAIN_MAX = 1 << 20
-MAX_ARG = 128 * 1024
-#: Longest exec timeout accepted. A longer one is a mistake or an attack (2**64 s, 1e308 s): it
-#: is refused rather than clamped, so the caller learns its number was not taken as meant.
-MAX_EXEC_TIMEOUT = 365 * 86400.0
 
 
 class OpError(Exception):
@@ -56,33 +52,21 @@ def signal_group(pgid, sig):
 
 
 def parse_exec_args(args, config):
-    """Validate the request's args; returns a dict for Exec."""
-    argv = args.str_list("argv", default=None, max_len=MAX_ARG)
-    shell = args.str("shell", default=None, max_len=MAX_ARG)
-    if (argv is None) == (shell is None):
-        raise ProtocolViolation("exec: exactly one of 'argv' and 'shell' is required")
-    if argv is not None and not argv:
-        raise ProtocolViolation("exec: 'argv' must not be empty")
-    if shell is not None:
-        argv = ["/bin/sh", "-c", shell]
-    for a in argv:
-        if "\0" in a:
-            raise ProtocolViolation("exec: arguments must not contain NUL characters")
-    env_add = args.str_map("env", default={}, max_len=MAX_ARG)
-    for k, v in env_add.items():
-        if not k or "=" in k or "\0" in k or "\0" in v:
-            raise ProtocolViolation("exec: invalid environment variable name or value %r" % k)
-    env = {} if args.bool("env_clear", default=False) else dict(os.environ)
-    env.update(env_add)
-    timeout = args.number("timeout", default=None, min=0, max=MAX_EXEC_TIMEOUT)
+    """Validate the request's args (protocol.ops.ExecRequest) and apply this agent's defaults and
+    limits; returns a dict for Exec."""
+    req = ExecRequest.from_wire(args)
+    argv = list(req.argv) if req.argv is not None else ["/bin/sh", "-c", req.shell]
+    env = {} if req.env_clear else dict(os.environ)
+    env.update(req.env)
+    timeout = req.timeout
     if config.max_timeout:
         timeout = config.max_timeout if timeout is None else min(timeout, config.max_timeout)
-    limit = args.int("output_limit", default=config.max_output, min=0)
+    limit = req.output_limit if req.output_limit is not None else config.max_output
     return {
         "argv": argv,
         "env": env,
-        "cwd": args.str("cwd", default="/"),
-        "stdin": args.bool("stdin", default=False),
+        "cwd": req.cwd if req.cwd is not None else "/",
+        "stdin": req.stdin,
         "timeout": timeout,
         "output_limit": min(limit, config.max_output),
     }
@@ -153,7 +137,7 @@ class Exec:
         if self.proc.stdin is not None:
             self.stdin_fd = self.proc.stdin.fileno()
             os.set_blocking(self.stdin_fd, False)
-        agent.send_frame(FrameType.EVENT, {"event": "started", "pid": self.proc.pid}, id=self.id)
+        agent.send_frame(FrameType.EVENT, ExecStarted(self.proc.pid).to_wire(), id=self.id)
         self.resume_output()
         if spec["timeout"] is not None:
             self._timers.append(agent.timers.call_later(spec["timeout"], self._on_timeout))
@@ -301,14 +285,10 @@ class Exec:
         self.done = True
         self._cleanup()
         rc = self.proc.returncode
-        result = {
-            "returncode": rc,
-            "signal": -rc if rc < 0 else None,
-            "timed_out": self.timed_out,
-            "stdout_truncated": self.readers[0].truncated,
-            "stderr_truncated": self.readers[1].truncated,
-            "duration": round(time.monotonic() - self.started, 6),
-        }
+        result = ExecResult(
+            returncode=rc, signal=-rc if rc < 0 else None, timed_out=self.timed_out,
+            stdout_truncated=self.readers[0].truncated, stderr_truncated=self.readers[1].truncated,
+            duration=round(time.monotonic() - self.started, 6)).to_wire()
         log.debug("exec %d: finished: %r", self.id, result)
         self.agent.exec_finished(self, result)
 

@@ -32,6 +32,7 @@ from .. import _version
 from ..protocol import (CorruptFrame, Frame, FrameDecoder, FrameType, Garbage, UnsupportedVersion,
                         codes, frame_type_name)
 from ..protocol import messages as m
+from ..protocol.ops import Pong
 from ..protocol.session import (AgentSession, Ignored, Passed, Request, SendBytes, SessionEnded,
                                 SessionStarted)
 from . import power, sysinfo
@@ -55,6 +56,7 @@ DRAIN_MAX = 64 << 20
 HANDLER_WORKERS = 4
 HANDLER_QUEUE_MAX = 64
 POWER_FLUSH_TIMEOUT = 2.0
+_PONG = Pong().to_wire()
 GARBAGE_LOG_INTERVAL = 10.0
 
 
@@ -107,7 +109,6 @@ class Agent:
         self._stop = False
         self._after_flush = []  # callbacks to run once the port queue is empty
         self._retry_timer = None
-        self._garbage = 0
         self._garbage_logged_at = None
         self._boot_id = sysinfo.boot_id()
         self._signals_installed = False
@@ -469,9 +470,6 @@ class Agent:
     def send_parts(self, parts):
         self.outq.extend(parts)
 
-    def send_bytes(self, data):
-        self.outq.push(data)
-
     def send_frame(self, type_, obj, id=0):
         self.outq.push(m.encode_frame(type_, m.dump_json(obj), id=id))
 
@@ -528,7 +526,6 @@ class Agent:
                                 "frame version %d is not supported (this agent speaks 1)" % ev.version)
 
     def _count_garbage(self, nbytes):
-        self._garbage += nbytes
         self.stats["garbage_bytes"] += nbytes
         now = time.monotonic()
         if self._garbage_logged_at is None or now - self._garbage_logged_at >= GARBAGE_LOG_INTERVAL:
@@ -647,7 +644,7 @@ class Agent:
             self._reply(rid, result)
 
     def _op_ping(self, rid, args):
-        return {"pong": True}
+        return _PONG
 
     def _op_info(self, rid, args):
         return sysinfo.info(_version.__version__, m.PROTOCOL_VERSION, self.capabilities())
