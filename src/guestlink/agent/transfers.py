@@ -149,10 +149,10 @@ class Transfer:
         self.algorithm = T.DEFAULT_ALGORITHM
         self.attrs = {}
         self.corrupt_at = None
-        self.src_stat = None
-        # several files in one transfer: push [{"final", "partial", "offset", "size", "attrs"}],
-        # pull [{"final", "offset", "size", "mtime_ns"}]
+        # the files, in turn (a single file: a batch of one): push [{"final", "partial",
+        # "offset", "size", "attrs"}], pull [{"final", "offset", "size", "mtime_ns"}]
         self.batch = None
+        self.single = True  # asked for as one file (its own request form), not "files"
 
 
 class FileOps:
@@ -348,12 +348,11 @@ class FileOps:
         corrupt = args.int("test_corrupt", default=None, min=0)
         if corrupt is not None and self.config.test_hooks:
             tr.corrupt_at = corrupt
+        # a single file (the request's own "path") is a batch of one; the form of the request
+        # decides only the form of the ready event, the reply and the errors
+        tr.single = args.obj.get("files") is None
         try:
-            if direction == "push" and args.obj.get("files") is not None:
-                event = self._prepare_push_batch(tr, args)
-            elif args.obj.get("files") is not None:
-                event = self._prepare_pull_batch(tr, args)
-            elif direction == "push":
+            if direction == "push":
                 event = self._prepare_push(tr, args)
             else:
                 event = self._prepare_pull(tr, args)
@@ -379,65 +378,64 @@ class FileOps:
         return None
 
     def _prepare_push(self, tr, args):
-        path = _path_arg(args)
-        name = args.str("name", default=None, max_len=255)
-        size = args.int("size", default=None, min=0)
-        resume = args.bool("resume", default=False)
-        mtime_ns = args.int("mtime_ns", default=None)
-        preserve = args.bool("preserve", default=False)
-        tr.attrs = {"mode": args.int("mode", default=None, min=0, max=0o7777),
-                    "mtime_ns": mtime_ns if preserve else None,
-                    "uid": args.int("uid", default=None, min=0),
-                    "gid": args.int("gid", default=None, min=0),
-                    "preserve": preserve}
-        if os.path.isdir(path):  # only picks the name: the walk below checks the one picked
-            if not name or "/" in name or name in (".", ".."):
-                raise OpError(codes.IS_A_DIRECTORY, "%s is a directory" % path)
-            path = os.path.join(path, name)
-        tr.final = path
-        tr.dir, tr.name = self._push_target(path)
-        tr.size = size
-        tr.partial, tr.offset = _push_partial(tr.dir, path, size, mtime_ns, tr.algorithm, resume)
-        if size is not None:
-            _check_space(os.path.dirname(path), size - tr.offset, _free_space(tr.dir.fd))
-        tr.fd = _open_partial(tr.dir, tr.partial, tr.offset, path)
-        return {"path": path, "offset": tr.offset}
-
-    def _prepare_push_batch(self, tr, args):
-        """Several files in one transfer (``cp -r``): each checked now, received in turn on one
-        opening of the data port, transfer id ``tid + i`` for the i-th (docs/protocol.md)."""
+        """Check each file to receive now; they come in turn on one opening of the data port,
+        transfer id ``tid + i`` for the i-th (docs/protocol.md). A single file's directory is
+        held and its temp file opened now; a batch's are walked to again when their turn comes
+        (holding a directory per file would take up to MAX_BATCH fds)."""
         resume = args.bool("resume", default=False)
         preserve = args.bool("preserve", default=False)
+        optional = {"default": None} if tr.single else {}  # a single file may be a stream
         batch, need, free = [], {}, {}  # need and free space per file system (st_dev)
-        for f, path in self._batch_entries(args):
+        for f, path in self._file_entries(tr, args):
             try:
-                size = f.int("size", min=0)
-                mtime_ns = f.int("mtime_ns")
+                size = f.int("size", min=0, **optional)
+                mtime_ns = f.int("mtime_ns", **optional)
                 attrs = {"mode": f.int("mode", default=None, min=0, max=0o7777),
                          "mtime_ns": mtime_ns if preserve else None,
                          "uid": f.int("uid", default=None, min=0),
                          "gid": f.int("gid", default=None, min=0), "preserve": preserve}
             except ProtocolViolation as exc:
                 raise OpError(codes.BAD_REQUEST, str(exc))
-            # checked now, walked to again when its turn comes (holding a directory per file
-            # would take up to MAX_BATCH fds)
-            held, _ = self._push_target(path)
+            held, name = self._push_target(path)
             try:
                 partial, offset = _push_partial(held, path, size, mtime_ns, tr.algorithm, resume)
                 dev = held.keys[-1][0]
                 if dev not in free:
                     free[dev] = (os.path.dirname(path), _free_space(held.fd))
-            finally:
+            except BaseException:
                 held.close()
-            need[dev] = need.get(dev, 0) + size - offset
+                raise
+            if tr.single:
+                tr.dir, tr.name = held, name
+            else:
+                held.close()
+            if size is not None:
+                need[dev] = need.get(dev, 0) + size - offset
             batch.append({"final": path, "partial": partial, "offset": offset, "size": size,
                           "attrs": attrs})
         for dev, nbytes in need.items():
             _check_space(free[dev][0], nbytes, free[dev][1])
         tr.batch = batch
-        tr.final = batch[0]["final"]
-        return {"path": tr.final, "offset": batch[0]["offset"],
-                "offsets": [b["offset"] for b in batch]}
+        tr.final, tr.offset = batch[0]["final"], batch[0]["offset"]
+        if tr.single:
+            tr.partial = batch[0]["partial"]
+            tr.fd = _open_partial(tr.dir, tr.partial, tr.offset, tr.final)
+            return {"path": tr.final, "offset": tr.offset}
+        return {"path": tr.final, "offset": tr.offset, "offsets": [b["offset"] for b in batch]}
+
+    def _file_entries(self, tr, args):
+        """(fields, guest path) of each file of the request: its "files", or the request itself.
+        A single push to a directory goes to the file ``name`` in it."""
+        if not tr.single:
+            return list(self._batch_entries(args))
+        path = _path_arg(args)
+        if tr.direction == "push" and os.path.isdir(path):
+            # only picks the name: the walk checks the one picked
+            name = args.str("name", default=None, max_len=255)
+            if not name or "/" in name or name in (".", ".."):
+                raise OpError(codes.IS_A_DIRECTORY, "%s is a directory" % path)
+            path = os.path.join(path, name)
+        return [(args, path)]
 
     def _batch_entries(self, args):
         files = args.obj.get("files")
@@ -455,41 +453,59 @@ class FileOps:
             seen.add(path)
             yield f, path
 
-    def _prepare_pull_batch(self, tr, args):
-        """Several files in one pull (``cp -r``): each checked now (policy, type, unchanged since
-        the listing), sent in turn on one opening of the data port (docs/protocol.md)."""
+    def _prepare_pull(self, tr, args):
+        """Check each file to send now (policy, type, unchanged since the host examined it); they
+        go in turn on one opening of the data port (docs/protocol.md). A single file stays open
+        from now on; a batch's are opened again when their turn comes."""
+        optional = {"default": None} if tr.single else {}  # a single file's are checks if given
         batch = []
-        for f, path in self._batch_entries(args):
+        for f, path in self._file_entries(tr, args):
             try:
-                size = f.int("size", min=0)
-                mtime_ns = f.int("mtime_ns")
+                size = f.int("size", min=0, **optional)
+                mtime_ns = f.int("mtime_ns", **optional)
                 offset = f.int("offset", default=0, min=0)
             except ProtocolViolation as exc:
                 raise OpError(codes.BAD_REQUEST, str(exc))
-            fd, st = self._open_source(path)  # opened again when its turn comes
-            os.close(fd)
-            if st.st_size != size or st.st_mtime_ns != mtime_ns:
-                raise OpError(codes.CHANGED, "%s changed since it was examined" % path)
-            if offset > size:
-                raise OpError(codes.CHANGED, "resume offset %d is beyond the end of %s" % (offset, path))
-            batch.append({"final": path, "offset": offset, "size": size, "mtime_ns": mtime_ns})
+            fd, st = self._open_source(path)
+            try:
+                if ((size is not None and size != st.st_size)
+                        or (mtime_ns is not None and mtime_ns != st.st_mtime_ns)):
+                    raise OpError(codes.CHANGED, "%s changed since it was examined" % path)
+                if offset > st.st_size:
+                    raise OpError(codes.CHANGED, "resume offset %d is beyond the end of %s"
+                                  % (offset, path))
+            except BaseException:
+                os.close(fd)
+                raise
+            if tr.single:
+                tr.fd = fd
+                ready = _describe(st)
+                ready.pop("type")
+            else:
+                os.close(fd)
+            batch.append({"final": path, "offset": offset, "size": st.st_size,
+                          "mtime_ns": st.st_mtime_ns})
         tr.batch = batch
-        tr.final, tr.offset = batch[0]["final"], batch[0]["offset"]
+        tr.final, tr.offset, tr.size = batch[0]["final"], batch[0]["offset"], batch[0]["size"]
+        if tr.single:
+            ready.update({"path": tr.final, "offset": tr.offset})
+            return ready
         return {"path": tr.final, "offset": tr.offset}
 
-    def _send_batch(self, tr, chan):
-        """Send the batch's files in turn; the host acknowledges the last one. A file that cannot
-        be read or changed ends the batch with an error naming it (its DATA_END says why)."""
+    def _send_files(self, tr, chan):
+        """Send the files in turn; the host acknowledges the last one. A file that cannot be
+        read or changed ends the transfer with an error naming it (its DATA_END says why)."""
         done = []
         for i, item in enumerate(tr.batch):
             tr.final, tr.offset, tr.size = item["final"], item["offset"], item["size"]
             sub = T.batch_tid(tr.tid, i)
             log.debug("transfer %d: file %d of %d, %s from offset %d", tr.tid, i + 1,
                       len(tr.batch), tr.final, tr.offset)
+            opened = tr.fd is None  # a single file's is open since transfer.open, until the end
             try:
-                tr.fd = self._open_source(tr.final)[0]
-
-                # as listed: checked before the first byte and after the last
+                if opened:
+                    tr.fd = self._open_source(tr.final)[0]
+                # as examined: checked before the first byte and after the last
                 check = commit.unchanged_check(tr.fd, item["size"], item["mtime_ns"],
                                                "%s changed while it was being sent" % tr.final)
                 check()
@@ -497,24 +513,41 @@ class FileOps:
                 size, digest = CE.send_file(chan, tr.fd, sub, tr.algorithm, tr.offset, tr.size,
                                             check=check, corrupt_at=tr.corrupt_at)
             except (OSError, OpError, CE.TransferError) as exc:
-                exc = _transfer_error(exc, tr.final)
-                if not exc.interrupted:
+                err = _transfer_error(exc, tr.final)
+                if not err.interrupted:
                     try:  # the host's receiver learns why on the data port too
-                        chan.write_all([T.encode_end_error(sub, exc.code, str(exc))])
+                        chan.write_all([T.encode_end_error(sub, err.code, str(err))])
                     except CE.TransferError:
                         pass
-                exc.done = len(done)
-                raise exc
+                raise self._file_error(tr, exc, len(done))
             finally:
-                if tr.fd is not None:
+                if opened and tr.fd is not None:
                     os.close(tr.fd)
                     tr.fd = None
             done.append({"path": tr.final, "size": size, "digest": digest, "offset": tr.offset})
         chan.idle_timeout = ACK_TIMEOUT
         CE.wait_ack(chan, T.batch_tid(tr.tid, len(tr.batch) - 1))
-        return {"path": tr.batch[0]["final"], "size": sum(d["size"] for d in done),
-                "digest": done[-1]["digest"], "algorithm": tr.algorithm,
-                "offset": tr.batch[0]["offset"], "files": done}
+        return self._result(tr, done)
+
+    @staticmethod
+    def _file_error(tr, exc, ndone):
+        """The error that ends a transfer at one of its files: a batch's names the file and
+        counts the files done before it; a single file's is reported as it is (by _work)."""
+        if tr.single:
+            return exc
+        err = _transfer_error(exc, tr.final)
+        err.done = ndone
+        return err
+
+    @staticmethod
+    def _result(tr, done):
+        """The reply: totals (a single file's own), and for a batch each file's."""
+        result = {"path": tr.batch[0]["final"], "size": sum(d["size"] for d in done),
+                  "digest": done[-1]["digest"], "algorithm": tr.algorithm,
+                  "offset": tr.batch[0]["offset"]}
+        if not tr.single:
+            result["files"] = done
+        return result
 
     def _push_target(self, path: str) -> Tuple[dirfd.Held, str]:
         """Walk to the directory ``path`` is written in and check that it may be: (held, name)."""
@@ -559,28 +592,6 @@ class FileOps:
             os.close(fd)
             raise
         return fd, st
-
-    def _prepare_pull(self, tr, args):
-        path = _path_arg(args)
-        offset = args.int("offset", default=0, min=0)
-        expect_size = args.int("size", default=None, min=0)
-        expect_mtime = args.int("mtime_ns", default=None)
-        fd, st = self._open_source(path)
-        try:
-            if ((expect_size is not None and expect_size != st.st_size)
-                    or (expect_mtime is not None and expect_mtime != st.st_mtime_ns)):
-                raise OpError(codes.CHANGED, "%s changed since it was examined" % path)
-            if offset > st.st_size:
-                raise OpError(codes.CHANGED, "resume offset %d is beyond the end of %s" % (offset, path))
-            os.lseek(fd, offset, os.SEEK_SET)
-        except BaseException:
-            os.close(fd)
-            raise
-        tr.fd, tr.final, tr.offset, tr.size, tr.src_stat = fd, path, offset, st.st_size, st
-        d = _describe(st)
-        d.pop("type")
-        d.update({"path": path, "offset": offset})
-        return d
 
     def _open_port(self, tr):
         device = self.config.data_device
@@ -629,26 +640,11 @@ class FileOps:
             self._wait_host(tr)
             chan = CE.Channel(tr.port.fd, tr.cancel, what="the data port")
             chan.write_all([T.encode_hello(tr.tid, tr.nonce, "agent")])
-            if tr.batch is not None and tr.direction == "push":
+            if tr.direction == "push":
                 chan.wait_hello(tr.tid, tr.nonce, "host")
-                result = self._recv_batch(tr, chan)
-            elif tr.batch is not None:
-                result = self._send_batch(tr, chan)
-            elif tr.direction == "push":
-                chan.wait_hello(tr.tid, tr.nonce, "host")
-                size, digest = CE.recv_file(chan, tr.fd, tr.tid, tr.algorithm, tr.offset, tr.size,
-                                            corrupt_at=tr.corrupt_at)
-                self._finish_push(tr)
+                result = self._receive_files(tr, chan)
             else:
-                check = commit.unchanged_check(tr.fd, tr.src_stat.st_size, tr.src_stat.st_mtime_ns,
-                                               "%s changed while it was being sent" % tr.final)
-                size, digest = CE.send_file(chan, tr.fd, tr.tid, tr.algorithm, tr.offset, tr.size,
-                                            check=check, corrupt_at=tr.corrupt_at)
-                chan.idle_timeout = ACK_TIMEOUT
-                CE.wait_ack(chan, tr.tid)
-            if result is None:
-                result = {"path": tr.final, "size": size, "digest": digest,
-                          "algorithm": tr.algorithm, "offset": tr.offset}
+                result = self._send_files(tr, chan)
             result["seconds"] = round(time.monotonic() - tr.started, 6)
         except CE.TransferError as exc:
             err = exc
@@ -666,30 +662,27 @@ class FileOps:
         self._cleanup_files(tr, failed=err is not None)
         self.agent.post_result(("transfer",), (tr, result, err))
 
-    def _recv_batch(self, tr, chan):
-        """Receive the batch's files in turn, each as a single push (temp file, verify, rename).
-        A failure names its file and ends the batch; the files before it stay."""
+    def _receive_files(self, tr, chan):
+        """Receive the files in turn, each into its temp file, verified and committed before the
+        next: a failure names its file and ends the transfer; the files before it stay."""
         done = []
         for i, item in enumerate(tr.batch):
             tr.final, tr.partial, tr.offset = item["final"], item["partial"], item["offset"]
             tr.size, tr.attrs = item["size"], item["attrs"]
             log.debug("transfer %d: file %d of %d, %s from offset %d", tr.tid, i + 1,
                       len(tr.batch), tr.final, tr.offset)
-            self._release(tr)  # the directory of the file before
             try:
-                tr.dir, tr.name = self._push_target(tr.final)
-                tr.fd = _open_partial(tr.dir, tr.partial, tr.offset, tr.final)
+                if tr.fd is None:  # a single file's is open since transfer.open
+                    self._release(tr)  # the directory of the file before
+                    tr.dir, tr.name = self._push_target(tr.final)
+                    tr.fd = _open_partial(tr.dir, tr.partial, tr.offset, tr.final)
                 size, digest = CE.recv_file(chan, tr.fd, T.batch_tid(tr.tid, i), tr.algorithm,
                                             tr.offset, tr.size, corrupt_at=tr.corrupt_at)
             except (OSError, OpError, CE.TransferError) as exc:
-                exc = _transfer_error(exc, tr.final)
-                exc.done = len(done)
-                raise exc
+                raise self._file_error(tr, exc, len(done))
             self._finish_push(tr)
             done.append({"path": tr.final, "size": size, "digest": digest, "offset": tr.offset})
-        return {"path": tr.batch[0]["final"], "size": sum(d["size"] for d in done),
-                "digest": done[-1]["digest"], "algorithm": tr.algorithm,
-                "offset": tr.batch[0]["offset"], "files": done}
+        return self._result(tr, done)
 
     def _finish_push(self, tr):
         fd, tr.fd = tr.fd, None
