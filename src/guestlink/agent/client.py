@@ -3,6 +3,7 @@
 import errno
 import socket
 import time
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from ..protocol import Frame, FrameDecoder, FrameType
 from ..protocol import messages as m
@@ -11,7 +12,7 @@ from ..protocol import messages as m
 class ClientError(Exception):
     """``exit_code`` says what went wrong (see cli.py)."""
 
-    def __init__(self, message, exit_code=1, code=None):
+    def __init__(self, message: str, exit_code: int = 1, code: Optional[str] = None) -> None:
         Exception.__init__(self, message)
         self.exit_code = exit_code
         self.code = code
@@ -23,15 +24,15 @@ EXIT_NO_HOST = 3
 
 
 class AgentClient:
-    def __init__(self, path, timeout=10.0):
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.path = path
         self.timeout = timeout
-        self.sock = None
+        self.sock: Optional[socket.socket] = None
         self.decoder = FrameDecoder()
         self._next_id = 0
-        self._pending = []  # frames received while waiting for something else
+        self._pending: List[Frame] = []  # frames received while waiting for something else
 
-    def connect(self):
+    def connect(self) -> "AgentClient":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -48,36 +49,42 @@ class AgentClient:
         self.sock = sock
         return self
 
-    def close(self):
+    def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
 
-    def __enter__(self):
+    def __enter__(self) -> "AgentClient":
         return self.connect()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _new_id(self):
+    def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
 
-    def _recv_frame(self, timeout):
+    def _connected(self) -> socket.socket:
+        if self.sock is None:
+            raise ClientError("not connected to the agent")
+        return self.sock
+
+    def _recv_frame(self, timeout: Optional[float]) -> Optional[Frame]:
         """Next frame, or None on timeout. Raises ClientError when the agent closes the socket."""
         if self._pending:
             return self._pending.pop(0)
+        sock = self._connected()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-                self.sock.settimeout(left)
+                sock.settimeout(left)
             else:
-                self.sock.settimeout(None)
+                sock.settimeout(None)
             try:
-                data = self.sock.recv(65536)
+                data = sock.recv(65536)
             except socket.timeout:
                 return None
             except OSError as exc:
@@ -89,8 +96,8 @@ class AgentClient:
                 self._pending.extend(frames[1:])
                 return frames[0]
 
-    def _call(self, frame_bytes, rid):
-        self.sock.sendall(frame_bytes)
+    def _call(self, frame_bytes: bytes, rid: int) -> Dict[str, Any]:
+        self._connected().sendall(frame_bytes)
         deadline = time.monotonic() + self.timeout
         while True:
             frame = self._recv_frame(max(0.0, deadline - time.monotonic()))
@@ -106,24 +113,24 @@ class AgentClient:
                 code, message, _ = m.parse_error(frame.payload)
                 raise ClientError(message, EXIT_NO_HOST if code == "not_ready" else EXIT_ERROR, code)
 
-    def send(self, topic, data):
+    def send(self, topic: str, data: bytes) -> Dict[str, Any]:
         """Send a topic message to the host; raises ClientError (exit 3) when no host is connected."""
         rid = self._new_id()
         return self._call(m.encode_message(topic, data, id=rid), rid)
 
-    def subscribe(self, topics):
+    def subscribe(self, topics: Iterable[str]) -> Dict[str, Any]:
         rid = self._new_id()
         return self._call(m.encode_request(rid, "subscribe", {"topics": list(topics)}), rid)
 
-    def ping(self):
+    def ping(self) -> Dict[str, Any]:
         rid = self._new_id()
         return self._call(m.encode_request(rid, "ping"), rid)
 
-    def messages(self):
+    def messages(self) -> Iterator[Tuple[str, bytes]]:
         """Yield (topic, data) for every message the host publishes on a subscribed topic."""
         while True:
             frame = self._recv_frame(None)
-            if frame.type == FrameType.MESSAGE and frame.id == 0:
+            if frame is not None and frame.type == FrameType.MESSAGE and frame.id == 0:
                 try:
                     yield m.parse_message(frame.payload)
                 except m.ProtocolViolation:

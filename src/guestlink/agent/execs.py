@@ -22,10 +22,18 @@ import os
 import signal
 import subprocess
 import time
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ..protocol import FLAG_EOF, STREAM_STDERR, STREAM_STDOUT, FrameType, codes, encode_parts
+from ..protocol.messages import Fields
 from ..protocol.ops import ExecRequest, ExecResult, ExecStarted
-from .loop import ByteQueue
+from .loop import ByteQueue, Timer
+
+if TYPE_CHECKING:  # the server creates the Execs
+    from .server import Agent, Session
+
+#: A validated exec request with this agent's defaults applied (parse_exec_args).
+ExecSpec = Dict[str, Any]
 
 log = logging.getLogger("guestlink.agent")
 
@@ -37,13 +45,13 @@ FINAL_DRAIN_MAX = 1 << 20
 class OpError(Exception):
     """A command failed in an expected way: becomes ERROR ``code`` with this message."""
 
-    def __init__(self, code, message, details=None):
+    def __init__(self, code: str, message: str, details: Optional[Dict[str, Any]] = None) -> None:
         Exception.__init__(self, message)
         self.code = code
         self.details = details
 
 
-def signal_group(pgid, sig):
+def signal_group(pgid: int, sig: int) -> bool:
     try:
         os.killpg(pgid, sig)
         return True
@@ -51,7 +59,7 @@ def signal_group(pgid, sig):
         return False
 
 
-def parse_exec_args(args, config):
+def parse_exec_args(args: Fields, config: Any) -> ExecSpec:
     """Validate the request's args (protocol.ops.ExecRequest) and apply this agent's defaults and
     limits; returns a dict for Exec."""
     req = ExecRequest.from_wire(args)
@@ -75,7 +83,7 @@ def parse_exec_args(args, config):
 class _Reader:
     __slots__ = ("fd", "stream", "sent", "truncated", "closed")
 
-    def __init__(self, fd, stream):
+    def __init__(self, fd: int, stream: int) -> None:
         self.fd = fd
         self.stream = stream
         self.sent = 0
@@ -86,26 +94,28 @@ class _Reader:
 class Exec:
     """One running ``exec`` request. ``agent`` is the server (selector, timers, port queue)."""
 
-    def __init__(self, agent, session, req_id, spec):
+    # Set by start(); the agent keeps only an Exec that started.
+    proc: "subprocess.Popen[bytes]"
+    pgid: int
+    started: float
+
+    def __init__(self, agent: "Agent", session: "Session", req_id: int, spec: ExecSpec) -> None:
         self.agent = agent
         self.session = session
         self.id = req_id
         self.spec = spec
-        self.proc = None
-        self.pgid = None
-        self.readers = []
-        self.stdin_fd = None
+        self.readers: List[_Reader] = []
+        self.stdin_fd: Optional[int] = None
         self.stdin_queue = ByteQueue()
         self.stdin_eof = False
         self.timed_out = False
         self.done = False
-        self.started = None
-        self._timers = []
-        self._grace = None
+        self._timers: List[Timer] = []
+        self._grace: Optional[Timer] = None
 
     # -- start --------------------------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         spec = self.spec
         cwd = spec["cwd"]
         if not os.path.isdir(cwd):
@@ -123,15 +133,15 @@ class Exec:
         except PermissionError as exc:
             raise OpError(codes.PERMISSION_DENIED, "cannot execute %s: %s" % (program, exc.strerror))
         except OSError as exc:
-            raise OpError(codes.errno_to_code(exc.errno), "cannot execute %s: %s" % (
+            raise OpError(codes.errno_to_code(exc.errno or 0), "cannot execute %s: %s" % (
                 program, exc.strerror or exc))
         except (ValueError, TypeError) as exc:
             raise OpError(codes.BAD_REQUEST, "cannot execute %s: %s" % (program, exc))
         self.started = time.monotonic()
         self.pgid = self.proc.pid
         agent = self.agent
-        for pipe, stream in ((self.proc.stdout, STREAM_STDOUT), (self.proc.stderr, STREAM_STDERR)):
-            fd = pipe.fileno()
+        for stream in (STREAM_STDOUT, STREAM_STDERR):
+            fd = self._pipe(stream).fileno()
             os.set_blocking(fd, False)
             self.readers.append(_Reader(fd, stream))
         if self.proc.stdin is not None:
@@ -145,20 +155,25 @@ class Exec:
 
     # -- output -------------------------------------------------------------------------------
 
-    def pause_output(self):
+    def _pipe(self, stream: int) -> IO[bytes]:
+        pipe = self.proc.stdout if stream == STREAM_STDOUT else self.proc.stderr
+        assert pipe is not None  # both are PIPEs
+        return pipe
+
+    def pause_output(self) -> None:
         for r in self.readers:
             if not r.closed:
                 self.agent.set_interest(r.fd, 0)
 
-    def resume_output(self):
+    def resume_output(self) -> None:
         for r in self.readers:
             if not r.closed:
                 self.agent.set_interest(r.fd, self.agent.EV_READ, self._reader_callback(r))
 
-    def _reader_callback(self, reader):
+    def _reader_callback(self, reader: _Reader) -> Callable[[int], object]:
         return lambda mask: self._on_readable(reader)
 
-    def _on_readable(self, reader, final=False):
+    def _on_readable(self, reader: _Reader, final: bool = False) -> bool:
         buf = self.agent.read_buf
         try:
             n = os.readv(reader.fd, [buf])
@@ -181,14 +196,13 @@ class Exec:
             reader.truncated = True
         return True
 
-    def _close_reader(self, reader):
+    def _close_reader(self, reader: _Reader) -> None:
         if reader.closed:
             return
         reader.closed = True
         self.agent.set_interest(reader.fd, 0)
-        pipe = self.proc.stdout if reader.stream == STREAM_STDOUT else self.proc.stderr
         try:
-            pipe.close()
+            self._pipe(reader.stream).close()
         except OSError:
             pass
         if not self.done:
@@ -197,7 +211,7 @@ class Exec:
 
     # -- stdin --------------------------------------------------------------------------------
 
-    def feed_stdin(self, data, eof):
+    def feed_stdin(self, data: bytes, eof: bool) -> None:
         if self.stdin_fd is None:
             log.debug("exec %d: stdin data ignored (stdin not requested or already closed)", self.id)
             return
@@ -206,11 +220,12 @@ class Exec:
             self.stdin_eof = True
         self._flush_stdin()
 
-    def _flush_stdin(self, mask=None):
-        if self.stdin_fd is None:
+    def _flush_stdin(self, mask: Optional[int] = None) -> None:
+        fd = self.stdin_fd
+        if fd is None:
             return
         try:
-            self.stdin_queue.write_to(lambda bufs: os.writev(self.stdin_fd, bufs))
+            self.stdin_queue.write_to(lambda bufs: os.writev(fd, bufs))
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -219,32 +234,33 @@ class Exec:
             self._close_stdin()
             return
         if self.stdin_queue.size:
-            self.agent.set_interest(self.stdin_fd, self.agent.EV_WRITE, self._flush_stdin)
+            self.agent.set_interest(fd, self.agent.EV_WRITE, self._flush_stdin)
         else:
-            self.agent.set_interest(self.stdin_fd, 0)
+            self.agent.set_interest(fd, 0)
             if self.stdin_eof:
                 self._close_stdin()
 
-    def _close_stdin(self):
+    def _close_stdin(self) -> None:
         if self.stdin_fd is None:
             return
         self.agent.set_interest(self.stdin_fd, 0)
         self.stdin_fd = None
         self.stdin_queue.clear()
         try:
-            self.proc.stdin.close()
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
         except OSError:
             pass
 
     # -- exit, timeout, cancel ----------------------------------------------------------------
 
-    def poll(self):
+    def poll(self) -> None:
         """Called when a child may have exited (SIGCHLD)."""
-        if self.proc is not None and self.proc.returncode is None and self.proc.poll() is not None:
+        if self.proc.returncode is None and self.proc.poll() is not None:
             log.debug("exec %d: pid %d exited with %s", self.id, self.proc.pid, self.proc.returncode)
             self._maybe_finish()
 
-    def _maybe_finish(self):
+    def _maybe_finish(self) -> None:
         if self.done or self.proc.returncode is None:
             return
         if any(not r.closed for r in self.readers):
@@ -253,7 +269,7 @@ class Exec:
             return
         self._finish()
 
-    def _on_grace(self):
+    def _on_grace(self) -> None:
         self._grace = None
         if self.done:
             return
@@ -270,7 +286,7 @@ class Exec:
                 self._close_reader(r)
         self._maybe_finish()
 
-    def _on_timeout(self):
+    def _on_timeout(self) -> None:
         if self.done or self.proc.returncode is not None:
             return
         log.info("exec %d: timed out after %g s; terminating process group %d",
@@ -281,7 +297,7 @@ class Exec:
         # The follow-up KILL also catches group members that ignore SIGTERM after the leader died.
         self.agent.timers.call_later(KILL_AFTER, lambda: signal_group(pgid, signal.SIGKILL))
 
-    def _finish(self):
+    def _finish(self) -> None:
         self.done = True
         self._cleanup()
         rc = self.proc.returncode
@@ -292,7 +308,7 @@ class Exec:
         log.debug("exec %d: finished: %r", self.id, result)
         self.agent.exec_finished(self, result)
 
-    def kill(self, reason):
+    def kill(self, reason: str) -> None:
         """Cancel or session end: SIGKILL the group, stop streaming, forget about the process."""
         if self.done:
             return
@@ -304,7 +320,7 @@ class Exec:
         if self.proc.returncode is None:
             self.agent.adopt_orphan(self.proc)
 
-    def _cleanup(self):
+    def _cleanup(self) -> None:
         for t in self._timers:
             t.cancel()
         if self._grace is not None:

@@ -9,10 +9,14 @@ import logging
 import os
 import socket
 import stat
+from typing import TYPE_CHECKING, Dict, Optional, Set
 
 from ..protocol import CorruptFrame, Frame, FrameDecoder, FrameType, Garbage, codes, frame_type_name
 from ..protocol import messages as m
 from .loop import ByteQueue
+
+if TYPE_CHECKING:  # the server owns this module's LocalServer
+    from .server import Agent
 
 log = logging.getLogger("guestlink.agent")
 
@@ -27,20 +31,20 @@ class LocalSocketError(Exception):
 
 
 class LocalClient:
-    def __init__(self, server, sock, number):
+    def __init__(self, server: "LocalServer", sock: socket.socket, number: int) -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
         self.number = number
         self.decoder = FrameDecoder(max_payload=CLIENT_MAX_PAYLOAD)
         self.outq = ByteQueue()
-        self.topics = set()
+        self.topics: Set[str] = set()
         self.closed = False
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "local client #%d" % self.number
 
-    def send(self, frame_bytes):
+    def send(self, frame_bytes: bytes) -> bool:
         if self.closed:
             return False
         if self.outq.size + len(frame_bytes) > CLIENT_QUEUE_MAX:
@@ -52,7 +56,7 @@ class LocalClient:
         self.flush()
         return not self.closed
 
-    def flush(self, mask=None):
+    def flush(self, mask: Optional[int] = None) -> None:
         if self.closed:
             return
         try:
@@ -65,19 +69,19 @@ class LocalClient:
             return
         self._update_interest()
 
-    def _update_interest(self):
+    def _update_interest(self) -> None:
         agent = self.server.agent
         events = agent.EV_READ | (agent.EV_WRITE if self.outq.size else 0)
         agent.set_interest(self.fd, events, self._on_event)
 
-    def _on_event(self, mask):
+    def _on_event(self, mask: int) -> None:
         agent = self.server.agent
         if mask & agent.EV_WRITE:
             self.flush()
         if mask & agent.EV_READ and not self.closed:
             self._on_readable()
 
-    def _on_readable(self):
+    def _on_readable(self) -> None:
         buf = self.server.agent.read_buf
         try:
             n = self.sock.recv_into(buf)
@@ -107,7 +111,7 @@ class LocalClient:
                     self.send(m.encode_error(ev.id, codes.TOO_LARGE if ev.reason == "too_large"
                                              else codes.BAD_REQUEST, "frame was corrupt (%s)" % ev.reason))
 
-    def _on_frame(self, frame):
+    def _on_frame(self, frame: Frame) -> None:
         agent = self.server.agent
         if frame.type == FrameType.MESSAGE:
             try:
@@ -150,7 +154,7 @@ class LocalClient:
         else:
             log.debug("%s: ignoring %s frame", self, frame_type_name(frame.type))
 
-    def close(self):
+    def close(self) -> None:
         if self.closed:
             return
         self.closed = True
@@ -165,15 +169,15 @@ class LocalClient:
 
 
 class LocalServer:
-    def __init__(self, agent, path):
+    def __init__(self, agent: "Agent", path: str) -> None:
         self.agent = agent
         self.path = path
-        self.sock = None
-        self.clients = {}
+        self.sock: Optional[socket.socket] = None
+        self.clients: Dict[int, LocalClient] = {}
         self._count = 0
-        self._inode = None
+        self._inode: Optional[int] = None
 
-    def open(self):
+    def open(self) -> None:
         path = self.path
         directory = os.path.dirname(path)
         try:
@@ -212,7 +216,9 @@ class LocalServer:
         self.agent.set_interest(sock.fileno(), self.agent.EV_READ, self._on_accept)
         log.info("local socket %s", path)
 
-    def _on_accept(self, mask):
+    def _on_accept(self, mask: int) -> None:
+        if self.sock is None:
+            return
         for _ in range(16):
             try:
                 sock, _ = self.sock.accept()
@@ -233,7 +239,7 @@ class LocalServer:
             client._update_interest()
             log.debug("%s connected", client)
 
-    def publish(self, topic, data):
+    def publish(self, topic: str, data: bytes) -> int:
         """Deliver a host message to every subscriber of ``topic``; returns how many got it."""
         frame = m.encode_message(topic, data)
         delivered = 0
@@ -242,7 +248,7 @@ class LocalServer:
                 delivered += 1
         return delivered
 
-    def close(self):
+    def close(self) -> None:
         for client in list(self.clients.values()):
             client.close()
         if self.sock is not None:
