@@ -6,6 +6,7 @@ Only the guest-side packages go in: ``guestlink.protocol``, ``guestlink.filecopy
 import io
 import os
 import zipfile
+from typing import Iterator, List, Tuple
 
 GUEST_PACKAGES = ("protocol", "filecopy", "agent")
 _MAIN = b"""import sys
@@ -15,7 +16,7 @@ sys.exit(main())
 _EPOCH = (2020, 1, 1, 0, 0, 0)  # fixed timestamps make the bundle reproducible
 
 
-def _guest_files():
+def _guest_files() -> Iterator[Tuple[str, str]]:
     root = os.path.dirname(os.path.abspath(__file__))
     yield "guestlink/__init__.py", os.path.join(root, "__init__.py")
     yield "guestlink/_version.py", os.path.join(root, "_version.py")
@@ -29,11 +30,11 @@ def _guest_files():
                     yield "guestlink/" + os.path.relpath(full, root).replace(os.sep, "/"), full
 
 
-def build_bundle_bytes():
+def build_bundle_bytes() -> bytes:
     buf = io.BytesIO()
     buf.write(b"#!/usr/bin/env python3\n")
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        entries = [("__main__.py", _MAIN)]
+        entries: List[Tuple[str, bytes]] = [("__main__.py", _MAIN)]
         for arcname, path in _guest_files():
             with open(path, "rb") as f:
                 entries.append((arcname, f.read()))
@@ -45,7 +46,7 @@ def build_bundle_bytes():
     return buf.getvalue()
 
 
-def write_bundle(path):
+def write_bundle(path: str) -> int:
     """Write the agent zipapp to ``path`` atomically and make it executable; returns its size."""
     data = build_bundle_bytes()
     tmp = "%s.tmp.%d" % (path, os.getpid())

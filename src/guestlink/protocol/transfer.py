@@ -16,12 +16,17 @@ Nothing here performs I/O; the copy engine (``guestlink.filecopy.engine``) drive
 import hashlib
 import struct
 import zlib
-from typing import Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import codes
 from .frames import (HEADER, HEADER_SIZE, MAGIC, TRAILER, TRAILER_SIZE, VERSION, FrameType,
                      encode_frame, encode_header)
 from .messages import ProtocolViolation, dump_json, load_json_object
+
+#: What the codecs take as data: bytes or a view into a reused buffer.
+Buffer = Union[bytes, bytearray, memoryview]
+#: A whole-file digest: hashlib's or _Crc32 (update() and hexdigest()).
+Digest = Any
 
 OFFSET = struct.Struct("!Q")
 OFFSET_SIZE = OFFSET.size
@@ -40,7 +45,7 @@ BATCH_REQUEST_BYTES = 192 * 1024
 
 # --- digests -----------------------------------------------------------------------------------
 
-def crc32_shift_columns(length):
+def crc32_shift_columns(length: int) -> Tuple[int, ...]:
     """The linear map (over GF(2)) ``x -> crc32(d, x) ^ crc32(d, 0)`` for any ``length``-byte
     ``d``, as the images of the 32 bits: ``crc32(d, a) == crc32(d, b) ^ shift(a ^ b)``."""
     zeros = bytes(length)
@@ -61,13 +66,13 @@ _CRC_SHIFT = {DEFAULT_CHUNK: (
 class _Crc32:
     name = "crc32"
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.value = 0
 
-    def update(self, data):
+    def update(self, data: Buffer) -> None:
         self.value = zlib.crc32(data, self.value)
 
-    def update_chunk(self, offset, data, crc):
+    def update_chunk(self, offset: int, data: Buffer, crc: int) -> None:
         """Same as update(data), given ``crc`` = chunk_crc(offset, data) (already checked)."""
         cols = _CRC_SHIFT.get(len(data))
         if cols is None:
@@ -83,11 +88,11 @@ class _Crc32:
             i += 1
         self.value = crc
 
-    def hexdigest(self):
+    def hexdigest(self) -> str:
         return "%08x" % self.value
 
 
-def new_digest(algorithm):
+def new_digest(algorithm: str) -> Digest:
     """A hash object with update()/hexdigest(): sha256 (as sha256sum), blake2b (as b2sum), crc32."""
     if algorithm == "sha256":
         return hashlib.sha256()
@@ -100,12 +105,12 @@ def new_digest(algorithm):
 
 # --- frames ------------------------------------------------------------------------------------
 
-def encode_hello(tid, nonce, sender):
+def encode_hello(tid: int, nonce: str, sender: str) -> bytes:
     return encode_frame(FrameType.DATA_HELLO, dump_json({"transfer": tid, "nonce": nonce,
                                                          "from": sender}), id=tid)
 
 
-def parse_hello(payload):
+def parse_hello(payload: bytes) -> Tuple[int, str, str]:
     """Returns (tid, nonce, from) or raises ProtocolViolation."""
     obj = load_json_object(payload, "DATA_HELLO")
     tid, nonce, sender = obj.get("transfer"), obj.get("nonce"), obj.get("from")
@@ -115,7 +120,7 @@ def parse_hello(payload):
     return tid, nonce, sender
 
 
-def data_parts(tid, offset, data, crc=None):
+def data_parts(tid: int, offset: int, data: Buffer, crc: Optional[int] = None) -> List[Buffer]:
     """A DATA frame as a list of buffers for writev: header, offset, data, trailer.
 
     ``crc`` is the CRC-32 of offset+data if the caller already has it (see :func:`chunk_crc`).
@@ -127,26 +132,26 @@ def data_parts(tid, offset, data, crc=None):
             TRAILER.pack(crc)]
 
 
-def chunk_crc(offset, data):
+def chunk_crc(offset: int, data: Buffer) -> int:
     """The payload CRC of a DATA frame carrying ``data`` at ``offset``."""
     return zlib.crc32(data, zlib.crc32(OFFSET.pack(offset)))
 
 
-def encode_end(tid, size, algorithm, digest):
+def encode_end(tid: int, size: int, algorithm: str, digest: str) -> bytes:
     return encode_frame(FrameType.DATA_END, dump_json({"size": size, "algorithm": algorithm,
                                                        "digest": digest}), id=tid)
 
 
-def encode_end_error(tid, code, message):
+def encode_end_error(tid: int, code: str, message: str) -> bytes:
     return encode_frame(FrameType.DATA_END, dump_json({"error": code, "message": message[:1000]}),
                         id=tid)
 
 
-def encode_ack(tid):
+def encode_ack(tid: int) -> bytes:
     return encode_frame(FrameType.DATA_END, dump_json({"ok": True}), id=tid)
 
 
-def parse_end(payload):
+def parse_end(payload: bytes) -> Dict[str, Any]:
     """Returns a dict with either size/algorithm/digest, error/message, or ok."""
     obj = load_json_object(payload, "DATA_END")
     if "error" in obj:
@@ -167,11 +172,11 @@ def parse_end(payload):
 class Header:
     __slots__ = ("type", "flags", "id", "length")
 
-    def __init__(self, type, flags, id, length):
+    def __init__(self, type: int, flags: int, id: int, length: int) -> None:
         self.type, self.flags, self.id, self.length = type, flags, id, length
 
 
-def parse_header(buf, max_payload=1 << 20):
+def parse_header(buf: Buffer, max_payload: int = 1 << 20) -> Header:
     """Validate 20 header bytes (strict mode: no resync). Returns Header or raises ProtocolViolation
     with code checksum_mismatch (the stream is corrupt: the transfer must fail)."""
     if len(buf) < HEADER_SIZE:
@@ -187,12 +192,14 @@ def parse_header(buf, max_payload=1 << 20):
     return Header(type_, flags, id_, length)
 
 
-def check_payload(payload, trailer):
+def check_payload(payload: Buffer, trailer: Buffer) -> bool:
     """True if ``trailer`` (4 bytes) is the CRC-32 of ``payload``."""
-    return zlib.crc32(payload) == TRAILER.unpack_from(trailer, 0)[0]
+    expected: int = TRAILER.unpack_from(trailer, 0)[0]
+    return zlib.crc32(payload) == expected
 
 
-def scan_hello(buf, tid, nonce, sender):
+def scan_hello(buf: bytearray, tid: int, nonce: str,
+               sender: str) -> Tuple[Optional[int], int]:
     """Look for the DATA_HELLO ``(tid, nonce, sender)`` in ``buf`` (bytes received so far).
 
     Returns ``(end, keep_from)``: ``end`` is the index just after the hello (the strict frame
@@ -235,7 +242,7 @@ def scan_hello(buf, tid, nonce, sender):
 
 # --- resume ------------------------------------------------------------------------------------
 
-def partial_name(path, size, mtime_ns, algorithm):
+def partial_name(path: str, size: int, mtime_ns: int, algorithm: str) -> str:
     """File name (in the target directory) of the partial temp file for a resumable transfer.
 
     Derived from the transfer's identity: the destination path and the source's size and mtime
@@ -257,7 +264,7 @@ def resume_offset(partial_size: Optional[int], size: Optional[int]) -> int:
 
 # --- untrusted relative paths -------------------------------------------------------------------
 
-def safe_relpath(rel):
+def safe_relpath(rel: object) -> List[str]:
     """Split a relative path received from the peer into components, refusing anything that could
     leave the destination: absolute paths, ``..``, empty or ``.`` components, NUL, backslashes.
     Raises ProtocolViolation (code denied)."""
@@ -272,6 +279,6 @@ def safe_relpath(rel):
     return parts
 
 
-def batch_tid(tid, index):
+def batch_tid(tid: int, index: int) -> int:
     """The transfer id of the ``index``-th file of a batch opened as ``tid`` (wraps, never 0)."""
     return (tid - 1 + index) % MAX_TID + 1
