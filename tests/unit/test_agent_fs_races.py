@@ -21,7 +21,6 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from guestlink.filecopy import engine as CE  # noqa: E402
-from guestlink.agent import transfers as AT  # noqa: E402
 from guestlink.agent.execs import OpError  # noqa: E402
 from guestlink.protocol import Fields, codes  # noqa: E402
 from guestlink.protocol import transfer as T  # noqa: E402
