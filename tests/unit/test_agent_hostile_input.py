@@ -24,7 +24,7 @@ import guestlink  # noqa: E402
 from guestlink.agent import handlers as agent_handlers  # noqa: E402
 from guestlink.agent.config import ConfigError, load_config  # noqa: E402
 from guestlink.agent.loop import MAX_WAIT, Timers  # noqa: E402
-from guestlink.host import client as host_client  # noqa: E402
+from guestlink.host import session as host_session  # noqa: E402
 from guestlink.host import errors  # noqa: E402
 from guestlink.protocol import FrameDecoder, FrameType, codes  # noqa: E402
 from guestlink.protocol import messages as m  # noqa: E402
@@ -375,7 +375,7 @@ def test_handler_is_compiled_from_the_checked_file_and_writes_no_bytecode(tmp_pa
 def test_a_trickling_frame_is_not_a_stall_but_a_silent_one_is(tmp_path, monkeypatch):
     """docs/protocol.md: a partial frame is abandoned when it makes no progress for the stall
     time, not when it takes longer than that in total."""
-    monkeypatch.setattr(host_client, "PARTIAL_FRAME_STALL", 1.0)
+    monkeypatch.setattr(host_session, "PARTIAL_FRAME_STALL", 1.0)
     path = os.path.join(short_tmp(tmp_path), "ctl.sock")
 
     async def trickle(conn, id_, args):

@@ -10,11 +10,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from guestlink.host import client as client_mod  # noqa: E402
+from guestlink.host import session as session_mod  # noqa: E402
+from guestlink.host import timing  # noqa: E402
 from guestlink.host import errors  # noqa: E402
 from guestlink.host.client import connect, wait_within  # noqa: E402
-from guestlink.protocol import FrameType  # noqa: E402
-from test_host_fakeagent import FakeAgent, raw_frame, short_tmp  # noqa: E402
+from test_host_fakeagent import FakeAgent, short_tmp  # noqa: E402
 
 
 @pytest.fixture
@@ -35,25 +35,25 @@ def test_cancel_that_coincides_with_the_reply_is_not_lost(path, monkeypatch):
         async with FakeAgent(path):
             async with connect(path) as vm:
                 task = asyncio.current_task()
-                resolve = client_mod._Call.resolve
+                resolve = session_mod.Call.resolve
 
                 def resolve_and_cancel(call, payload):
                     resolve(call, payload)
                     task.cancel()  # Ctrl-C lands in the same iteration as the reply
 
-                monkeypatch.setattr(client_mod._Call, "resolve", resolve_and_cancel)
+                monkeypatch.setattr(session_mod.Call, "resolve", resolve_and_cancel)
                 try:
                     await vm.ping()
                 except asyncio.CancelledError:
                     return "cancelled"
                 finally:
-                    monkeypatch.setattr(client_mod._Call, "resolve", resolve)
+                    monkeypatch.setattr(session_mod.Call, "resolve", resolve)
                 return "swallowed"
 
     assert asyncio.run(main()) == "cancelled"
 
 
-@pytest.mark.parametrize("helper", [wait_within, client_mod._wait_within_compat],
+@pytest.mark.parametrize("helper", [wait_within, timing._wait_within_compat],
                          ids=["wait_within", "compat"])
 def test_wait_within_keeps_a_cancellation_that_coincides_with_completion(helper):
     async def main():
@@ -72,7 +72,7 @@ def test_wait_within_keeps_a_cancellation_that_coincides_with_completion(helper)
     assert asyncio.run(main()) == "cancelled"
 
 
-@pytest.mark.parametrize("helper", [wait_within, client_mod._wait_within_compat],
+@pytest.mark.parametrize("helper", [wait_within, timing._wait_within_compat],
                          ids=["wait_within", "compat"])
 def test_wait_within_times_out_and_returns(helper):
     async def main():

@@ -4,8 +4,9 @@ and a synchronous facade (``guestlink.sync``).
 Host-only: the guest agent never imports this package.
 """
 from . import errors
-from .client import (AgentInfo, Client, CompletedProcess, Message, Process, Runstate,
-                     Subscription, connect)
+from .client import (AgentInfo, Client, CompletedProcess, ConnectOptions, ExecOptions, Message,
+                     Process, Runstate, Subscription, connect)
 
-__all__ = ["errors", "connect", "Client", "AgentInfo", "CompletedProcess", "Message", "Process",
+__all__ = ["errors", "connect", "Client", "AgentInfo", "CompletedProcess", "ConnectOptions",
+           "ExecOptions", "Message", "Process",
            "Runstate", "Subscription"]

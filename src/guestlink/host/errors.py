@@ -253,6 +253,22 @@ for _code, _cls in REMOTE_ERRORS.items():
 del _code, _cls
 
 
+def malformed(what, exc):
+    """The ProtocolError for a malformed ``what`` from the agent (one wording for all)."""
+    return ProtocolError("malformed %s from the agent: %s" % (what, exc))
+
+
+def copy_error(exc):
+    """A fresh exception of the same type and message (each failed call gets its own)."""
+    try:
+        new = type(exc).__new__(type(exc))
+        new.__dict__.update(exc.__dict__)
+        new.args = exc.args
+        return new
+    except Exception:  # pragma: no cover
+        return exc
+
+
 def remote_error(code, message, details=None):
     """Build the exception for an ERROR reply (code from the wire, already validated as a string)."""
     if code == codes.PROTOCOL_MISMATCH:
@@ -313,4 +329,4 @@ def _describe(args):
 __all__ = [name for name, value in list(globals().items())
            if isinstance(value, type) and issubclass(value, GuestlinkError)
            and not name.startswith("_")] + [
-    "REMOTE_ERRORS", "remote_error"]
+    "REMOTE_ERRORS", "remote_error", "malformed", "copy_error"]

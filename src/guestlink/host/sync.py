@@ -23,8 +23,9 @@ leaving the block cancels the remote command.
 import asyncio
 import threading
 
-from . import client as _client
-from .client import DEFAULT_OUTPUT_LIMIT, DEFAULT_QUEUE_SIZE, DEFAULT_TIMEOUT
+from .client import connect_with
+from .options import DEFAULT_OUTPUT_LIMIT, DEFAULT_QUEUE_SIZE, ConnectOptions, ExecOptions
+from .timing import DEFAULT_TIMEOUT
 
 __all__ = ["connect", "SyncClient", "SyncProcess", "SyncSubscription"]
 
@@ -63,11 +64,10 @@ def connect(ctl=None, data=None, *, domain=None, uri=None, ctl_name=None, data_n
     ``on_queue``: waiting for another client of the VM (all as the asyncio connect())."""
     lt = _LoopThread()
     try:
-        client = _client.connect(ctl, data, domain=domain, uri=uri, ctl_name=ctl_name,
-                                 data_name=data_name, timeout=timeout,
-                                 reconnect=reconnect, max_payload=max_payload,
-                                 queue_size=queue_size, queue_timeout=queue_timeout,
-                                 on_queue=on_queue)._client
+        client = connect_with(ConnectOptions(
+            ctl=ctl, data=data, domain=domain, uri=uri, ctl_name=ctl_name, data_name=data_name,
+            timeout=timeout, reconnect=reconnect, max_payload=max_payload, queue_size=queue_size,
+            queue_timeout=queue_timeout, on_queue=on_queue)).client
         lt.run(client.connect())
     except BaseException:
         lt.close()
@@ -142,9 +142,9 @@ class SyncClient:
 
     def exec(self, cmd, *, stdin=False, timeout=None, env=None, env_clear=False, cwd=None,
              shell=None, output_limit=DEFAULT_OUTPUT_LIMIT, call_timeout=None):
-        proc = self._client.exec(cmd, stdin=stdin, timeout=timeout, env=env, env_clear=env_clear,
-                                 cwd=cwd, shell=shell, output_limit=output_limit,
-                                 call_timeout=call_timeout)
+        proc = self._client.exec_with(cmd, ExecOptions(
+            stdin=stdin, timeout=timeout, env=env, env_clear=env_clear, cwd=cwd, shell=shell,
+            output_limit=output_limit, call_timeout=call_timeout))
         return SyncProcess(self._lt, proc)
 
     def subscribe(self, topic, *, queue_size=None):
@@ -214,7 +214,7 @@ class SyncSubscription:
         return self
 
     def __next__(self):
-        msg = self._lt.run(self._sub._next())
+        msg = self._lt.run(self._sub.next_or_none())
         if msg is None:
             raise StopIteration
         return msg

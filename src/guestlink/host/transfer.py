@@ -32,7 +32,8 @@ from ..protocol import Fields, ProtocolViolation, codes
 from ..protocol import messages as m
 from ..protocol import transfer as T
 from . import errors as E
-from .client import wait_within
+from .session import Call
+from .timing import wait_within
 
 BUSY_RETRY = 15.0  # seconds to retry while the agent's data port is still busy
 #: Mode bits a pull takes from the guest: never setuid/setgid (the guest is untrusted; a pull
@@ -105,9 +106,9 @@ class _DataLink:
 
 
 def _link(client):
-    link = getattr(client, "_datalink", None)
+    link = client.datalink
     if link is None:
-        link = client._datalink = _DataLink(client.data)
+        link = client.datalink = _DataLink(client.data)
     return link
 
 
@@ -133,8 +134,7 @@ class _Progress:
 
 
 def _violation(what: str, exc: ProtocolViolation) -> E.ProtocolError:
-    from .client import _violation as violation  # one wording for every malformed reply
-    return violation(what, exc)
+    return E.malformed(what, exc)  # one wording for every malformed reply
 
 
 def _reported_file(obj: Any, what: str) -> Tuple[int, str]:
@@ -154,7 +154,6 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
     for one file); ``verify(reply, result, args)`` checks it against the agent's reply. Returns
     (reply, ready, result, seconds).
     """
-    from .client import _Call  # the client's request plumbing
 
     link = _link(client)
     loop = asyncio.get_running_loop()
@@ -173,10 +172,11 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
                 if not fut.done():
                     fut.set_result(ev)
 
-            call = _Call("transfer.open", on_event)
+            call = Call("transfer.open", on_event)
             req = dict(args, transfer=tid, direction=direction)
-            await client._start_call(call, "transfer.open", req, ready_fut, client._deadline(timeout),
-                                     "the agent did not get ready for the transfer in time")
+            await client.session.start_call(call, "transfer.open", req, ready_fut,
+                                            client.session.deadline(timeout),
+                                            "the agent did not get ready for the transfer in time")
             if call.future.done() and not ready_fut.done():
                 exc = call.future.exception()
                 if isinstance(exc, E.Busy) and loop.time() < deadline_busy:
@@ -187,7 +187,7 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
                 raise E.ProtocolError("the agent finished transfer.open without getting ready")
             ev = ready_fut.result()
             if isinstance(ev, Exception) or ev.get("event") != "ready":
-                client._forget(call, cancel=True)
+                client.session.forget(call, cancel=True)
                 raise E.ProtocolError("unexpected transfer event from the agent")
             break
         try:
@@ -202,7 +202,7 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
                      "path": f.str("path", default=""),
                      "offsets": ev.get("offsets")}  # batch: checked by its caller
         except ProtocolViolation as exc:
-            client._forget(call, cancel=True)
+            client.session.forget(call, cancel=True)
             raise E.ProtocolError("bad ready event: %s" % exc) from None
         cancel = threading.Event()
         chan = CE.Channel(sock.fileno(), cancel, what="the data socket")
@@ -248,8 +248,8 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
                     if not call.future.cancelled():
                         raise  # ours (Ctrl-C), not the call's: never swallowed
                 raise _engine_error(exc) from None
-            payload = await client._await_reply(call, client._deadline(max(client.timeout or 0, 30.0)),
-                                                "transfer.open")
+            final_deadline = client.session.deadline(max(client.timeout or 0, 30.0))
+            payload = await client.session.await_reply(call, final_deadline, "transfer.open")
             try:
                 reply = m.parse_response(payload)
                 Fields(reply, "transfer reply").str("path", default=None)
@@ -261,7 +261,7 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
         except BaseException:
             cancel.set()
             if not call.future.done():
-                client._forget(call, cancel=True)
+                client.session.forget(call, cancel=True)
             if not engine_fut.done():
                 try:
                     await asyncio.shield(asyncio.wait([engine_fut]))
