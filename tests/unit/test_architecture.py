@@ -171,3 +171,73 @@ def test_the_cli_package_has_no_import_cycle():
     """The CLI imports in one direction: cli.common <- the command groups <- cli.app."""
     cycles = import_cycles(import_graph())
     assert [c for c in cycles if any(m.startswith("guestlink.cli") for m in c)] == []
+
+
+# --- no module reaches into another module's private names ----------------------------------------
+
+def _is_private(name):
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_names_defined(tree):
+    """The underscored names a module defines: functions, classes, assignments at any level, and
+    attributes it sets on ``self``/``cls`` or lists in ``__slots__``."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.add(node.value)  # __slots__ entries, getattr(obj, "_name") on its own objects
+    return {n for n in names if _is_private(n)}
+
+
+def private_name_offenders():
+    """``x._name`` (x not self/cls) where ``_name`` is a private name of ANOTHER guestlink module,
+    and ``from m import _name`` of anything but a private submodule (``_version``)."""
+    paths = sorted(SRC.rglob("*.py"))
+    trees = {p: ast.parse(p.read_text(), str(p)) for p in paths}
+    defined = {p: private_names_defined(t) for p, t in trees.items()}
+    everywhere = set().union(*defined.values())
+    private_modules = {p.stem for p in paths if _is_private(p.stem) and p.stem != "__init__"}
+    offenders = []
+    for path, tree in trees.items():
+        where = path.relative_to(SRC.parent)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _is_private(node.attr):
+                base = node.value
+                if isinstance(base, ast.Name) and base.id in ("self", "cls"):
+                    continue
+                # another module's private name; a name no guestlink module defines belongs to
+                # the standard library (os._exit)
+                if node.attr not in defined[path] and node.attr in everywhere:
+                    offenders.append("%s:%d: .%s" % (where, node.lineno, node.attr))
+            elif isinstance(node, ast.ImportFrom):
+                offenders += ["%s:%d: from %s import %s" % (where, node.lineno,
+                                                            "." * node.level + (node.module or ""),
+                                                            alias.name)
+                              for alias in node.names
+                              if _is_private(alias.name) and alias.name not in private_modules]
+    return offenders
+
+
+def test_private_name_offenders_are_found(tmp_path, monkeypatch):
+    pkg = tmp_path / "guestlink"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("class A:\n    def _own(self):\n        pass\n\n"
+                              "def f(a):\n    a._own()\n    import os\n    os._exit(0)\n")
+    (pkg / "b.py").write_text("from .a import _hidden\nfrom . import _version\n\n"
+                              "def g(a):\n    a._own()\n")
+    (pkg / "_version.py").write_text("v = 1\n")
+    monkeypatch.setattr(sys.modules[__name__], "SRC", pkg)
+    assert private_name_offenders() == ["guestlink/b.py:1: from .a import _hidden",
+                                        "guestlink/b.py:5: ._own"]
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """A module's underscored names are its own: what another module needs is a named API
+    (e.g. guestlink.host.session's, documented in its docstring)."""
+    assert private_name_offenders() == []

@@ -432,13 +432,13 @@ def test_resolve_target_conflicts(no_env):
 def test_exec_domain_before_dashdash(monkeypatch, no_env):
     monkeypatch.setattr(L, "resolve_domain", lambda name, uri=None, *a: ("/s/c", "/s/d"))
     args = parse("exec", "vm1", "--", "uname", "-r")
-    cli._check_args(args)
+    cli.check_args(args)
     assert args.cmd == ["uname", "-r"] and cli.resolve_target(args).domain == "vm1"
     args = parse("exec", "--domain", "vm1", "--", "ls", "-l")
-    cli._check_args(args)
+    cli.check_args(args)
     assert args.cmd == ["ls", "-l"]
     with pytest.raises(cli.UsageError, match="only a libvirt domain"):
-        cli._check_args(parse("exec", "a", "b", "--", "ls"))
+        cli.check_args(parse("exec", "a", "b", "--", "ls"))
 
 
 @pytest.mark.parametrize("exc, code", [

@@ -11,12 +11,12 @@ from ..exitcodes import (EXIT_CANNOT_RUN, EXIT_CANTCREAT, EXIT_CONFIG, EXIT_DATA
                          EXIT_INTERRUPTED, EXIT_IOERR, EXIT_NOHOST, EXIT_NOINPUT, EXIT_NOPERM,
                          EXIT_NOT_FOUND, EXIT_OK, EXIT_PROBLEMS, EXIT_PROTOCOL, EXIT_SOFTWARE,
                          EXIT_TEMPFAIL, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE)
-from .app import COMMANDS, _check_args, build_parser, main
+from .app import COMMANDS, check_args, build_parser, main
 from .common import Target, UsageError, exit_code_for, local_error, resolve_target
 
 __all__ = [
     "EXIT_CANNOT_RUN", "EXIT_CANTCREAT", "EXIT_CONFIG", "EXIT_DATAERR", "EXIT_INTERRUPTED",
     "EXIT_IOERR", "EXIT_NOHOST", "EXIT_NOINPUT", "EXIT_NOPERM", "EXIT_NOT_FOUND", "EXIT_OK",
     "EXIT_PROBLEMS", "EXIT_PROTOCOL", "EXIT_SOFTWARE", "EXIT_TEMPFAIL", "EXIT_TIMEOUT",
-    "EXIT_UNAVAILABLE", "EXIT_USAGE", "COMMANDS", "Target", "UsageError", "_check_args",
+    "EXIT_UNAVAILABLE", "EXIT_USAGE", "COMMANDS", "Target", "UsageError", "check_args",
     "build_parser", "exit_code_for", "local_error", "main", "resolve_target"]

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
     """Refuse bad command lines before connecting (UsageError); normalise a few options."""
     if args.command in ("cp", "run"):
         files.check_args(args)
@@ -168,7 +168,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from ..host.errors import GuestlinkError
 
     try:
-        _check_args(args)
+        check_args(args)
         return asyncio.run(_main_async(args))
     except (UsageError, GuestlinkError) as exc:
         return exit_for(exc, args.command)
