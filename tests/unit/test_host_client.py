@@ -219,6 +219,18 @@ def test_remote_errors_map_to_classes(path):
     assert "policy" in str(denied) and denied.code == "denied"
 
 
+def test_timeout_errors_are_builtin_timeout_errors():
+    """``except TimeoutError`` catches every guestlink timeout, and nothing else of the tree."""
+    timeouts = {errors.AgentNotResponding, errors.RequestTimeout, errors.RemoteTimeout,
+                errors.CommandTimedOut}
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        if isinstance(cls, type):
+            assert issubclass(cls, TimeoutError) == (cls in timeouts), name
+    exc = errors.RequestTimeout("no reply to ping from the agent within the timeout")
+    assert str(exc) == "no reply to ping from the agent within the timeout" and exc.errno is None
+
+
 def test_every_error_code_has_a_class():
     assert set(errors.REMOTE_ERRORS) == set(codes.ERROR_CODES)
     for code, cls in errors.REMOTE_ERRORS.items():

@@ -11,7 +11,7 @@ This docstring is the single reference for error handling; the README renders it
     │   ├── PermissionDenied           no permission to open the socket
     │   └── VMInUse                    another guestlink client held the VM for longer than
     │                                  connect(queue_timeout=...) (see guestlink.host.vmlock)
-    ├── AgentNotResponding             the socket is open but no agent completed the handshake in time
+    ├── AgentNotResponding  (T)        the socket is open but no agent completed the handshake in time
     ├── ProtocolError                  the agent sent something that breaks the protocol: a malformed
     │   │                              reply payload, a corrupted frame for a pending request, ...
     │   └── ProtocolMismatch           the peers speak incompatible protocol versions
@@ -20,7 +20,7 @@ This docstring is the single reference for error handling; the README renders it
     │                                  was sent: its OUTCOME IS UNKNOWN (it may or may not have run)
     ├── RequestNotSent                 the request never left the host (not connected in time,
     │                                  connection lost before sending): SAFE TO RETRY
-    ├── RequestTimeout                 the request was sent but no reply came within its timeout
+    ├── RequestTimeout      (T)        the request was sent but no reply came within its timeout
     │                                  (outcome unknown)
     ├── RemoteError                    the agent answered with an ERROR (.code, .message, .details);
     │   │                              one subclass per protocol error code, see REMOTE_ERRORS;
@@ -35,7 +35,7 @@ This docstring is the single reference for error handling; the README renders it
     │   ├── RemoteNotADirectory        not_a_directory
     │   ├── RemoteNoSpace              no_space
     │   ├── RemoteIOError              io_error
-    │   ├── RemoteTimeout              timeout (an agent-side deadline)
+    │   ├── RemoteTimeout   (T)        timeout (an agent-side deadline)
     │   ├── Cancelled                  cancelled
     │   ├── Busy                       busy
     │   ├── TooLarge                   too_large
@@ -47,8 +47,12 @@ This docstring is the single reference for error handling; the README renders it
     │   └── InternalError              internal (a bug in the agent)
     ├── CommandFailed                  run(check=True): the command exited non-zero or was killed
     │                                  by a signal (.result is the CompletedProcess)
-    └── CommandTimedOut                run(timeout=...): the command ran past its timeout and was
+    └── CommandTimedOut     (T)        run(timeout=...): the command ran past its timeout and was
                                        killed (.result has the partial output)
+
+(T): also a builtin ``TimeoutError``, so ``except TimeoutError`` catches every guestlink timeout
+(and, as TimeoutError is an OSError, so does ``except OSError``: catch GuestlinkError first where
+the two must differ).
 
 Outside the tree, and only these: arguments the library refuses before anything is sent raise
 ValueError or TypeError (e.g. a timeout that is negative, NaN, infinite or over MAX_TIMEOUT, ~24
@@ -97,7 +101,7 @@ class VMInUse(ConnectError):
     not finish within the queue timeout."""
 
 
-class AgentNotResponding(GuestlinkError):
+class AgentNotResponding(GuestlinkError, TimeoutError):
     """The socket accepted the connection but no agent completed the handshake in time."""
 
 
@@ -128,7 +132,7 @@ class RequestNotSent(GuestlinkError):
     """The request never left the host; it is safe to retry."""
 
 
-class RequestTimeout(GuestlinkError):
+class RequestTimeout(GuestlinkError, TimeoutError):
     """The request was sent but no reply arrived within its timeout; its outcome is unknown."""
 
 
@@ -186,7 +190,7 @@ class RemoteIOError(RemoteError):
     pass
 
 
-class RemoteTimeout(RemoteError):
+class RemoteTimeout(RemoteError, TimeoutError):
     pass
 
 
@@ -309,7 +313,7 @@ class CommandFailed(_CommandOutcome):
         return self.result.returncode
 
 
-class CommandTimedOut(_CommandOutcome):
+class CommandTimedOut(_CommandOutcome, TimeoutError):
     """``run(timeout=...)``: the command was killed at its timeout; ``.result`` has partial output."""
 
     def __init__(self, result, timeout=None):

@@ -650,7 +650,9 @@ class Session:
         is then forgotten and CANCEL sent), the call's error if it failed."""
         try:
             return await wait_within(asyncio.shield(call.future), self.remaining(deadline))
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as exc:
+            if isinstance(exc, E.GuestlinkError):
+                raise  # the call's own failure (e.g. RemoteTimeout), not our deadline
             self.forget(call, cancel=True)
             raise E.RequestTimeout("no reply to %s from the agent within the timeout" % what) from None
         except asyncio.CancelledError:
