@@ -66,7 +66,14 @@ info, reading). ``protocol_mismatch`` received as a reply raises ProtocolMismatc
 ProtocolError and carries ``.code``.
 """
 
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type, TypeVar, Union
+
 from ..protocol import codes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .execs import CompletedProcess
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class GuestlinkError(Exception):
@@ -78,7 +85,8 @@ class GuestlinkError(Exception):
 class ConnectError(GuestlinkError):
     """The control socket could not be opened."""
 
-    def __init__(self, message, path=None, errno=None):
+    def __init__(self, message: str, path: Optional[str] = None,
+                 errno: Optional[int] = None) -> None:
         GuestlinkError.__init__(self, message)
         self.path = path
         self.errno = errno
@@ -116,7 +124,7 @@ class ProtocolMismatch(ProtocolError):
 
     code = codes.PROTOCOL_MISMATCH
 
-    def __init__(self, message, details=None):
+    def __init__(self, message: str, details: Optional[Dict[str, Any]] = None) -> None:
         ProtocolError.__init__(self, message)
         self.message = message
         self.details = details or {}
@@ -141,9 +149,9 @@ class RequestTimeout(GuestlinkError, TimeoutError):
 class RemoteError(GuestlinkError):
     """The agent answered the request with an ERROR frame."""
 
-    code = None
+    code: Optional[str] = None
 
-    def __init__(self, code, message, details=None):
+    def __init__(self, code: str, message: str, details: Optional[Dict[str, Any]] = None) -> None:
         GuestlinkError.__init__(self, "%s (%s)" % (message, code) if message else code)
         self.code = code
         self.message = message
@@ -228,7 +236,7 @@ class InternalError(RemoteError):
 
 #: protocol error code -> exception class. Every code of ``guestlink.protocol.codes`` is mapped
 #: (a unit test checks it); ``protocol_mismatch`` maps to ProtocolMismatch.
-REMOTE_ERRORS = {
+REMOTE_ERRORS: Dict[str, "Type[Union[RemoteError, ProtocolMismatch]]"] = {
     codes.BAD_REQUEST: BadRequest,
     codes.UNKNOWN_COMMAND: UnknownCommand,
     codes.DENIED: CommandDenied,
@@ -252,17 +260,17 @@ REMOTE_ERRORS = {
 }
 
 for _code, _cls in REMOTE_ERRORS.items():
-    if _cls is not ProtocolMismatch:
+    if issubclass(_cls, RemoteError):  # ProtocolMismatch has its code already
         _cls.code = _code
 del _code, _cls
 
 
-def malformed(what, exc):
+def malformed(what: str, exc: BaseException) -> "ProtocolError":
     """The ProtocolError for a malformed ``what`` from the agent (one wording for all)."""
     return ProtocolError("malformed %s from the agent: %s" % (what, exc))
 
 
-def copy_error(exc):
+def copy_error(exc: _E) -> _E:
     """A fresh exception of the same type and message (each failed call gets its own)."""
     try:
         new = type(exc).__new__(type(exc))
@@ -273,11 +281,13 @@ def copy_error(exc):
         return exc
 
 
-def remote_error(code, message, details=None):
+def remote_error(code: str, message: str,
+                 details: Optional[Dict[str, Any]] = None) -> Union[RemoteError, ProtocolMismatch]:
     """Build the exception for an ERROR reply (code from the wire, already validated as a string)."""
     if code == codes.PROTOCOL_MISMATCH:
         return ProtocolMismatch("protocol mismatch: %s" % (message or "incompatible agent"), details)
     cls = REMOTE_ERRORS.get(code, RemoteError)
+    assert issubclass(cls, RemoteError)
     return cls(code, message, details)
 
 
@@ -286,21 +296,21 @@ def remote_error(code, message, details=None):
 class _CommandOutcome(GuestlinkError):
     """Base of the errors that carry the command's CompletedProcess as ``.result``."""
 
-    result = None
+    result: "CompletedProcess"
 
     @property
-    def stdout(self):
+    def stdout(self) -> bytes:
         return self.result.stdout
 
     @property
-    def stderr(self):
+    def stderr(self) -> bytes:
         return self.result.stderr
 
 
 class CommandFailed(_CommandOutcome):
     """``run(check=True)``: the command exited with a non-zero status or was killed by a signal."""
 
-    def __init__(self, result):
+    def __init__(self, result: "CompletedProcess") -> None:
         self.result = result
         if result.signal:
             what = "was killed by signal %d" % result.signal
@@ -309,21 +319,21 @@ class CommandFailed(_CommandOutcome):
         GuestlinkError.__init__(self, "command %s %s" % (_describe(result.args), what))
 
     @property
-    def returncode(self):
+    def returncode(self) -> int:
         return self.result.returncode
 
 
 class CommandTimedOut(_CommandOutcome, TimeoutError):
     """``run(timeout=...)``: the command was killed at its timeout; ``.result`` has partial output."""
 
-    def __init__(self, result, timeout=None):
+    def __init__(self, result: "CompletedProcess", timeout: Optional[float] = None) -> None:
         self.result = result
         self.timeout = timeout
         GuestlinkError.__init__(self, "command %s timed out%s" % (
             _describe(result.args), " after %g s" % timeout if timeout is not None else ""))
 
 
-def _describe(args):
+def _describe(args: Union[str, List[Any]]) -> str:
     text = args if isinstance(args, str) else " ".join(str(a) for a in args)
     if len(text) > 80:
         text = text[:77] + "..."

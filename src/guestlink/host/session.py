@@ -204,6 +204,7 @@ class Session:
             self.ctl, self.data = await loop.run_in_executor(None, self._resolver)
 
     async def _take_vm_lock(self) -> None:
+        assert self.ctl is not None  # given, or resolved from the libvirt domain
         try:
             lock = VMLock(self.ctl)
             lock.try_acquire()

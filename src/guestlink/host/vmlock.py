@@ -18,6 +18,7 @@ import hashlib
 import os
 import stat
 import sys
+from typing import Any, Callable, Optional
 
 from . import errors as E
 
@@ -29,7 +30,7 @@ DESCRIBE_GRACE = 1.0
 MAX_HOLDER = 512
 
 
-def lock_dir():
+def lock_dir() -> str:
     """The directory for this user's lock files (created if missing, refused if not ours)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and _owned_dir(runtime):  # not one that `sudo` kept from another user
@@ -47,7 +48,7 @@ def lock_dir():
     return path
 
 
-def _owned_dir(path):
+def _owned_dir(path: str) -> bool:
     try:
         st = os.stat(path)
     except OSError:
@@ -55,13 +56,13 @@ def _owned_dir(path):
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
 
 
-def lock_path(ctl):
+def lock_path(ctl: str) -> str:
     """The lock file of the VM whose control socket is ``ctl`` (the same for every alias)."""
     key = os.path.realpath(ctl)
     return os.path.join(lock_dir(), hashlib.sha256(key.encode()).hexdigest()[:24] + ".lock")
 
 
-def describe_self():
+def describe_self() -> str:
     """What a waiting client is told about this process: pid and command line."""
     argv = list(sys.argv) or ["python"]
     name = os.path.basename(argv[0])
@@ -75,16 +76,16 @@ def describe_self():
 class VMLock:
     """The advisory lock on one VM's control socket (see the module docstring)."""
 
-    def __init__(self, ctl):
+    def __init__(self, ctl: str) -> None:
         self.ctl = ctl
         self.path = lock_path(ctl)
-        self._fd = None
+        self._fd: Optional[int] = None
 
     @property
-    def held(self):
+    def held(self) -> bool:
         return self._fd is not None
 
-    def try_acquire(self):
+    def try_acquire(self) -> bool:
         """Take the lock if it is free; returns whether it is now held."""
         while self._fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -108,7 +109,7 @@ class VMLock:
                 pass  # the description only informs waiters
         return True
 
-    def _still_linked(self, fd):
+    def _still_linked(self, fd: int) -> bool:
         try:
             st = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
@@ -116,7 +117,7 @@ class VMLock:
         own = os.fstat(fd)
         return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
-    def holder(self, default="another guestlink process"):
+    def holder(self, default: Optional[str] = "another guestlink process") -> Optional[str]:
         """Who holds the lock, as its holder described itself (best effort)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -128,7 +129,8 @@ class VMLock:
             os.close(fd)
         return text.splitlines()[0] if text else default
 
-    async def acquire(self, timeout=None, on_wait=None):
+    async def acquire(self, timeout: Optional[float] = None,
+                      on_wait: Optional[Callable[[str], Any]] = None) -> bool:
         """Wait for the lock. ``on_wait(holder)`` is called once if it has to wait; after
         ``timeout`` seconds (None: no limit) :class:`~guestlink.host.errors.VMInUse` is raised."""
         loop = asyncio.get_running_loop()
@@ -152,7 +154,7 @@ class VMLock:
             await asyncio.sleep(POLL_INTERVAL)
         return waited
 
-    def release(self):
+    def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
