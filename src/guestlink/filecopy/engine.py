@@ -25,6 +25,7 @@ import select
 import stat
 import threading
 import zlib
+from typing import Callable, List, Optional, Tuple
 
 from ..protocol import codes
 from ..protocol import transfer as T
@@ -58,9 +59,10 @@ def cancelled() -> TransferError:
 class Channel:
     """A non-blocking fd with cancellable blocking reads and writes."""
 
-    def __init__(self, fd, cancel, idle_timeout=IDLE_TIMEOUT, what="the data port"):
+    def __init__(self, fd: int, cancel: threading.Event, idle_timeout: float = IDLE_TIMEOUT,
+                 what: str = "the data port") -> None:
         self.fd = fd
-        self.cancel = cancel  # threading.Event
+        self.cancel = cancel
         self.idle_timeout = idle_timeout
         self.what = what
         self._nseg = 16
@@ -78,7 +80,7 @@ class Channel:
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
 
-    def _wait(self, events):
+    def _wait(self, events: int) -> int:
         waited = 0.0
         self._poll.modify(self.fd, events)
         while True:
@@ -86,19 +88,20 @@ class Channel:
                 raise cancelled()
             ready = self._poll.poll(int(POLL_INTERVAL * 1000))
             if ready:
-                return ready[0][1]
+                revents: int = ready[0][1]
+                return revents
             waited += POLL_INTERVAL
             if self.idle_timeout and waited >= self.idle_timeout:
                 raise TransferError(codes.TIMEOUT, "no progress on %s for %g s" % (
                     self.what, self.idle_timeout), interrupted=True)
 
-    def _gone(self, why):
+    def _gone(self, why: str) -> TransferError:
         if self.cancel.is_set():  # we hung up on purpose (or were told to): say so
             return cancelled()
         return TransferError(codes.IO_ERROR, "the peer went away from %s (%s)" % (self.what, why),
                              interrupted=True)
 
-    def read_into(self, mv):
+    def read_into(self, mv: memoryview) -> int:
         """Read at least one byte into ``mv``; returns the count."""
         if self.pending:
             n = min(len(mv), len(self.pending))
@@ -110,7 +113,7 @@ class Channel:
             raise cancelled()
         return n
 
-    def _io(self, op, events, what):
+    def _io(self, op: Callable[[], int], events: int, what: str) -> int:
         """Run the non-blocking ``op()``, waiting for ``events`` while it would block; a peer
         that went away or an I/O error becomes a TransferError."""
         while True:
@@ -122,18 +125,18 @@ class Channel:
                     raise self._gone("hangup")
             except OSError as exc:
                 if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
-                    raise self._gone(exc.strerror)
+                    raise self._gone(exc.strerror or str(exc))
                 raise TransferError(codes.IO_ERROR, "%s %s: %s" % (what, self.what, exc.strerror or exc),
                                     interrupted=True)
 
-    def _readv(self, iov):
+    def _readv(self, iov: List[memoryview]) -> int:
         """readv into ``iov``, waiting while nothing is readable; returns a count > 0."""
         n = self._io(lambda: os.readv(self.fd, iov), select.POLLIN, "reading")
         if n == 0:
             raise self._gone("end of stream")
         return n
 
-    def read_exact(self, mv):
+    def read_exact(self, mv: memoryview) -> None:
         total = len(mv)
         got = 0
         while self.pending and got < total:
@@ -158,8 +161,8 @@ class Channel:
         if self.cancel.is_set():
             raise cancelled()
 
-    def write_all(self, parts):
-        parts = [memoryview(p).cast("B") for p in parts if len(p)]
+    def write_all(self, data: List[T.Buffer]) -> None:
+        parts = [memoryview(p).cast("B") for p in data if len(p)]
         seg = self.wseg
         if seg:
             split = []
@@ -182,7 +185,7 @@ class Channel:
             if self.cancel.is_set():
                 raise cancelled()
 
-    def wait_hello(self, tid, nonce, sender, limit=64 << 20):
+    def wait_hello(self, tid: int, nonce: str, sender: str, limit: int = 64 << 20) -> int:
         """Skip everything until the peer's DATA_HELLO (tid, nonce); keep what follows it."""
         buf = bytearray()
         chunk = bytearray(65536)
@@ -203,6 +206,16 @@ class Channel:
 
 class _Chunk:
     __slots__ = ("buf", "data", "offset", "crc", "trailer", "payload")
+    buf: bytearray
+    data: memoryview
+    offset: int
+    crc: int
+    trailer: memoryview
+    payload: memoryview
+
+
+#: One stage of a Pipeline: works on a chunk in its own thread.
+Stage = Callable[[_Chunk], None]
 
 
 class Pipeline:
@@ -212,15 +225,16 @@ class Pipeline:
     that fits in one chunk, starting and joining threads would cost more than it overlaps.
     """
 
-    def __init__(self, stages, bufsize, cancel, nbufs=NBUFS, inline=False):
+    def __init__(self, stages: List[Stage], bufsize: int, cancel: threading.Event,
+                 nbufs: int = NBUFS, inline: bool = False) -> None:
         self.cancel = cancel
-        self.error = None
+        self.error: Optional[BaseException] = None
         self.stages = stages if inline else None
-        self.pool = queue.Queue()
+        self.pool: "queue.Queue[bytearray]" = queue.Queue()
         for _ in range(1 if inline else nbufs):
             self.pool.put(bytearray(bufsize))
-        self.queues = [queue.Queue() for _ in stages]
-        self.threads = []
+        self.queues: List["queue.Queue[Optional[_Chunk]]"] = [queue.Queue() for _ in stages]
+        self.threads: List[threading.Thread] = []
         if inline:
             return
         for i, fn in enumerate(stages):
@@ -230,7 +244,8 @@ class Pipeline:
             t.start()
             self.threads.append(t)
 
-    def _run(self, fn, q, nxt):
+    def _run(self, fn: Stage, q: "queue.Queue[Optional[_Chunk]]",
+             nxt: "Optional[queue.Queue[Optional[_Chunk]]]") -> None:
         while True:
             item = q.get()
             if item is None:
@@ -248,7 +263,7 @@ class Pipeline:
             else:
                 self.pool.put(item.buf)
 
-    def get_buffer(self):
+    def get_buffer(self) -> bytearray:
         while True:
             self.check()
             try:
@@ -256,13 +271,13 @@ class Pipeline:
             except queue.Empty:
                 continue
 
-    def check(self):
+    def check(self) -> None:
         if self.error is not None:
             raise self.error
         if self.cancel.is_set():
             raise cancelled()
 
-    def submit(self, chunk):
+    def submit(self, chunk: _Chunk) -> None:
         if self.stages is None:
             self.queues[0].put(chunk)
             return
@@ -272,7 +287,7 @@ class Pipeline:
         finally:
             self.pool.put(chunk.buf)
 
-    def finish(self, check=True):
+    def finish(self, check: bool = True) -> None:
         if self.stages is not None:
             return
         self.queues[0].put(None)
@@ -282,7 +297,7 @@ class Pipeline:
             raise self.error
 
 
-def _hash_prefix(fd, digest, length, cancel):
+def _hash_prefix(fd: int, digest: T.Digest, length: int, cancel: threading.Event) -> None:
     """Feed the first ``length`` bytes of ``fd`` to ``digest`` (a resumed transfer's prefix)."""
     buf = bytearray(1 << 20)
     mv = memoryview(buf)
@@ -297,7 +312,7 @@ def _hash_prefix(fd, digest, length, cancel):
         pos += n
 
 
-def _fill(fd, mv):
+def _fill(fd: int, mv: memoryview) -> int:
     got = 0
     while got < len(mv):
         try:
@@ -313,8 +328,11 @@ def _fill(fd, mv):
     return got
 
 
-def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHUNK,
-              progress=None, check=None, corrupt_at=None):
+def send_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
+              size: Optional[int] = None, chunk: int = T.DEFAULT_CHUNK,
+              progress: Optional[Callable[[int], None]] = None,
+              check: Optional[Callable[[], None]] = None,
+              corrupt_at: Optional[int] = None) -> Tuple[int, str]:
     """Stream ``fd`` (positioned at ``offset``; or a pipe) as DATA frames, then DATA_END.
 
     ``size`` (if known) must match what is read; ``check()`` may raise TransferError(changed)
@@ -326,16 +344,16 @@ def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHU
     if offset:
         _hash_prefix(fd, digest, offset, cancel)
 
-    def write(c):
+    def write(c: _Chunk) -> None:
         chan.write_all(T.data_parts(tid, c.offset, c.data, c.crc))
 
-    def hash_(c):
+    def hash_(c: _Chunk) -> None:
         digest.update(c.data)
 
     # crc32: the digest follows from the chunk CRCs (no second pass, no digest thread)
     by_chunk = getattr(digest, "update_chunk", None)
 
-    def crc_(c):
+    def crc_(c: _Chunk) -> None:
         c.crc = T.chunk_crc(c.offset, c.data)
         if by_chunk:
             by_chunk(c.offset, c.data, c.crc)
@@ -344,9 +362,11 @@ def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHU
 
     # crc32: file reads, chunk CRCs and port writes in parallel; otherwise the digest is the
     # slowest stage and one more thread only costs: the CRC stays in this thread
-    small = size is not None and size - offset < chunk
+    remaining = size - offset if size is not None else None
+    small = remaining is not None and remaining < chunk
     pipe = Pipeline([crc_, write] if by_chunk else [write, hash_],
-                    max(1, size - offset) if small else chunk, cancel, inline=small)
+                    max(1, remaining) if remaining is not None and small else chunk, cancel,
+                    inline=small)
     pos = offset
     try:
         while True:
@@ -381,7 +401,7 @@ def send_file(chan, fd, tid, algorithm, offset=0, size=None, chunk=T.DEFAULT_CHU
     return pos, hexd
 
 
-def _write_all_fd(fd, mv):
+def _write_all_fd(fd: int, mv: memoryview) -> None:
     while len(mv):
         try:
             n = os.write(fd, mv)
@@ -399,8 +419,9 @@ def _write_all_fd(fd, mv):
         mv = mv[n:]
 
 
-def recv_file(chan, fd, tid, algorithm, offset=0, size=None, progress=None, corrupt_at=None,
-              max_payload=1 << 20):
+def recv_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
+              size: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
+              corrupt_at: Optional[int] = None, max_payload: int = 1 << 20) -> Tuple[int, str]:
     """Receive DATA frames into ``fd`` (positioned at ``offset``, holding the verified prefix) up
     to DATA_END; verify every chunk's CRC, the size and the whole-file digest.
 
@@ -416,18 +437,19 @@ def recv_file(chan, fd, tid, algorithm, offset=0, size=None, progress=None, corr
 
     by_chunk = getattr(digest, "update_chunk", None)
 
-    def write(c):
+    def write(c: _Chunk) -> None:
         _write_all_fd(fd, c.data)
         state["written"] = c.offset + len(c.data)
 
-    def hash_(c):
+    def hash_(c: _Chunk) -> None:
         digest.update(c.data)
 
     # chunks are verified in this thread (so only verified chunks reach the writer); crc32: the
     # digest follows from the verified chunk CRCs (no second pass, no digest thread)
-    small = size is not None and size - offset < T.DEFAULT_CHUNK
-    if small:  # frames of more than the announced bytes are refused by the header check
-        max_payload = min(max_payload, max(4096, size - offset + T.OFFSET_SIZE))
+    remaining = size - offset if size is not None else None
+    small = remaining is not None and remaining < T.DEFAULT_CHUNK
+    if remaining is not None and small:  # frames of more are refused by the header check
+        max_payload = min(max_payload, max(4096, remaining + T.OFFSET_SIZE))
     pipe = Pipeline([write] if by_chunk else [hash_, write], max_payload + TRAILER_SIZE, cancel,
                     inline=small)
     hdr = bytearray(HEADER_SIZE)
@@ -509,7 +531,7 @@ def recv_file(chan, fd, tid, algorithm, offset=0, size=None, progress=None, corr
     return pos, hexd
 
 
-def wait_ack(chan, tid):
+def wait_ack(chan: Channel, tid: int) -> None:
     """The sender of a pull waits for the receiver's DATA_END {"ok": true} (or its error)."""
     hdr = bytearray(HEADER_SIZE)
     chan.read_exact(memoryview(hdr))

@@ -17,6 +17,7 @@ files are created with O_NOFOLLOW and renamed into place.
 import asyncio
 import errno
 import os
+import re
 import secrets
 import socket
 import stat
@@ -51,6 +52,9 @@ PROGRESS_INTERVAL = 0.1
 #: os calls would raise OverflowError instead of doing something wrong.
 MIN_NS, MAX_NS = -(1 << 63), (1 << 63) - 1
 MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change"
+#: The agent's transfer nonce (docs/protocol.md: 128 random bits, hex): anything else could never
+#: match its DATA_HELLO, and the host would wait for one until the idle timeout.
+_NONCE_RE = re.compile(r"\A[0-9a-f]{32,}\Z")
 
 
 @dataclass
@@ -192,7 +196,7 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
             break
         try:
             f = Fields(ev, "ready event")
-            ready = {"nonce": f.str("nonce", max_len=m.MAX_NONCE),
+            ready = {"nonce": f.str("nonce", max_len=m.MAX_NONCE, pattern=_NONCE_RE),
                      "offset": f.int("offset", min=0),
                      "size": f.int("size", default=None, min=0),
                      "mode": f.int("mode", default=None, min=0, max=0o7777),

@@ -110,7 +110,7 @@ def encode_hello(tid: int, nonce: str, sender: str) -> bytes:
                                                          "from": sender}), id=tid)
 
 
-def parse_hello(payload: bytes) -> Tuple[int, str, str]:
+def parse_hello(payload: Buffer) -> Tuple[int, str, str]:
     """Returns (tid, nonce, from) or raises ProtocolViolation."""
     obj = load_json_object(payload, "DATA_HELLO")
     tid, nonce, sender = obj.get("transfer"), obj.get("nonce"), obj.get("from")
@@ -151,7 +151,7 @@ def encode_ack(tid: int) -> bytes:
     return encode_frame(FrameType.DATA_END, dump_json({"ok": True}), id=tid)
 
 
-def parse_end(payload: bytes) -> Dict[str, Any]:
+def parse_end(payload: Buffer) -> Dict[str, Any]:
     """Returns a dict with either size/algorithm/digest, error/message, or ok."""
     obj = load_json_object(payload, "DATA_END")
     if "error" in obj:
