@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple, TypeVar
 
 from ..filecopy import commit
 from ..filecopy import engine as CE
@@ -55,6 +55,13 @@ MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change"
 #: The agent's transfer nonce (docs/protocol.md: 128 random bits, hex): anything else could never
 #: match its DATA_HELLO, and the host would wait for one until the idle timeout.
 _NONCE_RE = re.compile(r"\A[0-9a-f]{32,}\Z")
+#: What one transfer gives: (the agent's reply, its ready event, [(bytes, digest)] a file, seconds).
+_Outcome = Tuple[Any, Dict[str, Any], List[Tuple[int, str]], float]
+#: The copy engine's part of one transfer, run in a thread: (channel, tid, ready event, progress).
+Engine = Callable[[CE.Channel, int, Dict[str, Any], Callable[[int], None]], List[Tuple[int, str]]]
+_Item = TypeVar("_Item")
+#: Checks a transfer's result against the agent's reply: (reply, result, request arguments).
+_Verify = Callable[[Any, List[Tuple[int, str]], Dict[str, Any]], None]
 
 
 @dataclass
@@ -71,20 +78,24 @@ class TransferResult:
     resumed_from: int = 0
 
     @property
-    def rate(self):
+    def rate(self) -> float:
         """MB/s (10**6 bytes per second)."""
         return self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+#: The caller's progress callback: (bytes so far, total or None), called in the event loop.
+Progress = Optional[Callable[[int, Optional[int]], None]]
 
 
 class _DataLink:
     """The data socket of one client and the lock that queues its transfers."""
 
-    def __init__(self, path):
+    def __init__(self, path: Optional[str]) -> None:
         self.path = path
         self.lock = asyncio.Lock()
-        self.sock = None
+        self.sock: Optional[socket.socket] = None
 
-    def connect(self):
+    def connect(self) -> socket.socket:
         if self.sock is None:
             if not self.path:
                 raise E.ConnectError("file transfer needs the data channel socket (data=... / --data)")
@@ -103,20 +114,20 @@ class _DataLink:
             self.sock = s
         return self.sock
 
-    def reset(self):
+    def reset(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
 
 
-def _link(client):
+def _link(client: Any) -> _DataLink:
     link = client.datalink
     if link is None:
         link = client.datalink = _DataLink(client.data)
     return link
 
 
-def _engine_error(exc):
+def _engine_error(exc: CE.TransferError) -> Exception:
     """A copy-engine TransferError raised on the host -> a guestlink exception."""
     if exc.code == codes.NO_SPACE:
         return OSError(errno.ENOSPC, "local disk full: %s" % exc)
@@ -126,15 +137,35 @@ def _engine_error(exc):
 
 
 class _Progress:
-    def __init__(self, loop, cb, total, base):
+    def __init__(self, loop: asyncio.AbstractEventLoop, cb: Progress, total: Optional[int],
+                 base: int) -> None:
         self.loop, self.cb, self.total, self.last = loop, cb, total, 0.0
         self.base = base
 
-    def __call__(self, pos):
+    def __call__(self, pos: int) -> None:
         now = time.monotonic()
         if self.cb is not None and (now - self.last >= PROGRESS_INTERVAL or pos == self.total):
             self.last = now
             self.loop.call_soon_threadsafe(self.cb, pos, self.total)
+
+
+def _ready_setter(fut: "asyncio.Future[Any]") -> Callable[[Any], None]:
+    """The transfer.open call's event handler: its first event (or why it is malformed) resolves
+    ``fut``, the future of this attempt only."""
+    def on_event(payload: Any) -> None:
+        ev: Any
+        try:
+            ev = m.parse_event(payload)
+        except ProtocolViolation as exc:
+            ev = exc
+        if not fut.done():
+            fut.set_result(ev)
+    return on_event
+
+
+def _shifted(progress: Callable[[int], None], at: int) -> Callable[[int], None]:
+    """``progress`` for a file that starts ``at`` bytes into the transfer's total."""
+    return lambda pos: progress(at + pos)
 
 
 def _violation(what: str, exc: ProtocolViolation) -> E.ProtocolError:
@@ -150,7 +181,9 @@ def _reported_file(obj: Any, what: str) -> Tuple[int, str]:
         raise _violation(what, exc) from None
 
 
-async def _transfer_one(client, direction, args, engine, progress, total, timeout, verify):
+async def _transfer_one(client: Any, direction: str, args: Dict[str, Any], engine: Engine,
+                        progress: Progress, total: Optional[int], timeout: Optional[float],
+                        verify: _Verify) -> _Outcome:
     """The one engine for both directions.
 
     ``args``: transfer.open arguments (without transfer/direction). ``engine(chan, tid, ready,
@@ -168,15 +201,7 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
             tid = secrets.randbelow(T.MAX_TID) + 1
             ready_fut = loop.create_future()
 
-            def on_event(payload, fut=ready_fut):
-                try:
-                    ev = m.parse_event(payload)
-                except ProtocolViolation as exc:
-                    ev = exc
-                if not fut.done():
-                    fut.set_result(ev)
-
-            call = Call("transfer.open", on_event)
+            call = Call("transfer.open", _ready_setter(ready_fut))
             req = dict(args, transfer=tid, direction=direction)
             await client.session.start_call(call, "transfer.open", req, ready_fut,
                                             client.session.deadline(timeout),
@@ -214,7 +239,7 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
         prog = _Progress(loop, progress, total if total is not None else ready["size"], ready["offset"])
         started = time.monotonic()
 
-        def run():
+        def run() -> List[Tuple[int, str]]:
             chan.wait_hello(tid, ready["nonce"], "agent")
             return engine(chan, tid, ready, prog)
 
@@ -225,11 +250,11 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
             done, _ = await asyncio.wait([engine_fut, call.future], return_when=asyncio.FIRST_COMPLETED)
             if engine_fut not in done:
                 # the agent answered first: normally an error (it stopped); stop our side too
-                exc = call.future.exception() if not call.future.cancelled() else None
-                if exc is not None:
+                failure = call.future.exception() if not call.future.cancelled() else None
+                if failure is not None:
                     cancel.set()
                     await asyncio.wait([engine_fut])
-                    raise exc
+                    raise failure
                 await asyncio.wait([engine_fut])
             try:
                 result = engine_fut.result()
@@ -237,8 +262,9 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
                 # the agent's explanation is better, except when our own source changed during a
                 # push (the agent only sees "more data than announced" or our sender's error)
                 ours = direction == "push" and exc.code == codes.CHANGED
-                if not ours and call.future.done() and call.future.exception() is not None:
-                    raise call.future.exception()
+                failure = call.future.exception() if call.future.done() else None
+                if not ours and failure is not None:
+                    raise failure
                 # a sender error (e.g. the agent refused) may still be on its way on control; and
                 # the agent drops its temp file before it answers
                 try:
@@ -284,9 +310,6 @@ async def _transfer_one(client, direction, args, engine, progress, total, timeou
 # or receiver looping over the files, one verifier and one commit step (guestlink.filecopy).
 
 
-#: What one transfer gives: (the agent's reply, its ready event, [(bytes, digest)] a file, seconds).
-_Outcome = Tuple[Any, Dict[str, Any], List[Tuple[int, str]], float]
-_Verify = Callable[[Any, List[Tuple[int, str]], Dict[str, Any]], None]
 
 
 def _verifier(paths: List[str], batch: bool) -> _Verify:
@@ -378,7 +401,7 @@ async def _push(client: Any, sources: List[_Outgoing], targets: List[str], args:
         done, sent = [], base
         for i, (src, offset) in enumerate(zip(sources, offsets)):
             done.append(_send(chan, T.batch_tid(tid, i), src, checksum, offset,
-                              lambda pos, at=sent: prog(at + pos)))
+                              _shifted(prog, sent)))
             sent += src.size or 0
         return done
 
@@ -386,8 +409,10 @@ async def _push(client: Any, sources: List[_Outgoing], targets: List[str], args:
                                verify=_verifier(targets, batch))
 
 
-async def push_file(client, local, remote, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
-                    progress=None, timeout=None, name=None, _test_corrupt=None):
+async def push_file(client: Any, local: str, remote: str, *, preserve: bool = False,
+                    resume: bool = False, checksum: str = T.DEFAULT_ALGORITHM,
+                    progress: Progress = None, timeout: Optional[float] = None,
+                    name: Optional[str] = None, _test_corrupt: Optional[int] = None) -> TransferResult:
     """Push one local file (or ``-`` = stdin) to the guest path ``remote``."""
     if checksum not in T.ALGORITHMS:
         raise ValueError("checksum must be one of %s" % ", ".join(T.ALGORITHMS))
@@ -418,8 +443,9 @@ async def push_file(client, local, remote, *, preserve=False, resume=False, chec
             os.close(fd)
 
 
-async def _push_batch(client, batch, *, preserve, resume, checksum, progress, timeout, base,
-                      grand_total):
+async def _push_batch(client: Any, batch: List[Tuple[str, str, os.stat_result]], *, preserve: bool,
+                      resume: bool, checksum: str, progress: Progress, timeout: Optional[float],
+                      base: int, grand_total: int) -> Tuple[int, str]:
     """Push the files of one batch (``[(local, guest path, lstat)]``) in one transfer: the agent
     checks them all first, then receives them in turn on one opening of the data port.
     Returns (bytes, last digest)."""
@@ -534,18 +560,20 @@ class _Landing:
 
     def open(self, item: _Incoming, replace_link: bool) -> None:
         parent, name = os.path.split(item.dest)
-        self.dfd = commit.open_directory(parent)
-        old = commit.existing(self.dfd, name)
+        partial = item.partial or ""  # only stdout has none, and it is not opened
+        self.dfd = dfd = commit.open_directory(parent)
+        old = commit.existing(dfd, name)
         if replace_link and old is not None and stat.S_ISLNK(old.st_mode):
-            os.unlink(name, dir_fd=self.dfd)  # never written through a link
+            os.unlink(name, dir_fd=dfd)  # never written through a link
         try:
-            self.fd = commit.open_partial(self.dfd, item.partial, item.offset)
+            self.fd = commit.open_partial(dfd, partial, item.offset)
         except commit.PartialReplaced:
             raise E.ProtocolError("%s was replaced since the pull was planned"
-                                  % os.path.join(parent, item.partial)) from None
-        self.partial = item.partial
+                                  % os.path.join(parent, partial)) from None
+        self.partial = partial
 
     def commit(self, item: _Incoming, meta: Any, preserve: bool, sync_dir: bool) -> None:
+        assert self.fd is not None and self.dfd is not None and self.partial is not None  # open()
         name = os.path.basename(item.dest)
         commit.commit(self.fd, self.dfd, self.partial, name,
                       _pulled_attrs(self.dfd, name, meta, preserve), sync_dir=sync_dir)
@@ -597,14 +625,15 @@ async def _pull(client: Any, items: List[_Incoming], args: Dict[str, Any], *, ba
         renamed_in: Set[str] = set()  # directories to fsync: once each, even if a later file fails
         try:
             for i, item in enumerate(items):
-                if item.parts is not None:
+                if item.parts is not None and root is not None:
                     _safe_parent(root, item.parts)  # again: nothing may have moved under us
                 if landing.fd is None and not to_stdout:
                     landing.open(item, replace_link=True)
                 fd = sys.stdout.fileno() if to_stdout else landing.fd
+                assert fd is not None  # opened just above
                 try:
                     done.append(_receive(chan, fd, T.batch_tid(tid, i), checksum, item.offset,
-                                         item.size, lambda pos, at=received: prog(at + pos)))
+                                         item.size, _shifted(prog, received)))
                 except CE.TransferError as exc:
                     landing.keep = exc.interrupted  # the verified prefix stays for --resume
                     raise
@@ -612,7 +641,7 @@ async def _pull(client: Any, items: List[_Incoming], args: Dict[str, Any], *, ba
                     landing.commit(item, item.attrs, preserve, sync_dir=False)
                     renamed_in.add(os.path.dirname(item.dest))
                 elif not to_stdout:
-                    os.fsync(landing.fd)  # before the ack (committed once the reply agrees)
+                    os.fsync(fd)  # before the ack (committed once the reply agrees)
                 received += item.size
         finally:
             _sync_directories(renamed_in)
@@ -647,8 +676,10 @@ class _ReadyMeta(NamedTuple):
         return cls(ready["mode"], ready["mtime_ns"], ready["uid"], ready["gid"])
 
 
-async def pull_file(client, remote, local, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
-                    progress=None, timeout=None, remote_stat=None, _test_corrupt=None):
+async def pull_file(client: Any, remote: str, local: str, *, preserve: bool = False,
+                    resume: bool = False, checksum: str = T.DEFAULT_ALGORITHM,
+                    progress: Progress = None, timeout: Optional[float] = None,
+                    remote_stat: Any = None, _test_corrupt: Optional[int] = None) -> TransferResult:
     """Pull one guest file to ``local`` (a file path, an existing directory, or ``-`` = stdout).
 
     At most the size fs.stat announced is accepted (the agent refuses a file whose size changed
@@ -689,8 +720,9 @@ async def pull_file(client, remote, local, *, preserve=False, resume=False, chec
     return TransferResult(remote, item.dest, nbytes, seconds, checksum, digest, 1, ready["offset"])
 
 
-async def _pull_batch(client, root, batch, *, preserve, checksum, progress, timeout, base,
-                      grand_total):
+async def _pull_batch(client: Any, root: str, batch: List[_Incoming], *, preserve: bool,
+                      checksum: str, progress: Progress, timeout: Optional[float], base: int,
+                      grand_total: int) -> Tuple[int, str]:
     """Pull the files of one batch (``[_Incoming]``) in one transfer: the agent sends them in
     turn on one opening of the data port; each is received into a temp file beside its
     destination, verified and renamed before the next (at most its listed size is accepted).
@@ -704,12 +736,13 @@ async def _pull_batch(client, root, batch, *, preserve, checksum, progress, time
 
 # --- trees ---------------------------------------------------------------------------------------
 
-def _join_remote(root, rel):
+def _join_remote(root: str, rel: str) -> str:
     return root.rstrip("/") + "/" + rel if root != "/" else "/" + rel
 
 
-async def push_tree(client, local, remote, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
-                    progress=None, timeout=None):
+async def push_tree(client: Any, local: str, remote: str, *, preserve: bool = False,
+                    resume: bool = False, checksum: str = T.DEFAULT_ALGORITHM,
+                    progress: Progress = None, timeout: Optional[float] = None) -> TransferResult:
     """``cp -r``: the directory ``local`` becomes ``remote`` (or ``remote/NAME`` if that is an
     existing directory). Symlinks are sent as symlinks (targets verbatim)."""
     local = os.path.abspath(local)
@@ -723,7 +756,7 @@ async def push_tree(client, local, remote, *, preserve=False, resume=False, chec
     dirs = []
     files = []  # (local path, guest path, lstat): sent in batches once every directory exists
 
-    async def mkdir(path, st):
+    async def mkdir(path: str, st: os.stat_result) -> None:
         await client.call("fs.mkdir", {"path": path, "mode": 0o700 | stat.S_IMODE(st.st_mode)},
                           timeout=timeout)
         dirs.append((path, st))
@@ -763,7 +796,7 @@ async def push_tree(client, local, remote, *, preserve=False, resume=False, chec
     return total
 
 
-def _batch_entry(target, st, preserve):
+def _batch_entry(target: str, st: os.stat_result, preserve: bool) -> Dict[str, Any]:
     entry = {"path": target, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
              "mode": stat.S_IMODE(st.st_mode)}
     if preserve:
@@ -771,11 +804,13 @@ def _batch_entry(target, st, preserve):
     return entry
 
 
-def _batches(items, request_entry):
+def _batches(items: Iterable[_Item], request_entry: Callable[[_Item], Dict[str, Any]]
+             ) -> Iterator[List[_Item]]:
     """Split ``items`` into batches of at most T.MAX_BATCH files and T.BATCH_REQUEST_BYTES of
     request (``request_entry(item)``: the item's entry in transfer.open's "files"): a batch opens
     the agent's data port once for all its files."""
-    batch, nbytes = [], 0
+    batch: List[_Item] = []
+    nbytes = 0
     for item in items:
         size = len(m.dump_json(request_entry(item))) + 1
         if batch and (len(batch) >= T.MAX_BATCH or nbytes + size > T.BATCH_REQUEST_BYTES):
@@ -787,7 +822,7 @@ def _batches(items, request_entry):
         yield batch
 
 
-def _safe_parent(root, parts):
+def _safe_parent(root: str, parts: List[str]) -> str:
     """Verify every directory from ``root`` down to the entry's parent is a real directory (lstat,
     no symlinks): writing there cannot leave ``root``."""
     path = root
@@ -824,7 +859,7 @@ def _list_entry(obj: Any) -> ListEntry:
                      f.str("target", default=None))
 
 
-async def list_tree(client, remote: str, timeout: Optional[float] = None,
+async def list_tree(client: Any, remote: str, timeout: Optional[float] = None,
                     op: str = "fs.list") -> List[ListEntry]:
     """The guest's recursive listing of ``remote``, page by page. Each entry is validated and
     reduced as its page arrives; ``next`` must be ``start`` + the page's entries (null on the
@@ -867,8 +902,10 @@ async def list_tree(client, remote: str, timeout: Optional[float] = None,
         start = nxt
 
 
-async def pull_tree(client, remote, local, *, preserve=False, resume=False, checksum=T.DEFAULT_ALGORITHM,
-                    progress=None, timeout=None, _list_op="fs.list"):
+async def pull_tree(client: Any, remote: str, local: str, *, preserve: bool = False,
+                    resume: bool = False, checksum: str = T.DEFAULT_ALGORITHM,
+                    progress: Progress = None, timeout: Optional[float] = None,
+                    _list_op: str = "fs.list") -> TransferResult:
     """``cp -r`` from the guest. Every name in the guest's listing is validated before anything
     is written; a listing naming ``..``, absolute paths or anything unsafe is refused whole, and
     so is a tree larger than the host's free space.
@@ -925,8 +962,8 @@ async def pull_tree(client, remote, local, *, preserve=False, resume=False, chec
         elif e.type == "symlink":
             if os.path.lexists(dest):
                 os.unlink(dest)
-            os.symlink(e.target, dest)
-        elif e.type == "file":
+            os.symlink(e.target or "", dest)  # (a symlink without a target was refused above)
+        elif e.type == "file" and e.size is not None and e.mtime_ns is not None:  # (checked above)
             partial = T.partial_name(dest, e.size, e.mtime_ns, checksum)
             offset = _resume_at(os.path.dirname(dest), partial, e.size) if resume else 0
             files.append(_Incoming(_join_remote(remote, rel), dest, partial, offset, e.size,
@@ -952,7 +989,8 @@ async def pull_tree(client, remote, local, *, preserve=False, resume=False, chec
     return total
 
 
-async def push(client, local, remote, *, recursive=False, **kw):
+async def push(client: Any, local: str, remote: str, *, recursive: bool = False,
+               **kw: Any) -> TransferResult:
     if recursive and local != "-" and os.path.isdir(local):
         return await push_tree(client, local, remote, **kw)
     if local != "-" and os.path.isdir(local):
@@ -960,7 +998,8 @@ async def push(client, local, remote, *, recursive=False, **kw):
     return await push_file(client, local, remote, **kw)
 
 
-async def pull(client, remote, local, *, recursive=False, _list_op="fs.list", **kw):
+async def pull(client: Any, remote: str, local: str, *, recursive: bool = False,
+               _list_op: str = "fs.list", **kw: Any) -> TransferResult:
     rst = _stat_fields(await client.call("fs.stat", {"path": remote}, timeout=kw.get("timeout")),
                        remote)
     if rst["type"] == "dir" or _list_op != "fs.list":
