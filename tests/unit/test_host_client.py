@@ -401,15 +401,15 @@ def test_request_ids_wrap_and_skip_zero_and_ids_in_use(path):
     async def main():
         async with FakeAgent(path, handlers={"hang": hang}) as agent:
             async with connect(path) as vm:
-                vm.session._next_id = 0xFFFFFFFF
+                vm.session._conn.machine._next_id = 0xFFFFFFFF
                 h = asyncio.ensure_future(vm.call("hang"))
                 await asyncio.sleep(0.05)
-                vm.session._next_id = 0xFFFFFFFF  # force a collision with the id in flight
+                vm.session._conn.machine._next_id = 0xFFFFFFFF  # force a collision with the id in flight
                 await vm.ping()
                 await vm.ping()
                 h.cancel()
                 ids = [id_ for id_ in vm.session._pending]
-                return agent.requests, vm.session._next_id
+                return agent.requests, vm.session._conn.machine._next_id
 
     requests, next_id = run(main())
     assert next_id == 3  # 0xFFFFFFFF (hang), skip it, 1, 2

@@ -20,21 +20,19 @@ in :mod:`.execs`, topic messages in :mod:`.messages`, files in :mod:`.transfer`,
 """
 
 import collections
-import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Generator, Optional, Set
 
 from ..protocol import Fields, ProtocolViolation
 from ..protocol import messages as m
 from ..protocol.frames import MAX_ID
-from ..protocol.safetext import printable
 from . import errors as E
 from .agentinfo import AgentInfo, parse_info
 from .execs import Command, CompletedProcess, Process
 from .messages import Message, Subscription
 from .options import (DEFAULT_OUTPUT_LIMIT, DEFAULT_QUEUE_SIZE, ConnectOptions, ExecOptions,
                       PathLike)
-from .session import Call, Payload, Resolver, Runstate, Session
+from .session import Call, Resolver, Runstate, Session
 from .timing import DEFAULT_TIMEOUT, MAX_TIMEOUT, check_timeout, wait_within
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,8 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["connect", "Client", "AgentInfo", "CompletedProcess", "ConnectOptions", "ExecOptions",
            "Message", "Process", "Runstate", "Subscription", "check_timeout", "wait_within",
            "DEFAULT_TIMEOUT", "DEFAULT_OUTPUT_LIMIT", "DEFAULT_QUEUE_SIZE", "MAX_TIMEOUT"]
-
-log = logging.getLogger("guestlink.host")
 
 
 def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
@@ -272,14 +268,7 @@ class Client:
             if not subs:
                 del self._subs[sub.topic]
 
-    def _deliver_message(self, payload: Payload) -> None:
-        try:
-            topic, data = m.parse_message(payload)
-        except ProtocolViolation as exc:
-            self.stats["bad_messages"] += 1
-            log.debug("ignored a malformed MESSAGE: %s", printable(exc))
-            return
-        self.stats["messages"] += 1
+    def _deliver_message(self, topic: str, data: bytes) -> None:
         msg = Message(topic, data)
         for sub in list(self._subs.get(topic, ())):
             sub.deliver(msg)

@@ -265,7 +265,7 @@ for _code, _cls in REMOTE_ERRORS.items():
 del _code, _cls
 
 
-def malformed(what: str, exc: BaseException) -> "ProtocolError":
+def malformed(what: str, exc: object) -> "ProtocolError":
     """The ProtocolError for a malformed ``what`` from the agent (one wording for all)."""
     return ProtocolError("malformed %s from the agent: %s" % (what, exc))
 

@@ -19,22 +19,22 @@ this named API; nothing outside this module touches its underscored names:
   waits for the final reply; :meth:`Session.forget` drops a call (sending CANCEL if asked);
   :meth:`Session.fail_call` fails a pending call by id.
 * What is not a reply goes to the owner through two callbacks given to the constructor:
-  ``on_message(payload)`` for the guest's topic messages, ``on_gone(error)`` when the connection
-  is gone for good (``error``: why, or None after :meth:`Session.close`).
+  ``on_message(topic, data)`` for the guest's topic messages (validated), ``on_gone(error)``
+  when the connection is gone for good (``error``: why, or None after :meth:`Session.close`).
 
 Design (see docs/protocol.md for the wire contract):
 
 * A run state (:class:`Runstate`, as in qemu.qmp): IDLE -> CONNECTING -> RUNNING, then
   RECONNECTING while the socket is re-opened or the agent re-synchronised, DISCONNECTED when the
   connection is gone for good (``reconnect=False``), CLOSED after :meth:`Session.close`.
-* One reader task per socket feeds the sans-I/O :class:`~guestlink.protocol.FrameDecoder` and
-  dispatches frames; writes go through one lock (write + drain) so frames never interleave and
-  drains are ordered.
-* Every handshake uses a fresh random nonce; SYNC is resent every second and on every HELLO;
-  everything is ignored until the SYNC_ACK with our nonce. A HELLO after the handshake means the
-  agent restarted: pending requests fail with ConnectionLost and the client re-synchronises.
-* Pending requests are keyed by id (32-bit, wrapping, never 0 nor an id in flight). When the
-  connection goes away, every request that was handed to the socket fails with ConnectionLost
+* The session rules (handshake with a fresh nonce, SYNC resent every second and on HELLO, agent
+  restart and ``not_ready``, request ids) are the sans-I/O state machine
+  :class:`guestlink.protocol.session.HostSession`, one per socket; this module does its I/O and
+  turns its events into outcomes of calls (its docstring lists what each event means here).
+* One reader task per socket feeds the machine and dispatches its events; writes go through one
+  lock (write + drain) so frames never interleave and drains are ordered.
+* Pending requests are keyed by the id the machine allocated. When the connection goes away (or
+  the agent restarted), every request that was handed to the socket fails with ConnectionLost
   (outcome unknown); a request that had not been written yet waits for the reconnection (with
   ``reconnect=True``) or fails with RequestNotSent (safe to retry).
 * Everything received is untrusted: each field used from a reply is validated and a malformed
@@ -47,13 +47,12 @@ import enum
 import errno as _errno
 import logging
 import random
-import secrets
-from typing import (Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union)
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from ..protocol import (CorruptFrame, Fields, Frame, FrameDecoder, FrameType, Garbage,
-                        ProtocolViolation, UnsupportedVersion, codes)
+from ..protocol import ProtocolViolation
 from ..protocol import messages as m
-from ..protocol.frames import MAX_ID, frame_type_name
+from ..protocol import session as rules
+from ..protocol.frames import MAX_PAYLOAD
 from ..protocol.safetext import printable
 from . import errors as E
 from .agentinfo import AgentInfo
@@ -112,19 +111,21 @@ class Call:
 
 
 class _Conn:
-    """One open control socket and its handshake state."""
+    """One open control socket and its session machine."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 decoder: FrameDecoder) -> None:
+                 machine: rules.HostSession) -> None:
         self.reader = reader
         self.writer = writer
-        self.decoder = decoder
-        self.nonce: Optional[str] = None
-        self.synced = False
+        self.machine = machine
         self.closed = False
         # -> AgentInfo, replaced on every (re)handshake
         self.handshake: "asyncio.Future[AgentInfo]" = asyncio.get_running_loop().create_future()
         self.tasks: List["asyncio.Task[Any]"] = []
+
+    @property
+    def synced(self) -> bool:
+        return not self.closed and self.machine.synchronised
 
     def write(self, data: bytes) -> bool:
         if self.closed or self.writer.is_closing():
@@ -137,7 +138,7 @@ class Session:
     """The connection to one agent and the requests on it; see the module docstring."""
 
     def __init__(self, options: ConnectOptions, resolver: Optional[Resolver] = None, *,
-                 on_message: Callable[[Payload], None],
+                 on_message: Callable[[str, bytes], None],
                  on_gone: Callable[[Optional[BaseException]], None]) -> None:
         self._resolver = resolver
         self.ctl: Optional[str] = str(options.ctl) if options.ctl else None
@@ -154,12 +155,11 @@ class Session:
         self._conn: Optional[_Conn] = None
         self._agent: Optional[AgentInfo] = None
         self._pending: Dict[int, Call] = {}
-        self._next_id = 1
         self._wlock: Optional[asyncio.Lock] = None
         self._changed: Optional["asyncio.Future[None]"] = None
         self._supervisor: Optional["asyncio.Task[None]"] = None
         self._last_error: Optional[BaseException] = None
-        self.stats: "collections.Counter[str]" = collections.Counter()
+        self._closed_stats: "collections.Counter[str]" = collections.Counter()
 
     @property
     def runstate(self) -> Runstate:
@@ -169,6 +169,15 @@ class Session:
     def agent(self) -> Optional[AgentInfo]:
         """:class:`AgentInfo` of the agent from the latest handshake."""
         return self._agent
+
+    @property
+    def stats(self) -> "collections.Counter[str]":
+        """What needed no action, counted over every connection: garbage_bytes, corrupt_frames,
+        stale_frames, bad_messages, messages, agent_restarts."""
+        total = collections.Counter(self._closed_stats)
+        if self._conn is not None:
+            total.update(self._conn.machine.stats)
+        return total
 
     @property
     def last_error(self) -> Optional[BaseException]:
@@ -235,10 +244,10 @@ class Session:
                 self._vmlock = None
                 await self._take_vm_lock()
         reader, writer = await self._open_socket()
-        decoder = FrameDecoder(self._max_payload) if self._max_payload else FrameDecoder()
-        conn = _Conn(reader, writer, decoder)
+        conn = _Conn(reader, writer, rules.HostSession(self._max_payload or MAX_PAYLOAD))
         self._conn = conn
-        self._start_handshake(conn)
+        self._new_handshake(conn)
+        conn.write(conn.machine.start())
         loop = asyncio.get_running_loop()
         conn.tasks.append(loop.create_task(self._read_loop(conn)))
         conn.tasks.append(loop.create_task(self._sync_loop(conn)))
@@ -263,22 +272,16 @@ class Session:
             raise E.ConnectError("cannot connect to control socket %s: %s"
                                  % (path, exc.strerror or exc), path, exc.errno) from None
 
-    def _start_handshake(self, conn: _Conn) -> None:
-        conn.nonce = secrets.token_hex(16)  # 128 bits
-        conn.synced = False
+    def _new_handshake(self, conn: _Conn) -> None:
         conn.handshake = asyncio.get_running_loop().create_future()
         conn.handshake.add_done_callback(consume)
-        self._send_sync(conn)
-
-    def _send_sync(self, conn: _Conn) -> None:
-        assert conn.nonce is not None
-        conn.write(m.encode_sync(conn.nonce))
 
     async def _sync_loop(self, conn: _Conn) -> None:
         while not conn.closed:
             await asyncio.sleep(SYNC_INTERVAL)
-            if not conn.synced and not conn.closed:
-                self._send_sync(conn)
+            data = conn.machine.sync_due()
+            if data and not conn.closed:
+                conn.write(data)
 
     async def _read_loop(self, conn: _Conn) -> None:
         reason = None
@@ -299,13 +302,14 @@ class Session:
                 if data is not None and not data:
                     reason = "the control socket was closed by the other end"
                     break
-                events = conn.decoder.feed(data) if data else []
-                if not conn.decoder.partial:
+                machine = conn.machine
+                events = machine.receive_data(data) if data else []
+                if not machine.partial:
                     partial_since = None
                 elif data or partial_since is None:
                     partial_since = loop.time()  # progress: a stall counts from the last bytes
                 elif loop.time() - partial_since >= PARTIAL_FRAME_STALL:
-                    events += conn.decoder.abandon_partial()
+                    events += machine.abandon_partial()
                     partial_since = None
                 for event in events:
                     if conn.closed:
@@ -323,122 +327,58 @@ class Session:
 
     # --- frame dispatch -------------------------------------------------------------------
 
-    def _handle(self, conn: _Conn, event: object) -> None:
-        if isinstance(event, Garbage):
-            self.stats["garbage_bytes"] += event.nbytes
-            log.debug("skipped %d bytes of garbage", event.nbytes)
-            return
-        if isinstance(event, UnsupportedVersion):
-            exc = E.ProtocolMismatch("the agent sent a frame of protocol version %d; this host "
-                                     "speaks version 1" % event.version)
-            if not conn.synced:
-                self._handshake_failed(conn, exc)
-            else:
-                self.fail_call(event.id, exc, cancel=True)
-            return
-        if isinstance(event, CorruptFrame):
-            self.stats["corrupt_frames"] += 1
-            log.debug("corrupt frame: %r", event)
-            if conn.synced and event.id:
-                self.fail_call(event.id, E.ProtocolError(
-                    "a %s frame of this request arrived corrupted (%s)"
-                    % (frame_type_name(event.type), event.reason)), cancel=True)
-            return
-        if not isinstance(event, Frame):
-            return
-        frame = event
-        if not conn.synced:
-            self._handle_handshake(conn, frame)
-            return
-        t = frame.type
-        if t == FrameType.HELLO:
-            self._agent_restarted(conn, "the guest agent restarted")
-        elif t == FrameType.MESSAGE:
-            if frame.id == 0:
-                self._on_message(frame.payload)
-        elif t in (FrameType.RESPONSE, FrameType.ERROR, FrameType.EVENT, FrameType.STREAM):
-            if frame.id == 0:
-                if t == FrameType.ERROR:
-                    self._connection_error(conn, frame.payload)
-                return
-            call = self._pending.get(frame.id)
-            if call is None:
-                self.stats["stale_frames"] += 1
-                return
-            if t == FrameType.RESPONSE:
-                self._pending.pop(frame.id, None)
-                call.resolve(frame.payload)
-            elif t == FrameType.ERROR:
-                self._pending.pop(frame.id, None)
-                try:
-                    code, message, details = m.parse_error(frame.payload)
-                except ProtocolViolation as exc:
-                    call.fail(E.malformed("ERROR reply", exc))
-                    return
-                call.fail(E.remote_error(code, message, details))
-                if code == codes.NOT_READY:
-                    # The agent no longer knows our session (it restarted and we missed its HELLO).
-                    self._agent_restarted(conn, "the guest agent lost the session (not_ready)")
-            elif t == FrameType.EVENT:
-                if call.on_event is not None:
-                    call.on_event(frame.payload)
-            else:
-                if call.on_stream is not None:
-                    call.on_stream(frame.flags, frame.payload)
-        # SYNC_ACK duplicates (answers to our resends), and frame types a host never receives,
-        # are ignored.
-
-    def _handle_handshake(self, conn: _Conn, frame: Frame) -> None:
-        t = frame.type
-        if t == FrameType.HELLO:
-            self._send_sync(conn)  # the agent (re)opened its port and may have missed our SYNC
-        elif t == FrameType.SYNC_ACK:
-            try:
-                obj = m.load_json_object(frame.payload, "SYNC_ACK")
-                nonce = Fields(obj, "SYNC_ACK").str("nonce", max_len=m.MAX_NONCE)
-            except ProtocolViolation:
-                self.stats["stale_frames"] += 1
-                return
-            if nonce != conn.nonce:
-                self.stats["stale_frames"] += 1
-                log.debug("ignored a SYNC_ACK for another nonce")
-                return
-            try:
-                agent = AgentInfo(m.parse_hello(frame.payload))
-            except ProtocolViolation as exc:
-                self._handshake_failed(conn, E.malformed("SYNC_ACK", exc))
-                return
-            if agent.protocol != m.PROTOCOL_VERSION:
-                self._handshake_failed(conn, E.ProtocolMismatch(
-                    "the agent speaks protocol %d; this host speaks %d"
-                    % (agent.protocol, m.PROTOCOL_VERSION)))
-                return
-            conn.synced = True
+    def _handle(self, conn: _Conn, event: rules.HostEvent) -> None:
+        """Carry out one event of the session machine (see its module docstring)."""
+        if isinstance(event, rules.SendBytes):
+            conn.write(event.data)
+        elif isinstance(event, rules.Synchronised):
+            agent = AgentInfo(event.agent)
             self._agent = agent
             if not conn.handshake.done():
                 conn.handshake.set_result(agent)
             self._set_state(Runstate.RUNNING)
-        elif t == FrameType.ERROR and frame.id == 0:
-            try:
-                code, message, details = m.parse_error(frame.payload)
-            except ProtocolViolation:
-                return
-            if code == codes.PROTOCOL_MISMATCH and details.get("nonce", conn.nonce) == conn.nonce:
-                self._handshake_failed(conn, E.ProtocolMismatch(
-                    "the agent refused protocol %d: %s" % (m.PROTOCOL_VERSION, message), details))
+        elif isinstance(event, rules.HandshakeFailed):
+            self._handshake_failed(conn, E.ProtocolMismatch(event.message, event.details)
+                                   if event.mismatch else E.ProtocolError(event.message))
+        elif isinstance(event, rules.SessionLost):
+            self._agent_restarted(conn, event.reason)
+        elif isinstance(event, rules.Message):
+            self._on_message(event.topic, event.data)
+        elif isinstance(event, rules.AgentError):
+            log.warning("guestlink agent reported a connection error: %s: %s",
+                        printable(event.code), printable(event.message))
         else:
-            self.stats["stale_frames"] += 1
+            self._handle_call_event(conn, event)
 
-    def _connection_error(self, conn: _Conn, payload: Payload) -> None:
-        try:
-            code, message, details = m.parse_error(payload)
-        except ProtocolViolation:
+    def _handle_call_event(self, conn: _Conn, event: rules.HostEvent) -> None:
+        if isinstance(event, rules.CallBroken):
+            exc: E.GuestlinkError = (E.ProtocolMismatch(event.message) if event.mismatch
+                                     else E.ProtocolError(event.message))
+            call = self._pending.pop(event.id, None)
+            if call is not None:
+                call.fail(exc)
+                conn.write(conn.machine.cancel(event.id))
             return
-        log.warning("guestlink agent reported a connection error: %s: %s", printable(code),
-                    printable(message))
-        if code == codes.PROTOCOL_MISMATCH:
-            self._handshake_failed(conn, E.ProtocolMismatch(
-                "the agent refused protocol %d: %s" % (m.PROTOCOL_VERSION, message), details))
+        if not isinstance(event, (rules.Response, rules.ErrorReply, rules.MalformedReply,
+                                  rules.CallEvent, rules.CallStream)):
+            return  # pragma: no cover - every event kind is handled above
+        call = self._pending.get(event.id)
+        if call is None:
+            return
+        if isinstance(event, rules.Response):
+            del self._pending[event.id]
+            call.resolve(event.payload)
+        elif isinstance(event, rules.ErrorReply):
+            del self._pending[event.id]
+            call.fail(E.remote_error(event.code, event.message, event.details))
+        elif isinstance(event, rules.MalformedReply):
+            del self._pending[event.id]
+            call.fail(E.malformed(event.what, event.message))
+        elif isinstance(event, rules.CallEvent):
+            if call.on_event is not None:
+                call.on_event(event.payload)
+        elif call.on_stream is not None:
+            call.on_stream(event.flags, event.payload)
 
     def _handshake_failed(self, conn: _Conn, exc: E.GuestlinkError) -> None:
         """A fatal handshake error (mismatch, malformed SYNC_ACK): no point in retrying."""
@@ -452,10 +392,11 @@ class Session:
             self._on_gone(exc)
 
     def _agent_restarted(self, conn: _Conn, why: str) -> None:
-        self.stats["agent_restarts"] += 1
+        # the machine counted the restart, forgot the ids and began a new handshake (its SYNC
+        # is the next event)
         self._fail_all(conn, E.ConnectionLost("connection lost (%s)" % why),
                        E.RequestNotSent("request not sent (%s)" % why))
-        self._start_handshake(conn)
+        self._new_handshake(conn)
         self._set_state(Runstate.RECONNECTING)
 
     # --- connection loss ------------------------------------------------------------------
@@ -491,14 +432,17 @@ class Session:
         if call is None:
             return
         call.fail(exc)
-        if cancel and call.conn is not None:
-            call.conn.write(m.encode_cancel(id_))
+        if call.conn is not None:
+            if cancel:
+                call.conn.write(call.conn.machine.cancel(id_))
+            else:
+                call.conn.machine.release(id_)
 
     def _close_conn(self, conn: _Conn) -> None:
         if conn.closed:
             return
         conn.closed = True
-        conn.synced = False
+        self._closed_stats.update(conn.machine.stats)
         current = asyncio.current_task()
         for task in conn.tasks:
             if task is not current:
@@ -563,14 +507,6 @@ class Session:
 
     # --- sending ----------------------------------------------------------------------------
 
-    def _alloc_id(self) -> int:
-        for _ in range(len(self._pending) + 2):
-            id_ = self._next_id
-            self._next_id = id_ + 1 if id_ < MAX_ID else 1
-            if id_ not in self._pending:
-                return id_
-        raise RuntimeError("no free request id")  # pragma: no cover - 2**32 requests in flight
-
     def deadline(self, timeout: Optional[float]) -> Optional[float]:
         """The loop time by which a call with ``timeout`` (None: the session's) must be done."""
         if timeout is None:
@@ -617,10 +553,14 @@ class Session:
             async with self._wlock:
                 if conn.closed or not conn.synced or conn is not self._conn:
                     continue  # lost before we got to write: not sent, wait again
-                call.id = self._alloc_id()
-                data = make_frame(call.id)
-                if extra:
-                    data = b"".join([data] + [f(call.id) for f in extra])
+                call.id = conn.machine.allocate_id()
+                try:
+                    data = make_frame(call.id)
+                    if extra:
+                        data = b"".join([data] + [f(call.id) for f in extra])
+                except BaseException:
+                    conn.machine.release(call.id)  # never sent
+                    raise
                 call.conn = conn
                 self._pending[call.id] = call
                 conn.writer.write(data)
@@ -665,8 +605,12 @@ class Session:
         ``cancel`` and it was sent; its future is cancelled if still open."""
         if self._pending.get(call.id) is call:
             del self._pending[call.id]
-            if cancel and call.conn is not None and call.sent:
-                call.conn.write(m.encode_cancel(call.id))
+            conn = call.conn
+            if conn is not None:
+                if cancel and call.sent:
+                    conn.write(conn.machine.cancel(call.id))
+                else:
+                    conn.machine.release(call.id)
         if not call.future.done():
             call.future.cancel()
 
