@@ -18,7 +18,7 @@ import secrets
 import stat
 import threading
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Dict, Generator, Iterator, List, Optional, Tuple, Union
 
 from ..protocol import Fields, ProtocolViolation, codes
 from ..protocol import transfer as T
@@ -39,18 +39,18 @@ LIST_DEPTH = 256  # directories deep: a walk holds one fd per level (RLIMIT_NOFI
 ACK_TIMEOUT = 30.0
 
 
-def _oserror(exc, what):
-    return OpError(codes.errno_to_code(exc.errno), "%s: %s" % (what, exc.strerror or exc))
+def _oserror(exc: OSError, what: str) -> OpError:
+    return OpError(codes.errno_to_code(exc.errno or 0), "%s: %s" % (what, exc.strerror or exc))
 
 
-def _path_arg(args, key="path"):
+def _path_arg(args: Fields, key: str = "path") -> str:
     path = args.str(key)
     if not path.startswith("/") or "\0" in path:
         raise OpError(codes.BAD_REQUEST, "%s must be an absolute guest path" % key)
     return os.path.normpath(path)
 
 
-def _under(real, roots):
+def _under(real: str, roots: List[str]) -> bool:
     for root in roots:
         r = os.path.realpath(root)
         if r == "/" or real == r or real.startswith(r + "/"):
@@ -58,7 +58,7 @@ def _under(real, roots):
     return False
 
 
-def _describe(st, target=None):
+def _describe(st: os.stat_result, target: Optional[str] = None) -> Dict[str, Any]:
     mode = st.st_mode
     kind = ("dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode)
             else "symlink" if stat.S_ISLNK(mode) else "other")
@@ -72,7 +72,7 @@ def _describe(st, target=None):
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def _walk_tree(fd: int, root: str) -> Iterator[dict]:
+def _walk_tree(fd: int, root: str) -> Generator[Dict[str, Any], None, None]:
     """Yield the entries under the directory ``fd`` (``root``; the walk owns and closes the fd)
     described, with their relative ``path``, in pre-order, names sorted, symlinks not followed;
     entries that vanish meanwhile are skipped. Each directory is entered by its fd, never by a
@@ -125,7 +125,8 @@ def _walk_tree(fd: int, root: str) -> Iterator[dict]:
 
 
 class Transfer:
-    def __init__(self, manager, session, rid, tid, direction):
+    def __init__(self, manager: "FileOps", session: Any, rid: int, tid: int,
+                 direction: str) -> None:
         self.manager = manager
         self.session = session
         self.rid = rid
@@ -136,35 +137,36 @@ class Transfer:
         self.keep_partial = False  # set when the host went away (resume later)
         self.discard = False  # set by a host CANCEL: the temp file goes, whatever the worker saw
         self.replied = False
-        self.port = None
+        self.port: Any = None  # UnixPort or VirtioPort, while the transfer has it open
         self.started = time.monotonic()
-        # push
-        self.final = None
-        self.dir = None  # dirfd.Held: the directory of the file in flight (push)
-        self.name = None  # its name there
-        self.partial = None  # the name of its temp file there
-        self.fd = None
+        # the file in flight (set before the data port is used; None until then):
+        self.final: Any = None  # its guest path (str)
+        self.dir: Any = None  # push: dirfd.Held, the directory it is received in
+        self.name: Any = None  # push: its name there (str)
+        self.partial: Optional[str] = None  # push: the name of its temp file there
+        self.fd: Any = None  # its open file (int)
         self.offset = 0
-        self.size = None
+        self.size: Optional[int] = None
         self.algorithm = T.DEFAULT_ALGORITHM
-        self.attrs = {}
-        self.corrupt_at = None
+        self.attrs: Dict[str, Any] = {}
+        self.corrupt_at: Optional[int] = None
         # the files, in turn (a single file: a batch of one): push [{"final", "partial",
         # "offset", "size", "attrs"}], pull [{"final", "offset", "size", "mtime_ns"}]
-        self.batch = None
+        self.batch: List[Dict[str, Any]] = []
         self.single = True  # asked for as one file (its own request form), not "files"
 
 
 class FileOps:
-    def __init__(self, agent):
+    def __init__(self, agent: Any) -> None:
         self.agent = agent
         self.config = agent.config
-        self.active = None  # the Transfer owning the data port
+        self.active: Optional[Transfer] = None  # the Transfer owning the data port
         # One long-lived worker thread runs the transfers (one at a time: `active`): starting a
         # thread per transfer cost ~1 ms of a ~10 ms small-file copy under TCG.
-        self._jobs = queue.SimpleQueue()
-        self._worker = None
-        self._listings = {}  # (id(session), path, next start) -> (session, its fs.list walk)
+        self._jobs: "queue.SimpleQueue[Transfer]" = queue.SimpleQueue()
+        self._worker: Optional[threading.Thread] = None
+        # (id(session), path, next start) -> (session, its fs.list walk)
+        self._listings: Dict[Tuple[int, str, int], Tuple[Any, Any]] = {}
 
     # -- policy -----------------------------------------------------------------------------
 
@@ -225,13 +227,13 @@ class FileOps:
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    def handle(self, rid, op, args):
+    def handle(self, rid: int, op: str, args: Fields) -> Optional[Dict[str, Any]]:
         return getattr(self, "op_" + op.replace(".", "_"))(rid, args)
 
     # -- fs ops (quick, run in the loop) ---------------------------------------------------------
     # Each works relative to the directory its path was walked to (dirfd.Held), never by path.
 
-    def op_fs_stat(self, rid, args):
+    def op_fs_stat(self, rid: int, args: Fields) -> Dict[str, Any]:
         path = _path_arg(args)
         follow = args.bool("follow", default=True)
         with self._at(path, write=False, follow_last=follow) as (held, name):
@@ -239,7 +241,7 @@ class FileOps:
             target = os.readlink(name, dir_fd=held.fd) if stat.S_ISLNK(st.st_mode) else None
         return _describe(st, target)
 
-    def op_fs_list(self, rid, args):
+    def op_fs_list(self, rid: int, args: Fields) -> Dict[str, Any]:
         """Recursive listing, pre-order (a directory before its contents), symlinks not followed;
         paged: ``start`` index, at most LIST_PAGE entries, ``next`` index or null.
 
@@ -279,7 +281,7 @@ class FileOps:
             self._opened_inside(held, fd, path, write=False)
         return fd
 
-    def op_fs_mkdir(self, rid, args):
+    def op_fs_mkdir(self, rid: int, args: Fields) -> Dict[str, Any]:
         path = _path_arg(args)
         mode = args.int("mode", default=0o755, min=0, max=0o7777)
         with self._at(path, write=True) as (held, name):
@@ -291,7 +293,7 @@ class FileOps:
                     raise OpError(codes.EXISTS, "%s exists and is not a directory" % path)
         return {}
 
-    def op_fs_symlink(self, rid, args):
+    def op_fs_symlink(self, rid: int, args: Fields) -> Dict[str, Any]:
         path = _path_arg(args)
         target = args.str("target")
         with self._at(path, write=True) as (held, name):
@@ -305,7 +307,7 @@ class FileOps:
             os.symlink(target, name, dir_fd=held.fd)
         return {}
 
-    def op_fs_setattr(self, rid, args):
+    def op_fs_setattr(self, rid: int, args: Fields) -> Dict[str, Any]:
         path = _path_arg(args)
         mode = args.int("mode", default=None, min=0, max=0o7777)
         mtime_ns = args.int("mtime_ns", default=None)
@@ -315,7 +317,7 @@ class FileOps:
             _set_attrs(held.fd, name, mode, mtime_ns, uid, gid)
         return {}
 
-    def op_fs_remove(self, rid, args):
+    def op_fs_remove(self, rid: int, args: Fields) -> Dict[str, Any]:
         path = _path_arg(args)
         try:
             with self._at(path, write=True) as (held, name):
@@ -333,7 +335,7 @@ class FileOps:
 
     # -- transfer.open ----------------------------------------------------------------------
 
-    def op_transfer_open(self, rid, args):
+    def op_transfer_open(self, rid: int, args: Fields) -> None:
         session = self.agent.session
         if self.active is not None:
             raise OpError(codes.BUSY, "the data port is busy with another transfer")
@@ -377,7 +379,7 @@ class FileOps:
         log.info("transfer %d (%s %s): started at offset %d", tid, direction, tr.final, tr.offset)
         return None
 
-    def _prepare_push(self, tr, args):
+    def _prepare_push(self, tr: Transfer, args: Fields) -> Dict[str, Any]:
         """Check each file to receive now; they come in turn on one opening of the data port,
         transfer id ``tid + i`` for the i-th (docs/protocol.md). A single file's directory is
         held and its temp file opened now; a batch's are walked to again when their turn comes
@@ -385,7 +387,9 @@ class FileOps:
         resume = args.bool("resume", default=False)
         preserve = args.bool("preserve", default=False)
         optional = {"default": None} if tr.single else {}  # a single file may be a stream
-        batch, need, free = [], {}, {}  # need and free space per file system (st_dev)
+        batch: List[Dict[str, Any]] = []
+        need: Dict[int, int] = {}  # per file system (st_dev): bytes to write
+        free: Dict[int, Tuple[str, Optional[int]]] = {}  # and a path there, its free space
         for f, path in self._file_entries(tr, args):
             try:
                 size = f.int("size", min=0, **optional)
@@ -423,7 +427,7 @@ class FileOps:
             return {"path": tr.final, "offset": tr.offset}
         return {"path": tr.final, "offset": tr.offset, "offsets": [b["offset"] for b in batch]}
 
-    def _file_entries(self, tr, args):
+    def _file_entries(self, tr: Transfer, args: Fields) -> List[Tuple[Fields, str]]:
         """(fields, guest path) of each file of the request: its "files", or the request itself.
         A single push to a directory goes to the file ``name`` in it."""
         if not tr.single:
@@ -437,7 +441,7 @@ class FileOps:
             path = os.path.join(path, name)
         return [(args, path)]
 
-    def _batch_entries(self, args):
+    def _batch_entries(self, args: Fields) -> Iterator[Tuple[Fields, str]]:
         files = args.obj.get("files")
         if not isinstance(files, list) or not 1 <= len(files) <= T.MAX_BATCH:
             raise OpError(codes.BAD_REQUEST, "files must be a list of 1 to %d files" % T.MAX_BATCH)
@@ -453,7 +457,7 @@ class FileOps:
             seen.add(path)
             yield f, path
 
-    def _prepare_pull(self, tr, args):
+    def _prepare_pull(self, tr: Transfer, args: Fields) -> Dict[str, Any]:
         """Check each file to send now (policy, type, unchanged since the host examined it); they
         go in turn on one opening of the data port (docs/protocol.md). A single file stays open
         from now on; a batch's are opened again when their turn comes."""
@@ -492,10 +496,10 @@ class FileOps:
             return ready
         return {"path": tr.final, "offset": tr.offset}
 
-    def _send_files(self, tr, chan):
+    def _send_files(self, tr: Transfer, chan: CE.Channel) -> Dict[str, Any]:
         """Send the files in turn; the host acknowledges the last one. A file that cannot be
         read or changed ends the transfer with an error naming it (its DATA_END says why)."""
-        done = []
+        done: List[Dict[str, Any]] = []
         for i, item in enumerate(tr.batch):
             tr.final, tr.offset, tr.size = item["final"], item["offset"], item["size"]
             sub = T.batch_tid(tr.tid, i)
@@ -530,7 +534,8 @@ class FileOps:
         return self._result(tr, done)
 
     @staticmethod
-    def _file_error(tr, exc, ndone):
+    def _file_error(tr: Transfer, exc: Union[OSError, OpError, CE.TransferError],
+                    ndone: int) -> Exception:
         """The error that ends a transfer at one of its files: a batch's names the file and
         counts the files done before it; a single file's is reported as it is (by _work)."""
         if tr.single:
@@ -540,7 +545,7 @@ class FileOps:
         return err
 
     @staticmethod
-    def _result(tr, done):
+    def _result(tr: Transfer, done: List[Dict[str, Any]]) -> Dict[str, Any]:
         """The reply: totals (a single file's own), and for a batch each file's."""
         result = {"path": tr.batch[0]["final"], "size": sum(d["size"] for d in done),
                   "digest": done[-1]["digest"], "algorithm": tr.algorithm,
@@ -593,8 +598,9 @@ class FileOps:
             raise
         return fd, st
 
-    def _open_port(self, tr):
+    def _open_port(self, tr: Transfer) -> None:
         device = self.config.data_device
+        port: Union[UnixPort, VirtioPort]
         if device.startswith("unix:"):
             port = UnixPort(device[5:])
         else:
@@ -619,11 +625,11 @@ class FileOps:
 
     # -- the worker -----------------------------------------------------------------------------
 
-    def _run_jobs(self):
+    def _run_jobs(self) -> None:
         while True:
             self._work(self._jobs.get())
 
-    def _wait_host(self, tr):
+    def _wait_host(self, tr: Transfer) -> None:
         deadline = time.monotonic() + HOST_WAIT
         while not tr.port.host_present():
             if tr.cancel.is_set():
@@ -633,7 +639,7 @@ class FileOps:
                                        interrupted=True)
             time.sleep(0.02)
 
-    def _work(self, tr):
+    def _work(self, tr: Transfer) -> None:
         result = None
         err = None
         try:
@@ -662,10 +668,10 @@ class FileOps:
         self._cleanup_files(tr, failed=err is not None)
         self.agent.post_result(("transfer",), (tr, result, err))
 
-    def _receive_files(self, tr, chan):
+    def _receive_files(self, tr: Transfer, chan: CE.Channel) -> Dict[str, Any]:
         """Receive the files in turn, each into its temp file, verified and committed before the
         next: a failure names its file and ends the transfer; the files before it stay."""
-        done = []
+        done: List[Dict[str, Any]] = []
         for i, item in enumerate(tr.batch):
             tr.final, tr.partial, tr.offset = item["final"], item["partial"], item["offset"]
             tr.size, tr.attrs = item["size"], item["attrs"]
@@ -684,7 +690,7 @@ class FileOps:
             done.append({"path": tr.final, "size": size, "digest": digest, "offset": tr.offset})
         return self._result(tr, done)
 
-    def _finish_push(self, tr):
+    def _finish_push(self, tr: Transfer) -> None:
         fd, tr.fd = tr.fd, None
         a = tr.attrs
         preserve = a["preserve"]
@@ -693,6 +699,7 @@ class FileOps:
         else:
             mode = commit.kept_mode(commit.existing(tr.dir.fd, tr.name))
         try:
+            assert tr.partial is not None  # the file in flight has one
             commit.commit(fd, tr.dir.fd, tr.partial, tr.name, commit.Attrs(
                 mode, mtime_ns=a["mtime_ns"], uid=a["uid"] if preserve else None,
                 gid=a["gid"] if preserve else None))
@@ -700,7 +707,7 @@ class FileOps:
             os.close(fd)
         tr.partial = None
 
-    def _cleanup_files(self, tr, failed):
+    def _cleanup_files(self, tr: Transfer, failed: bool) -> None:
         if tr.fd is not None:
             try:
                 if tr.direction == "push" and tr.keep_partial:
@@ -713,19 +720,20 @@ class FileOps:
             self._drop_partial(tr)
 
     @staticmethod
-    def _drop_partial(tr):
+    def _drop_partial(tr: Transfer) -> None:
         if tr.direction == "push" and tr.partial and tr.dir is not None:
             commit.drop_partial(tr.dir.fd, tr.partial)
 
     @staticmethod
-    def _release(tr):
+    def _release(tr: Transfer) -> None:
         if tr.dir is not None:
             tr.dir.close()
             tr.dir = None
 
     # -- loop side ----------------------------------------------------------------------------
 
-    def finished(self, tr, result, err):
+    def finished(self, tr: Transfer, result: Optional[Dict[str, Any]],
+                 err: Optional[CE.TransferError]) -> None:
         """In the loop: the worker is done; close the port and reply (unless already replied)."""
         if tr.port is not None:
             tr.port.close()
@@ -744,17 +752,18 @@ class FileOps:
         del tr.session.transfers[tr.rid]
         tr.replied = True
         if err is None:
+            assert result is not None  # the worker gives one or the other
             log.info("transfer %d done: %d bytes, %s %s", tr.tid, result["size"], tr.algorithm,
                      result["digest"])
             agent.reply(tr.rid, result)
         else:
             log.warning("transfer %d failed: %s", tr.tid, err)
-            details = {"interrupted": err.interrupted}
-            if getattr(err, "done", None) is not None:
+            details: Dict[str, Any] = {"interrupted": err.interrupted}
+            if err.done is not None:
                 details["done"] = err.done  # batch: files completed before this failure
             agent.error(tr.rid, err.code, str(err), details)
 
-    def cancel(self, tr, reason, keep_partial):
+    def cancel(self, tr: Transfer, reason: str, keep_partial: bool) -> None:
         tr.keep_partial = keep_partial
         tr.discard = not keep_partial
         tr.cancel.set()
@@ -762,11 +771,11 @@ class FileOps:
         log.info("transfer %d cancelled (%s)", tr.tid, reason)
 
 
-def _transfer_error(exc: Exception, final: str) -> CE.TransferError:
+def _transfer_error(exc: Union[OSError, OpError, CE.TransferError], final: str) -> CE.TransferError:
     """An error of the worker (OSError, OpError or TransferError) as a TransferError naming
     ``final``."""
     if isinstance(exc, OSError):
-        return CE.TransferError(codes.errno_to_code(exc.errno), "%s: %s" % (
+        return CE.TransferError(codes.errno_to_code(exc.errno or 0), "%s: %s" % (
             final, exc.strerror or exc))
     interrupted = getattr(exc, "interrupted", False)
     if final in str(exc):
@@ -842,7 +851,7 @@ def _set_attrs(dfd: int, name: str, mode: Optional[int], mtime_ns: Optional[int]
                 if exc.errno == errno.ELOOP:
                     continue  # swapped for a symlink since the stat: that is what is there
                 raise
-        target: object = fd
+        target: Union[int, str] = -1 if fd is None else fd
         if fd is None and _O_PATH:
             # devices, FIFOs, sockets are not opened for I/O: an O_PATH fd is set through
             # /proc, which resolves to the very inode the fd holds

@@ -50,6 +50,7 @@ class TransferError(Exception):
         Exception.__init__(self, message)
         self.code = code
         self.interrupted = interrupted
+        self.done: Optional[int] = None  # a batch: the files completed before this failure
 
 
 def cancelled() -> TransferError:
