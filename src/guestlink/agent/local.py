@@ -125,7 +125,7 @@ class LocalClient:
                 if code is None:
                     self.send(m.encode_response(frame.id, {}))
                 else:
-                    self.send(m.encode_error(frame.id, code, message))
+                    self.send(m.encode_error(frame.id, code, message or ""))
         elif frame.type == FrameType.REQUEST:
             if not frame.id:
                 return

@@ -27,11 +27,14 @@ import threading
 import time
 import traceback
 import uuid
+from types import FrameType as FrameType_
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .. import _version
-from ..protocol import (CorruptFrame, Frame, FrameDecoder, FrameType, Garbage, UnsupportedVersion,
-                        codes, frame_type_name)
+from ..protocol import (CorruptFrame, Fields, Frame, FrameDecoder, FrameType, Garbage,
+                        UnsupportedVersion, codes, frame_type_name)
 from ..protocol import messages as m
+from ..protocol.frames import DecoderEvent, encode_frame
 from ..protocol.ops import Pong
 from ..protocol.session import (AgentSession, Ignored, Passed, Request, SendBytes, SessionEnded,
                                 SessionStarted)
@@ -39,8 +42,9 @@ from . import power, sysinfo
 from .execs import Exec, OpError, parse_exec_args, signal_group
 from .handlers import HandlerContext, WorkerPool, load_handlers
 from .local import LocalServer
-from .loop import ByteQueue, Timers, Waker
-from .ports import PortAbsent, PortBusy, make_port
+from .config import Config
+from .loop import Buffer, ByteQueue, Timer, Timers, Waker
+from .ports import Port, PortAbsent, PortBusy, make_port
 from .transfers import FILE_OPS, FileOps
 
 log = logging.getLogger("guestlink.agent")
@@ -59,6 +63,10 @@ POWER_FLUSH_TIMEOUT = 2.0
 _PONG = Pong().to_wire()
 GARBAGE_LOG_INTERVAL = 10.0
 
+JSON = Dict[str, Any]
+#: A selector callback: gets the ready events' mask.
+Callback = Callable[[int], Any]
+
 
 class FatalError(Exception):
     """The agent cannot run (port busy, socket in use); the message is for the user."""
@@ -68,12 +76,12 @@ class Session:
     """What one host session has in flight: from a SYNC until the host goes away or sends another
     SYNC."""
 
-    def __init__(self):
-        self.execs = {}  # request id -> Exec
-        self.calls = {}  # request id -> handler op in flight
-        self.transfers = {}  # request id -> transfers.Transfer
+    def __init__(self) -> None:
+        self.execs: Dict[int, Exec] = {}
+        self.calls: Dict[int, str] = {}  # request id -> handler op in flight
+        self.transfers: Dict[int, Any] = {}  # request id -> transfers.Transfer
 
-    def in_flight(self, req_id):
+    def in_flight(self, req_id: int) -> bool:
         return req_id in self.execs or req_id in self.calls or req_id in self.transfers
 
 
@@ -81,45 +89,47 @@ class Agent:
     EV_READ = selectors.EVENT_READ
     EV_WRITE = selectors.EVENT_WRITE
 
-    def __init__(self, config, port=None, install_signals=None):
+    def __init__(self, config: Config, port: Optional[Port] = None,
+                 install_signals: Optional[bool] = None) -> None:
         self.config = config
         self.port = port if port is not None else make_port(config)
         self._install_signals = install_signals
         self.sel = selectors.DefaultSelector()
-        self._interest = {}  # fd -> (events, callback)
+        self._interest: Dict[int, Tuple[int, Optional[Callback]]] = {}
         self.timers = Timers()
         self.waker = Waker()
         self.read_buf = bytearray(READ_SIZE)
         self.outq = ByteQueue()
         self.decoder = FrameDecoder()
         self.port_state = "closed"
-        self._presence = None  # inner epoll watching an absent port for its host (see above)
-        self._host_timer = None
-        self.opening = None  # random id of the current port opening (HELLO's "session")
-        self.session = None
+        # inner epoll watching an absent port for its host (see above)
+        self._presence: Optional["select.epoll"] = None
+        self._host_timer: Optional[Timer] = None
+        self.opening: Optional[str] = None  # random id of the current port opening (HELLO's "session")
+        self.session: Optional[Session] = None
         self.rules = AgentSession(self.description, self._in_flight)
         self.output_paused = False
-        self.orphans = []  # Popen objects killed but not yet reaped
+        self.orphans: List["subprocess.Popen[bytes]"] = []  # killed but not yet reaped
         self.local = LocalServer(self, config.socket) if config.socket else None
-        self.handlers = {}
+        self.handlers: Dict[str, Callable[..., Any]] = {}
         self.pool = WorkerPool(HANDLER_WORKERS, self._handler_done)
         self.files = FileOps(self)
-        self._results = []  # handler results posted by worker threads
+        self._results: List[Tuple[Any, bool, Any, Optional[str]]] = []  # posted by worker threads
         self._results_lock = threading.Lock()
         self._stop = False
-        self._after_flush = []  # callbacks to run once the port queue is empty
-        self._retry_timer = None
-        self._garbage_logged_at = None
+        self._after_flush: List[Callable[[], None]] = []  # to run once the port queue is empty
+        self._retry_timer: Optional[Timer] = None
+        self._garbage_logged_at: Optional[float] = None
         self._boot_id = sysinfo.boot_id()
         self._signals_installed = False
-        self._old_handlers = {}
-        self._old_wakeup = None
-        self._poll_children_timer = None
+        self._old_handlers: Dict[int, Any] = {}
+        self._old_wakeup: Optional[int] = None
+        self._poll_children_timer: Optional[Timer] = None
         self.stats = {"wakeups": 0, "garbage_bytes": 0, "corrupt_frames": 0}
 
     # == public API ==============================================================================
 
-    def request_stop(self):
+    def request_stop(self) -> None:
         """Thread- and signal-safe."""
         self._stop = True
         try:
@@ -127,7 +137,7 @@ class Agent:
         except OSError:
             pass
 
-    def run(self):
+    def run(self) -> int:
         """Run until stopped; returns the process exit code (0: clean stop)."""
         try:
             self._start()
@@ -143,7 +153,7 @@ class Agent:
 
     # == start / stop ============================================================================
 
-    def _start(self):
+    def _start(self) -> None:
         self.set_interest(self.waker.rfd, self.EV_READ, self._on_wake)
         install = self._install_signals
         if install is None:
@@ -161,17 +171,17 @@ class Agent:
                  " ".join(self.capabilities()))
         self._open_port()
 
-    def _setup_signals(self):
+    def _setup_signals(self) -> None:
         self._signals_installed = True
         self._old_wakeup = signal.set_wakeup_fd(self.waker.wfd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self._old_handlers[sig] = signal.signal(sig, self._on_stop_signal)
         self._old_handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda s, f: None)
 
-    def _on_stop_signal(self, signum, frame):
+    def _on_stop_signal(self, signum: int, frame: Optional[FrameType_]) -> None:
         self._stop = True  # the wakeup fd makes select() return
 
-    def _shutdown(self):
+    def _shutdown(self) -> None:
         if self.session is not None:
             self._end_session("agent stopping")
         self._kill_orphans()
@@ -198,7 +208,7 @@ class Agent:
         self.sel.close()
         self.waker.close()
 
-    def _kill_orphans(self, wait=1.0):
+    def _kill_orphans(self, wait: float = 1.0) -> None:
         for proc in self.orphans:
             signal_group(proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + wait
@@ -209,7 +219,7 @@ class Agent:
 
     # == the loop ================================================================================
 
-    def _iterate(self):
+    def _iterate(self) -> None:
         try:
             self._after_io()
         except FatalError:
@@ -238,13 +248,13 @@ class Agent:
         self.timers.run_due(self._timer_error)
 
     @staticmethod
-    def _timer_error(exc):
+    def _timer_error(exc: Exception) -> None:
         if isinstance(exc, FatalError):
             raise exc
         log.error("unexpected error in a timer (the agent keeps running):\n%s",
                   "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
 
-    def set_interest(self, fd, events, callback=None):
+    def set_interest(self, fd: int, events: int, callback: Optional[Callback] = None) -> None:
         """Register, modify or (events=0) unregister ``fd``."""
         current = self._interest.get(fd)
         if not events:
@@ -258,7 +268,7 @@ class Agent:
             self.sel.modify(fd, events, callback)
         self._interest[fd] = (events, callback)
 
-    def _on_wake(self, mask):
+    def _on_wake(self, mask: int) -> None:
         self.waker.drain()
         # A SIGCHLD, a handler result or a stop request: check everything cheaply.
         self._reap()
@@ -270,7 +280,7 @@ class Agent:
             except Exception:
                 log.exception("unexpected error delivering a handler result")
 
-    def _after_io(self):
+    def _after_io(self) -> None:
         if self.port_state == "active" and self.outq.size:
             self._flush_port()
         if self._after_flush and (self.outq.size == 0 or self.port_state != "active"):
@@ -291,12 +301,12 @@ class Agent:
         self._update_port_interest()
         self._schedule_child_polling()
 
-    def _all_execs(self):
+    def _all_execs(self) -> List[Exec]:
         return list(self.session.execs.values()) if self.session is not None else []
 
     # == the control port ========================================================================
 
-    def _open_port(self):
+    def _open_port(self) -> None:
         self._retry_timer = None
         try:
             self.port.open()
@@ -324,7 +334,7 @@ class Agent:
             self.port_state = "active"
             log.info("host connected")
 
-    def _drain_stale(self):
+    def _drain_stale(self) -> int:
         total = 0
         while total < DRAIN_MAX:
             try:
@@ -339,9 +349,10 @@ class Agent:
             total += n
         return total
 
-    def _enter_absent(self, initial=False):
+    def _enter_absent(self, initial: bool = False) -> None:
         self.port_state = "absent"
-        self.set_interest(self.port.fd, 0)
+        if self.port.fd is not None:
+            self.set_interest(self.port.fd, 0)
         log.info("%s: no host connected; waiting for one", self.port)
         self._watch_presence()
         if self._host_timer is not None:
@@ -349,8 +360,10 @@ class Agent:
         self._host_timer = self.timers.call_later(HUP_CHECK, self._check_host)
         self._check_host(timer=False)  # it may have come before the watch was in place
 
-    def _watch_presence(self):
+    def _watch_presence(self) -> None:
         self._unwatch_presence()
+        if self.port.fd is None:
+            return
         try:
             watch = select.epoll()
         except (AttributeError, OSError):  # no epoll: the timer alone
@@ -364,18 +377,18 @@ class Agent:
         self._presence = watch
         self.set_interest(watch.fileno(), self.EV_READ, self._on_presence)
 
-    def _unwatch_presence(self):
+    def _unwatch_presence(self) -> None:
         watch, self._presence = self._presence, None
         if watch is not None:
             self.set_interest(watch.fileno(), 0)
             watch.close()
 
-    def _on_presence(self, mask):
+    def _on_presence(self, mask: int) -> None:
         if self._presence is not None:
             self._presence.poll(0)  # consume the edge
         self._check_host(timer=False)
 
-    def _check_host(self, timer=True):
+    def _check_host(self, timer: bool = True) -> None:
         if self.port_state != "absent" or self.port.fd is None:
             self._unwatch_presence()
             return
@@ -396,7 +409,7 @@ class Agent:
         elif timer:
             self._host_timer = self.timers.call_later(HUP_CHECK, self._check_host)
 
-    def _host_gone(self, why):
+    def _host_gone(self, why: str) -> None:
         log.info("host disconnected (%s)", why)
         if self.session is not None:
             self._end_session("host disconnected")
@@ -408,7 +421,7 @@ class Agent:
         else:
             self._close_port(reopen_in=self.port.retry_interval)
 
-    def _close_port(self, reopen_in):
+    def _close_port(self, reopen_in: float) -> None:
         self._unwatch_presence()
         if self.port.fd is not None:
             self.set_interest(self.port.fd, 0)
@@ -417,30 +430,33 @@ class Agent:
         self.outq.clear()
         self._retry_timer = self.timers.call_later(reopen_in, self._open_port)
 
-    def _port_error(self, exc):
+    def _port_error(self, exc: OSError) -> None:
         log.error("%s failed: %s; reopening", self.port, exc.strerror or exc)
         if self.session is not None:
             self._end_session("port error")
         self._close_port(reopen_in=self.port.retry_interval)
 
-    def _update_port_interest(self):
+    def _update_port_interest(self) -> None:
         if self.port_state != "active":
             return
         read_paused = self.outq.size > OUT_MAX or any(
             ex.stdin_queue.size > STDIN_MAX for ex in self._all_execs())
         events = (0 if read_paused else self.EV_READ) | (self.EV_WRITE if self.outq.size else 0)
+        fd = self.port.fd
+        if fd is None:
+            return
         if events:
-            self.set_interest(self.port.fd, events, self._on_port_event)
+            self.set_interest(fd, events, self._on_port_event)
         else:
-            self.set_interest(self.port.fd, 0)
+            self.set_interest(fd, 0)
 
-    def _on_port_event(self, mask):
+    def _on_port_event(self, mask: int) -> None:
         if mask & self.EV_WRITE:
             self._flush_port()
         if mask & self.EV_READ and self.port_state == "active":
             self._read_port()
 
-    def _flush_port(self):
+    def _flush_port(self) -> None:
         try:
             self.outq.write_to(self.port.writev)
         except BlockingIOError:
@@ -451,7 +467,7 @@ class Agent:
             else:
                 self._port_error(exc)
 
-    def _read_port(self):
+    def _read_port(self) -> None:
         for _ in range(16):  # then give other fds a turn
             try:
                 n = self.port.read_into(self.read_buf)
@@ -467,28 +483,28 @@ class Agent:
             if self.port_state != "active":
                 return
 
-    def send_parts(self, parts):
+    def send_parts(self, parts: Iterable[Buffer]) -> None:
         self.outq.extend(parts)
 
-    def send_frame(self, type_, obj, id=0):
-        self.outq.push(m.encode_frame(type_, m.dump_json(obj), id=id))
+    def send_frame(self, type_: int, obj: JSON, id: int = 0) -> None:
+        self.outq.push(encode_frame(type_, m.dump_json(obj), id=id))
 
-    def post_result(self, token, value):
+    def post_result(self, token: Any, value: Any) -> None:
         """Thread-safe: hand a worker's outcome to the loop (delivered in _on_wake)."""
         with self._results_lock:
             self._results.append((token, True, value, None))
         self.waker.wake()
 
-    def send_event(self, req_id, event):
+    def send_event(self, req_id: int, event: JSON) -> None:
         self.outq.push(m.encode_event(req_id, event))
 
-    def reply(self, req_id, result):
+    def reply(self, req_id: int, result: JSON) -> None:
         self._reply(req_id, result)
 
-    def error(self, req_id, code, message, details=None):
+    def error(self, req_id: int, code: str, message: str, details: Optional[JSON] = None) -> None:
         self._error(req_id, code, message, details)
 
-    def _reply(self, req_id, result):
+    def _reply(self, req_id: int, result: JSON) -> None:
         try:
             data = m.encode_response(req_id, result)
         except (ValueError, TypeError) as exc:
@@ -496,12 +512,12 @@ class Agent:
             data = m.encode_error(req_id, codes.INTERNAL, "the reply could not be encoded: %s" % exc)
         self.outq.push(data)
 
-    def _error(self, req_id, code, message, details=None):
+    def _error(self, req_id: int, code: str, message: str, details: Optional[JSON] = None) -> None:
         self.outq.push(m.encode_error(req_id, code, message, details))
 
     # == frames ==================================================================================
 
-    def _on_port_events(self, events):
+    def _on_port_events(self, events: List[DecoderEvent]) -> None:
         for ev in events:
             if isinstance(ev, Frame):
                 try:
@@ -525,7 +541,7 @@ class Agent:
                     self._error(ev.id, codes.PROTOCOL_MISMATCH,
                                 "frame version %d is not supported (this agent speaks 1)" % ev.version)
 
-    def _count_garbage(self, nbytes):
+    def _count_garbage(self, nbytes: int) -> None:
         self.stats["garbage_bytes"] += nbytes
         now = time.monotonic()
         if self._garbage_logged_at is None or now - self._garbage_logged_at >= GARBAGE_LOG_INTERVAL:
@@ -535,7 +551,7 @@ class Agent:
         else:
             log.debug("skipped %d bytes of garbage on the control port", nbytes)
 
-    def _on_corrupt(self, ev):
+    def _on_corrupt(self, ev: CorruptFrame) -> None:
         self.stats["corrupt_frames"] += 1
         log.warning("dropped a corrupt %s frame (id %d, %d bytes, %s)",
                     frame_type_name(ev.type), ev.id, ev.length, ev.reason)
@@ -554,7 +570,7 @@ class Agent:
             self._error(ev.id, codes.CHECKSUM_MISMATCH, "stdin data for this process arrived corrupted; "
                         "the process was killed")
 
-    def _on_frame(self, frame):
+    def _on_frame(self, frame: Frame) -> None:
         for ev in self.rules.receive_frame(frame):
             if isinstance(ev, Request):
                 self._on_request(ev)
@@ -578,7 +594,7 @@ class Agent:
 
     # -- handshake ------------------------------------------------------------------------------
 
-    def description(self):
+    def description(self) -> JSON:
         return {
             "agent": "guestlink-agent",
             "agent_version": _version.__version__,
@@ -589,23 +605,25 @@ class Agent:
             "session": self.opening or "",
         }
 
-    def capabilities(self):
+    def capabilities(self) -> List[str]:
         ops = list(BUILTIN_OPS) + sorted(self.handlers)
         return [op for op in ops if self.config.policy_allows(op)]
 
-    def _queue_hello(self):
+    def _queue_hello(self) -> None:
         self.outq.push(self.rules.hello())
 
-    def _in_flight(self, req_id):
+    def _in_flight(self, req_id: int) -> bool:
         return self.session is not None and self.session.in_flight(req_id)
 
-    def _end_session(self, reason):
+    def _end_session(self, reason: str) -> None:
         """The host went away (or the agent stops): the session is over for the rules too."""
         self.rules.end()
         self._drop_session(reason)
 
-    def _drop_session(self, reason):
+    def _drop_session(self, reason: str) -> None:
         session, self.session = self.session, None
+        if session is None:
+            return
         for ex in list(session.execs.values()):
             ex.kill(reason)
         session.execs.clear()
@@ -617,7 +635,7 @@ class Agent:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _on_request(self, request):
+    def _on_request(self, request: Request) -> None:
         rid, op, args = request.id, request.op, request.args
         if op not in BUILTIN_OPS and op not in self.handlers:
             self._error(rid, codes.UNKNOWN_COMMAND, "the agent has no command %r" % op)
@@ -643,15 +661,20 @@ class Agent:
         if result is not None:
             self._reply(rid, result)
 
-    def _op_ping(self, rid, args):
+    def _op_ping(self, rid: int, args: Fields) -> JSON:
         return _PONG
 
-    def _op_info(self, rid, args):
+    def _op_info(self, rid: int, args: Fields) -> JSON:
         return sysinfo.info(_version.__version__, m.PROTOCOL_VERSION, self.capabilities())
 
-    def _op_exec(self, rid, args):
+    def _active_session(self) -> Session:
+        """The current host session: requests are served only during one."""
+        assert self.session is not None
+        return self.session
+
+    def _op_exec(self, rid: int, args: Fields) -> None:
         spec = parse_exec_args(args, self.config)
-        session = self.session
+        session = self._active_session()
         if len(session.execs) >= self.config.max_concurrent:
             raise OpError(codes.BUSY, "too many processes: %d execs are running (max_concurrent)"
                           % len(session.execs))
@@ -662,15 +685,15 @@ class Agent:
             ex.pause_output()
         return None
 
-    def exec_finished(self, ex, result):
+    def exec_finished(self, ex: Exec, result: JSON) -> None:
         if self.session is ex.session and self.session.execs.get(ex.id) is ex:
             del self.session.execs[ex.id]
             self._reply(ex.id, result)
 
-    def adopt_orphan(self, proc):
+    def adopt_orphan(self, proc: "subprocess.Popen[bytes]") -> None:
         self.orphans.append(proc)
 
-    def _on_stream(self, frame):
+    def _on_stream(self, frame: Frame) -> None:
         stream, eof = m.stream_flags(frame.flags)
         session = self.session
         ex = session.execs.get(frame.id) if session is not None else None
@@ -679,7 +702,7 @@ class Agent:
             return
         ex.feed_stdin(frame.payload, eof)
 
-    def _on_cancel(self, rid):
+    def _on_cancel(self, rid: int) -> None:
         session = self.session
         if session is None:
             return
@@ -702,13 +725,13 @@ class Agent:
 
     # -- power ----------------------------------------------------------------------------------
 
-    def _op_shutdown(self, rid, args):
+    def _op_shutdown(self, rid: int, args: Fields) -> None:
         return self._power(rid, "poweroff", self.config.poweroff_command)
 
-    def _op_reboot(self, rid, args):
+    def _op_reboot(self, rid: int, args: Fields) -> None:
         return self._power(rid, "reboot", self.config.reboot_command)
 
-    def _power(self, rid, action, configured):
+    def _power(self, rid: int, action: str, configured: Optional[Sequence[str]]) -> None:
         if configured:
             candidates = [list(configured)]
         else:
@@ -720,7 +743,7 @@ class Agent:
         self._reply(rid, {})
         state = {"done": False}
 
-        def go():
+        def go() -> None:
             if state["done"]:
                 return
             state["done"] = True
@@ -730,7 +753,7 @@ class Agent:
         self.timers.call_later(POWER_FLUSH_TIMEOUT, go)
         return None
 
-    def _run_power(self, action, candidates):
+    def _run_power(self, action: str, candidates: List[List[str]]) -> None:
         for argv in candidates:
             log.warning("%s: running %s", action, " ".join(argv))
             try:
@@ -740,27 +763,28 @@ class Agent:
                 log.error("%s: cannot run %s: %s", action, argv[0], exc.strerror or exc)
                 continue
             rest = candidates[candidates.index(argv) + 1:]
-            self._watch_power(action, proc, rest)
+            self._watch_power(action, proc, argv[0], rest)
             return
         log.error("%s: every way to %s failed", action, action)
 
-    def _watch_power(self, action, proc, rest):
-        def check():
+    def _watch_power(self, action: str, proc: "subprocess.Popen[bytes]", program: str,
+                     rest: List[List[str]]) -> None:
+        def check() -> None:
             rc = proc.poll()
             if rc is None:
                 self.timers.call_later(0.2, check)
             elif rc != 0:
-                log.error("%s: %s exited with status %d", action, proc.args[0], rc)
+                log.error("%s: %s exited with status %d", action, program, rc)
                 if rest:
                     self._run_power(action, rest)
             else:
-                log.info("%s: %s succeeded", action, proc.args[0])
+                log.info("%s: %s succeeded", action, program)
         self.timers.call_later(0.2, check)
 
     # -- user handlers --------------------------------------------------------------------------
 
-    def _call_handler(self, rid, op, args):
-        session = self.session
+    def _call_handler(self, rid: int, op: str, args: Fields) -> Optional[JSON]:
+        session = self._active_session()
         if self.pool.pending >= HANDLER_QUEUE_MAX:
             raise OpError(codes.BUSY, "too many handler calls in progress (%d)" % self.pool.pending)
         ctx = HandlerContext(op, rid, logging.getLogger("guestlink.handler." + op),
@@ -769,19 +793,19 @@ class Agent:
         self.pool.submit((session, rid, op), self.handlers[op], args.obj, ctx)
         return None
 
-    def _handler_done(self, token, ok, value, tb):
+    def _handler_done(self, token: Any, ok: bool, value: Any, tb: Optional[str]) -> None:
         # Runs in a worker thread: only post the result and wake the loop.
         with self._results_lock:
             self._results.append((token, ok, value, tb))
         self.waker.wake()
 
-    def _message_from_thread(self, topic, data):
+    def _message_from_thread(self, topic: str, data: bytes) -> None:
         m.check_topic(topic)
         with self._results_lock:
             self._results.append((("message",), True, (topic, data), None))
         self.waker.wake()
 
-    def _deliver_handler_result(self, token, ok, value, tb):
+    def _deliver_handler_result(self, token: Any, ok: bool, value: Any, tb: Optional[str]) -> None:
         if token == ("message",):
             self.message_to_host(*value)
             return
@@ -789,7 +813,9 @@ class Agent:
             self.files.finished(*value)
             return
         self.pool.pending -= 1
-        session, rid, op = token
+        session: Session = token[0]
+        rid: int = token[1]
+        op: str = token[2]
         if self.session is not session or session.calls.get(rid) != op:
             log.debug("handler %s (request %d) finished after its request was cancelled or its "
                       "session ended; result dropped", op, rid)
@@ -820,7 +846,7 @@ class Agent:
 
     # -- topic messages -------------------------------------------------------------------------
 
-    def _on_host_message(self, frame):
+    def _on_host_message(self, frame: Frame) -> None:
         try:
             topic, data = m.parse_message(frame.payload)
         except m.ProtocolViolation as exc:
@@ -833,7 +859,7 @@ class Agent:
         if frame.id:
             self._reply(frame.id, {"delivered": delivered})
 
-    def message_to_host(self, topic, data):
+    def message_to_host(self, topic: str, data: bytes) -> Tuple[Optional[str], Optional[str]]:
         """Queue a guest -> host message. Returns (None, None) or (error code, message)."""
         if self.session is None:
             return codes.NOT_READY, "no host is connected"
@@ -844,18 +870,18 @@ class Agent:
 
     # == children ================================================================================
 
-    def _reap(self):
+    def _reap(self) -> None:
         for ex in self._all_execs():
             ex.poll()
         if self.orphans:
             self.orphans = [p for p in self.orphans if p.poll() is None]
 
-    def _schedule_child_polling(self):
+    def _schedule_child_polling(self) -> None:
         """Without signal handlers (agent run in a thread) children are polled every 50 ms."""
         if self._signals_installed or self._poll_children_timer is not None:
             return
         if self.orphans or any(ex.proc.returncode is None for ex in self._all_execs()):
-            def tick():
+            def tick() -> None:
                 self._poll_children_timer = None
                 self._reap()
             self._poll_children_timer = self.timers.call_later(0.05, tick)
