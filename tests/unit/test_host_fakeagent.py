@@ -132,7 +132,8 @@ class FakeConn:
                 queue.put_nowait((bytes(frame.payload), eof))
         elif t == FrameType.CANCEL:
             agent.cancels.append(frame.id)
-            task = self.tasks.get(frame.id)
+            # As in the real agent, a cancelled id is no longer in flight (the host may reuse it).
+            task = self.tasks.pop(frame.id, None)
             if task is not None:
                 task.cancel()
         elif t == FrameType.MESSAGE and frame.id:
@@ -164,8 +165,10 @@ class FakeConn:
         except Reply as r:
             self.send(m.encode_error(id_, r.code, r.message, r.details))
         finally:
-            self.tasks.pop(id_, None)
-            self.stdin.pop(id_, None)
+            if self.tasks.get(id_) is asyncio.current_task():
+                self.tasks.pop(id_, None)
+            if id_ not in self.tasks:  # else a new request with this id owns it
+                self.stdin.pop(id_, None)
 
     async def exec(self, id_, args):
         argv = args.str_list("argv", default=None)
