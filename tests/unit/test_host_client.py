@@ -281,6 +281,33 @@ def test_run_collects_output_and_status(path):
     assert execs[9]["shell"] == "true 'a b'" and execs[10]["argv"] == ["echo", "x y", "z"]
 
 
+def test_options_objects_are_the_keyword_arguments(path):
+    """connect()/exec() build a ConnectOptions/ExecOptions; connect_with()/exec_with() take one."""
+    from guestlink.host.client import connect_with
+    from guestlink.host.options import ConnectOptions, ExecOptions
+
+    with pytest.raises(ValueError):
+        ConnectOptions(ctl=path, domain="vm1")
+    with pytest.raises(ValueError):
+        ConnectOptions(ctl=path, ctl_name="x")
+    with pytest.raises(ValueError):
+        ConnectOptions()
+    with pytest.raises(ValueError):
+        ConnectOptions(ctl=path, timeout=float("inf"))
+    assert ConnectOptions(ctl=path, timeout=3).timeout == 3.0
+
+    async def main():
+        async with FakeAgent(path) as agent:
+            async with connect_with(ConnectOptions(ctl=path, timeout=3)) as vm:
+                async with vm.exec_with(["echo", "hi"], ExecOptions(cwd="/tmp")) as proc:
+                    result = await proc.wait()
+                return vm.timeout, result, agent.execs
+
+    timeout, result, execs = run(main())
+    assert timeout == 3.0 and result.stdout == b"hi\n"
+    assert execs[0]["cwd"] == "/tmp" and execs[0]["output_limit"] == 64 * 1024 * 1024
+
+
 def test_exec_streams_output_and_stdin(path):
     async def main():
         async with FakeAgent(path) as agent:
