@@ -165,7 +165,11 @@ class FakeConn:
         except Reply as r:
             self.send(m.encode_error(id_, r.code, r.message, r.details))
         finally:
-            if self.tasks.get(id_) is asyncio.current_task():
+            try:
+                me = asyncio.current_task()
+            except RuntimeError:  # closed by the garbage collector after its loop ended
+                me = None
+            if me is not None and self.tasks.get(id_) is me:
                 self.tasks.pop(id_, None)
             if id_ not in self.tasks:  # else a new request with this id owns it
                 self.stdin.pop(id_, None)
