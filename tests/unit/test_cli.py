@@ -406,7 +406,8 @@ def test_the_agent_cli_has_the_same_last_resort(capsys, monkeypatch):
 @pytest.mark.parametrize("argv", [
     ["ping", "--timeout", "inf"], ["ping", "--timeout", "nan"], ["info", "--timeout", "-1"],
     ["ping", "--timeout", "1e12"], ["exec", "--timeout", "inf", "--", "true"],
-    ["exec", "--connect-timeout", "nan", "--", "true"], ["ping", "--queue-timeout", "inf"],
+    ["exec", "--connect-timeout", "nan", "--", "true"], ["run", "--connect-timeout", "inf", "x"],
+    ["ping", "--queue-timeout", "inf"],
     ["ping", "--queue-timeout", "-0.5"], ["list", "--timeout", "inf"],
 ], ids=" ".join)
 def test_non_finite_or_huge_timeouts_are_usage_errors(capsys, path, argv):

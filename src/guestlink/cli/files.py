@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..exitcodes import EXIT_OK
 from .common import (ProgressBar, UsageError, VMParsers, error_message, exit_code_for, fail,
-                     parse_pairs, print_json)
+                     parse_pairs, positive_seconds, print_json)
 from .vm import cmd_exec
 
 if TYPE_CHECKING:  # the host library is imported when a command runs, not for --help
@@ -67,7 +67,7 @@ def add_parsers(parsers: VMParsers) -> None:
                           "output, remove it; exits with its status",
                    timeout_help="kill the script after S seconds (exit status 124)")
     p.set_defaults(timeout=None, stdin_mode="auto", shell=False)
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+    p.add_argument("--connect-timeout", type=positive_seconds, default=10.0, metavar="S",
                    help="seconds to connect and get the script started (default 10)")
     p.add_argument("--env", action="append", metavar="K=V", help="set an environment variable")
     p.add_argument("--cwd", metavar="DIR", help="working directory in the guest (default /)")
