@@ -19,13 +19,16 @@ framing itself is ``guestlink.protocol.transfer`` (sans-I/O). Stdlib-only, CPyth
 """
 
 import errno
+import functools
 import os
 import queue
 import select
 import stat
+import sys
 import threading
+import time
 import zlib
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ..protocol import codes
 from ..protocol import transfer as T
@@ -40,6 +43,31 @@ MAXSEG = 64
 POLL_INTERVAL = 0.2
 #: No progress on the port for this long fails the transfer (the peer stalled).
 IDLE_TIMEOUT = 60.0
+#: GUESTLINK_COPY_TIMES=1: every transfer writes the seconds each phase was busy or waiting to
+#: stderr (benchmarks/bench_transfer.py --phases), to see which stage bounds a copy. Off: free.
+TIMES = bool(os.environ.get("GUESTLINK_COPY_TIMES"))
+
+
+class _Times:
+    """Seconds per phase (only when TIMES): the caller's own and each pipeline stage's."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.secs: Dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.t0 = time.perf_counter()
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        with self.lock:
+            self.secs[phase] = self.secs.get(phase, 0.0) + now - since
+        return now
+
+    def report(self, nbytes: int) -> None:
+        total = time.perf_counter() - self.t0
+        sys.stderr.write("[copy-times] %s %d bytes in %.3f s (%.0f MB/s): %s\n" % (
+            self.what, nbytes, total, nbytes / max(total, 1e-9) / 1e6,
+            " ".join("%s=%.3f" % kv for kv in sorted(self.secs.items()))))
 
 
 class TransferError(Exception):
@@ -80,10 +108,16 @@ class Channel:
         self.wseg = WSEG if chardev else 0
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
+        self._events = select.POLLIN
+        # the last read came back short: the fd is empty, so the next read waits first instead
+        # of failing with EAGAIN (one system call and one exception less per wakeup)
+        self._drained = False
 
     def _wait(self, events: int) -> int:
         waited = 0.0
-        self._poll.modify(self.fd, events)
+        if events != self._events:  # modify only on a change of direction: a syscall each
+            self._poll.modify(self.fd, events)
+            self._events = events
         while True:
             if self.cancel.is_set():
                 raise cancelled()
@@ -114,16 +148,18 @@ class Channel:
             raise cancelled()
         return n
 
-    def _io(self, op: Callable[[], int], events: int, what: str) -> int:
-        """Run the non-blocking ``op()``, waiting for ``events`` while it would block; a peer
-        that went away or an I/O error becomes a TransferError."""
+    def _io(self, op: Callable[[], int], events: int, what: str, wait_first: bool = False) -> int:
+        """Run the non-blocking ``op()``, waiting for ``events`` while it would block (first,
+        if ``wait_first``); a peer that went away or an I/O error becomes a TransferError."""
         while True:
-            try:
-                return op()
-            except BlockingIOError:
+            if wait_first:
                 revents = self._wait(events)
                 if revents & (select.POLLHUP | select.POLLERR) and not revents & events:
                     raise self._gone("hangup")
+            try:
+                return op()
+            except BlockingIOError:
+                wait_first = True
             except OSError as exc:
                 if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
                     raise self._gone(exc.strerror or str(exc))
@@ -132,9 +168,10 @@ class Channel:
 
     def _readv(self, iov: List[memoryview]) -> int:
         """readv into ``iov``, waiting while nothing is readable; returns a count > 0."""
-        n = self._io(lambda: os.readv(self.fd, iov), select.POLLIN, "reading")
+        n = self._io(lambda: os.readv(self.fd, iov), select.POLLIN, "reading", self._drained)
         if n == 0:
             raise self._gone("end of stream")
+        self._drained = n < sum(len(v) for v in iov)
         return n
 
     def read_exact(self, mv: memoryview) -> None:
@@ -174,8 +211,11 @@ class Channel:
                     split.append(p)
             parts = split
         fd = self.fd
+        full = False  # the last writev was short: the fd is full, wait before the next one
         while parts:
-            n = self._io(lambda: os.writev(fd, parts[:64]), select.POLLOUT, "writing")
+            batch = parts[:64]
+            n = self._io(functools.partial(os.writev, fd, batch), select.POLLOUT, "writing", full)
+            full = n < sum(len(p) for p in batch)
             while n and parts:
                 if n >= len(parts[0]):
                     n -= len(parts[0])
@@ -227,8 +267,9 @@ class Pipeline:
     """
 
     def __init__(self, stages: List[Stage], bufsize: int, cancel: threading.Event,
-                 nbufs: int = NBUFS, inline: bool = False) -> None:
+                 nbufs: int = NBUFS, inline: bool = False, times: Optional[_Times] = None) -> None:
         self.cancel = cancel
+        self.times = times
         self.error: Optional[BaseException] = None
         self.stages = stages if inline else None
         self.pool: "queue.Queue[bytearray]" = queue.Queue()
@@ -247,8 +288,13 @@ class Pipeline:
 
     def _run(self, fn: Stage, q: "queue.Queue[Optional[_Chunk]]",
              nxt: "Optional[queue.Queue[Optional[_Chunk]]]") -> None:
+        tm = self.times
+        name = getattr(fn, "__name__", "stage").rstrip("_")
         while True:
+            t = time.perf_counter() if tm else 0.0
             item = q.get()
+            if tm:
+                t = tm.add(name + ".wait", t)
             if item is None:
                 if nxt is not None:
                     nxt.put(None)
@@ -259,18 +305,24 @@ class Pipeline:
                 except BaseException as exc:  # noqa: B902 - re-raised in the caller's thread
                     if self.error is None:
                         self.error = exc
+                if tm:
+                    tm.add(name, t)
             if nxt is not None and self.error is None:
                 nxt.put(item)
             else:
                 self.pool.put(item.buf)
 
     def get_buffer(self) -> bytearray:
+        t = time.perf_counter() if self.times else 0.0
         while True:
             self.check()
             try:
-                return self.pool.get(timeout=POLL_INTERVAL)
+                buf = self.pool.get(timeout=POLL_INTERVAL)
             except queue.Empty:
                 continue
+            if self.times:
+                self.times.add("caller.wait_buffer", t)
+            return buf
 
     def check(self) -> None:
         if self.error is not None:
@@ -365,15 +417,19 @@ def send_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
     # slowest stage and one more thread only costs: the CRC stays in this thread
     remaining = size - offset if size is not None else None
     small = remaining is not None and remaining < chunk
+    tm = _Times("send %s" % algorithm) if TIMES else None
     pipe = Pipeline([crc_, write] if by_chunk else [write, hash_],
                     max(1, remaining) if remaining is not None and small else chunk, cancel,
-                    inline=small)
+                    inline=small, times=tm)
     pos = offset
     try:
         while True:
             buf = pipe.get_buffer()
             mv = memoryview(buf)
+            t = time.perf_counter() if tm else 0.0
             n = _fill(fd, mv)
+            if tm:
+                t = tm.add("caller.read_file", t)
             if n == 0:
                 pipe.pool.put(buf)
                 break
@@ -384,6 +440,8 @@ def send_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
             c.buf, c.data, c.offset = buf, mv[:n], pos
             if not by_chunk:
                 crc_(c)
+                if tm:
+                    tm.add("caller.crc", t)
             pipe.submit(c)
             pos += n
             if progress is not None:
@@ -399,6 +457,8 @@ def send_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
         check()
     hexd = digest.hexdigest()
     chan.write_all([T.encode_end(tid, pos, algorithm, hexd)])
+    if tm:
+        tm.report(pos - offset)
     return pos, hexd
 
 
@@ -451,13 +511,15 @@ def recv_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
     small = remaining is not None and remaining < T.DEFAULT_CHUNK
     if remaining is not None and small:  # frames of more are refused by the header check
         max_payload = min(max_payload, max(4096, remaining + T.OFFSET_SIZE))
+    tm = _Times("recv %s" % algorithm) if TIMES else None
     pipe = Pipeline([write] if by_chunk else [hash_, write], max_payload + TRAILER_SIZE, cancel,
-                    inline=small)
+                    inline=small, times=tm)
     hdr = bytearray(HEADER_SIZE)
     hmv = memoryview(hdr)
     pos = offset
     try:
         while True:
+            t = time.perf_counter() if tm else 0.0
             chan.read_exact(hmv)
             try:
                 h = T.parse_header(hdr, max_payload)
@@ -478,9 +540,14 @@ def recv_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
                 break
             if h.length < T.OFFSET_SIZE:
                 raise TransferError(codes.CHECKSUM_MISMATCH, "short DATA frame")
+            if tm:
+                tm.add("caller.read_port", t)
             buf = pipe.get_buffer()
             mv = memoryview(buf)[:h.length + TRAILER_SIZE]
+            t = time.perf_counter() if tm else 0.0
             chan.read_exact(mv)
+            if tm:
+                t = tm.add("caller.read_port", t)
             c = _Chunk()
             c.buf = buf
             c.payload = mv[:h.length]
@@ -504,6 +571,8 @@ def recv_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
                 raise TransferError(codes.CHANGED, "more data than the announced %d bytes" % size)
             if by_chunk:
                 by_chunk(c.offset, c.data, crc)
+            if tm:
+                tm.add("caller.crc", t)
             pipe.submit(c)
             if progress is not None:
                 progress(pos)
@@ -529,6 +598,8 @@ def recv_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
     if end["algorithm"] != algorithm or end["digest"] != hexd:
         raise TransferError(codes.CHECKSUM_MISMATCH, "%s mismatch: the sender computed %s, the "
                             "received data has %s" % (algorithm, end["digest"], hexd))
+    if tm:
+        tm.report(pos - offset)
     return pos, hexd
 
 
