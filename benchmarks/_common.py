@@ -14,6 +14,7 @@ import shlex
 import socket
 import statistics
 import sys
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -261,6 +262,77 @@ async def start_raw_port(client, vm, mode="echo", n=None, port_path=None,
         raw.close()
         raise
     return raw
+
+
+# --- qemu-ga (Debian's qemu-guest-agent on a third port) ---------------------------------
+
+QGA_PORT = "org.qemu.guest_agent.0"
+QGA_PKGS = ["qemu-guest-agent", "libglib2.0-0", "libpcre2-8-0", "libmount1", "libblkid1",
+            "libselinux1", "libffi8", "zlib1g", "liburing2", "libnuma1", "libudev1", "libgcc-s1"]
+
+
+
+def qga_files():
+    """{guest path: host path} for qemu-ga and its libraries, or raise with the reason."""
+    from testvm import build as B
+    pol = B._policy(QGA_PKGS)
+    versions = {p: v["candidate"] for p, v in pol.items() if v.get("candidate")}
+    if "qemu-guest-agent" not in versions:
+        raise RuntimeError("apt knows no qemu-guest-agent candidate")
+    cache = REPO / ".cache" / "testvm" / "debs"
+    debs = B.fetch_debs(versions, cache)
+    stage = Path(tempfile.mkdtemp(prefix="qga-stage-"))
+    B._unpack(debs, stage)
+    for libc in B.fetch_debs({"libc6": B.resolve_versions()["libc6"]}, cache).values():
+        B._unpack({"libc6": libc}, stage)
+    root = Path(tempfile.mkdtemp(prefix="qga-root-"))
+    binary = stage / "usr" / "sbin" / "qemu-ga"
+    if B._copy_libs(stage, root, [binary]):
+        raise RuntimeError("qemu-ga's shared libraries could not all be found")
+    files = {"/usr/sbin/qemu-ga": str(binary)}
+    for lib in (root / "lib" / B.MULTIARCH).iterdir():
+        files["/lib/%s/%s" % (B.MULTIARCH, lib.name)] = str(lib)
+    return files
+
+
+class QGA:
+    """A blocking client of qemu-ga on its port socket (JSON lines; 0xFF marks a resync)."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.buf = b""
+        self.f = self.sock.makefile("rb")
+
+    def call(self, cmd, **args):
+        msg = {"execute": cmd}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            line = self.f.readline()
+            if not line:
+                raise RuntimeError("qemu-ga closed")
+            obj = json.loads(line.lstrip(b"\xff"))
+            if "error" in obj:
+                raise RuntimeError(obj["error"])
+            if "return" in obj:
+                return obj["return"]
+
+    def sync(self):
+        n = random.randint(1, 1 << 30)
+        self.sock.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited",
+                                                "arguments": {"id": n}}).encode() + b"\n")
+        while True:
+            line = self.f.readline().lstrip(b"\xff")
+            if line.strip() and json.loads(line).get("return") == n:
+                return
+
+
+async def start_qga(client):
+    """Start qemu-ga (put in the guest with ``qga_files()``) on its port, detached."""
+    await start_detached(client, ["/usr/sbin/qemu-ga", "-m", "virtio-serial", "-p",
+                                  "/dev/virtio-ports/" + QGA_PORT, "-t", "/tmp"])
 
 
 # --- facts and statistics ---------------------------------------------------------------------

@@ -10,7 +10,9 @@ In one VM run (see benchmarks/README.md):
 2. raw echo baseline over the same kind of port (the data port, which the agent keeps closed):
    a minimal python3 echo program in the guest, a blocking host socket, messages the size of a
    guestlink ping REQUEST frame; also the same echo driven from an asyncio host (information);
-3. ratio guestlink / raw (medians), goal <= 1.3x;
+3. ratio guestlink / raw (medians), goal <= 1.3x; qemu-ga's ``guest-ping`` on its own port
+   ``org.qemu.guest_agent.0`` (Debian's qemu-ga, after a ``guest-sync-delimited`` resync, from a
+   blocking host socket) and the ratio guestlink / qemu-ga, goal < 1 (faster than qemu-ga);
 4. the agent's context switches per second (voluntary + involuntary, all its threads) with no
    host connected (goal <= 1/s) and with a host connected but idle (information).
 
@@ -29,6 +31,7 @@ import _common as C  # puts src/ and the repository root on sys.path
 from guestlink.protocol import messages
 
 RATIO_GOAL = 1.3
+QGA_GOAL = 1.0  # guestlink's ping must be faster than qemu-ga's guest-ping
 WAKEUPS_GOAL = 1.0
 
 #: Guest sampler: ``wakeups.py PID SETTLE DURATION OUT``. Sleeps SETTLE s, then reads the
@@ -143,10 +146,67 @@ async def measure_wakeups(client, vm, args, connected):
     return rates, client
 
 
+QGA_PING = b'{"execute":"guest-ping"}\n'
+
+
+def qga_ping_times(q, count):
+    """``count`` sequential qemu-ga ``guest-ping`` round trips on its port socket (ns each).
+
+    The request is sent as one precomputed line and the reply (``{"return": {}}``) read up to its
+    newline from the blocking socket: the host side does no more than the raw echo's.
+    """
+    sock = q.sock
+    sock.settimeout(None)
+    clock = time.perf_counter_ns
+    times = []
+    for _ in range(count):
+        t0 = clock()
+        sock.sendall(QGA_PING)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("qemu-ga closed its port")
+            data += chunk
+        times.append(clock() - t0)
+        if b'"return"' not in data:
+            raise RuntimeError("qemu-ga answered guest-ping with %r" % data[:200])
+    return times
+
+
+async def measure_qga(client, vm, args):
+    """qemu-ga guest-ping in the same VM (it was started on its own port at boot)."""
+    loop = asyncio.get_running_loop()
+    r = await client.run(["pgrep", "-o", "qemu-ga"])
+    if r.returncode != 0:
+        raise RuntimeError("qemu-ga is not running in the guest")
+    pid = int(r.stdout.split()[0])
+    q = await loop.run_in_executor(None, C.QGA, str(vm.port_path(C.QGA_PORT)))
+    try:
+        # guest-sync-delimited: qemu-ga may hold a partial line from an earlier client
+        await loop.run_in_executor(None, q.sync)
+        await loop.run_in_executor(None, qga_ping_times, q, args.warmup)
+        g0 = await C.guest_cpu_ns(client, pid)
+        h0 = time.process_time_ns()
+        times = await loop.run_in_executor(None, qga_ping_times, q, args.count)
+        h1 = time.process_time_ns()
+        g1 = await C.guest_cpu_ns(client, pid)
+    finally:
+        q.sock.close()
+    res = C.summarize_ns(times)
+    res.update(cpu_us(g0, g1, args.count), host_cpu_us=(h1 - h0) / args.count / 1000)
+    return res
+
+
 async def run(vm, args):
     result = {}
     client = await C.connect(vm)
     try:
+        if args.qga_note is None:
+            try:
+                await C.start_qga(client)
+            except Exception as exc:
+                args.qga_note = "qemu-ga did not start: %s: %s" % (type(exc).__name__, exc)
         info = await client.info()
         result["machine"] = {"vm": C.vm_facts(vm, info), "host": C.host_facts()}
         frame = messages.encode_request(1, "ping")
@@ -213,6 +273,21 @@ async def run(vm, args):
         result["ratio"] = {"median": ratio, "p90": g["p90_us"] / r["p90_us"], "goal": RATIO_GOAL,
                            "pass": ratio <= RATIO_GOAL}
 
+        # 3. qemu-ga guest-ping, same VM run
+        if args.qga_note is None:
+            log(args, "qemu-ga guest-ping on %s" % C.QGA_PORT)
+            try:
+                result["qga_ping"] = await measure_qga(client, vm, args)
+            except Exception as exc:
+                args.qga_note = "qemu-ga guest-ping failed: %s: %s" % (type(exc).__name__, exc)
+        if "qga_ping" in result:
+            q = result["qga_ping"]
+            ratio = g["median_us"] / q["median_us"]
+            result["ratio_qga"] = {"median": ratio, "p90": g["p90_us"] / q["p90_us"],
+                                   "goal": QGA_GOAL, "pass": ratio < QGA_GOAL}
+        else:
+            result["qga_error"] = args.qga_note
+
         # 4. idle wakeups: host connected but idle (information), then no host (goal)
         log(args, "agent wakeups, host connected and idle (%g s)" % args.idle_seconds)
         result["wakeups_connected_idle"], client = await measure_wakeups(client, vm, args, True)
@@ -247,6 +322,8 @@ def print_table(res):
     rows = [("guestlink  await vm.ping()", res["guestlink_ping"]),
             ("raw echo   data port, blocking host", res["raw_echo"]),
             ("raw echo   data port, asyncio host (info)", res["raw_echo_asyncio"])]
+    if "qga_ping" in res:
+        rows.insert(1, ("qemu-ga    guest-ping, blocking host", res["qga_ping"]))
     print("%-42s %10s %10s %10s %11s %10s" % ("round trip", "median", "p90", "min",
                                              "guest CPU", "host CPU"))
     for name, s in rows:
@@ -254,8 +331,8 @@ def print_table(res):
         print("%-42s %7.0f µs %7.0f µs %7.0f µs %8s µs %7.0f µs"
               % (name, s["median_us"], s["p90_us"], s["min_us"],
                  "-" if gc is None else "%.0f" % gc, s["host_cpu_us"]))
-    print("(guest CPU: the agent's / echo program's CPU time per round trip, /proc/PID/schedstat;"
-          " host CPU: this process's)")
+    print("(guest CPU: the agent's / qemu-ga's / echo program's CPU time per round trip,"
+          " /proc/PID/schedstat; host CPU: this process's)")
     print()
     ratio = res["ratio"]
     w, wc = res["wakeups_no_host"], res["wakeups_connected_idle"]
@@ -264,6 +341,13 @@ def print_table(res):
                                     "%.2fx  (p90 %.2fx)" % (ratio["median"], ratio["p90"]),
                                     "<= %.1fx" % ratio["goal"],
                                     "PASS" if ratio["pass"] else "MISS"))
+    if "ratio_qga" in res:
+        rq = res["ratio_qga"]
+        print("%-44s %-22s %-10s %s" % ("ratio guestlink / qemu-ga guest-ping (median)",
+                                        "%.2fx  (p90 %.2fx)" % (rq["median"], rq["p90"]),
+                                        "< %.1fx" % rq["goal"], "PASS" if rq["pass"] else "MISS"))
+    else:
+        print("qemu-ga: %s" % res.get("qga_error"))
     print("%-44s %-22s %-10s %s" % ("agent wakeups, no host connected", fmt_rate(w),
                                     "<= %g /s" % w["goal"], "PASS" if w["pass"] else "MISS"))
     print("%-44s %-22s %-10s %s" % ("agent wakeups, host connected, idle", fmt_rate(wc), "-",
@@ -289,16 +373,28 @@ def main(argv=None):
                    help="the agent's log level (default info, its production default; the test "
                         "bed's debug logs every request to the serial console)")
     p.add_argument("--workdir", help="keep the VM's files here (default: a temporary directory)")
+    p.add_argument("--no-qga", action="store_true", help="skip the qemu-ga guest-ping comparison")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     args = p.parse_args(argv)
     if args.json:
         args.quiet = True
 
     t0 = time.monotonic()
+    args.qga_note = None
+    extra = {}
+    if args.no_qga:
+        args.qga_note = "skipped (--no-qga)"
+    else:
+        try:
+            log(args, "extracting qemu-ga from the Debian packages")
+            extra = C.qga_files()
+        except Exception as exc:
+            args.qga_note = "qemu-ga not available: %s" % exc
+    kw = dict(extra_files=extra, extra_ports=[C.QGA_PORT]) if extra else {}
     try:
         log(args, "booting the test VM")
         with C.booted_vm(args.workdir, smp=args.smp,
-                         agent_args=["--log-level", args.log_level]) as vm:
+                         agent_args=["--log-level", args.log_level], **kw) as vm:
             res = asyncio.run(run(vm, args))
     except Exception as exc:
         print("bench_ping: could not run: %s: %s" % (type(exc).__name__, exc), file=sys.stderr)

@@ -40,9 +40,8 @@ from pathlib import Path
 
 import _common as C  # puts src/ and the repository root on sys.path
 
-QGA_PORT = "org.qemu.guest_agent.0"
-QGA_PKGS = ["qemu-guest-agent", "libglib2.0-0", "libpcre2-8-0", "libmount1", "libblkid1",
-            "libselinux1", "libffi8", "zlib1g", "liburing2", "libnuma1", "libudev1", "libgcc-s1"]
+# qemu-ga's files, port and client live in _common (bench_ping uses them too).
+from _common import QGA, QGA_PKGS, QGA_PORT, qga_files  # noqa: E402,F401
 
 RAW_READER = r'''
 import os, sys, time
@@ -151,61 +150,6 @@ print(" ".join(out))
 def log(msg):
     sys.stderr.write("[bench] %s\n" % msg)
     sys.stderr.flush()
-
-
-def qga_files():
-    """{guest path: host path} for qemu-ga and its libraries, or raise with the reason."""
-    from testvm import build as B
-    pol = B._policy(QGA_PKGS)
-    versions = {p: v["candidate"] for p, v in pol.items() if v.get("candidate")}
-    if "qemu-guest-agent" not in versions:
-        raise RuntimeError("apt knows no qemu-guest-agent candidate")
-    debs = B.fetch_debs(versions, C.REPO / ".cache" / "testvm" / "debs")
-    stage = Path(tempfile.mkdtemp(prefix="qga-stage-"))
-    B._unpack(debs, stage)
-    for libc in B.fetch_debs({"libc6": B.resolve_versions()["libc6"]}, C.REPO / ".cache" / "testvm" / "debs").values():
-        B._unpack({"libc6": libc}, stage)
-    root = Path(tempfile.mkdtemp(prefix="qga-root-"))
-    binary = stage / "usr" / "sbin" / "qemu-ga"
-    if B._copy_libs(stage, root, [binary]):
-        raise RuntimeError("qemu-ga's shared libraries could not all be found")
-    files = {"/usr/sbin/qemu-ga": str(binary)}
-    for lib in (root / "lib" / B.MULTIARCH).iterdir():
-        files["/lib/%s/%s" % (B.MULTIARCH, lib.name)] = str(lib)
-    return files
-
-
-class QGA:
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        self.buf = b""
-        self.f = self.sock.makefile("rb")
-
-    def call(self, cmd, **args):
-        msg = {"execute": cmd}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise RuntimeError("qemu-ga closed")
-            obj = json.loads(line.lstrip(b"\xff"))
-            if "error" in obj:
-                raise RuntimeError(obj["error"])
-            if "return" in obj:
-                return obj["return"]
-
-    def sync(self):
-        import random
-        n = random.randint(1, 1 << 30)
-        self.sock.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited",
-                                                "arguments": {"id": n}}).encode() + b"\n")
-        while True:
-            line = self.f.readline().lstrip(b"\xff")
-            if line.strip() and json.loads(line).get("return") == n:
-                return
 
 
 def qga_bench(vm, data):
