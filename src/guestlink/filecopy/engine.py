@@ -32,7 +32,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ..protocol import codes
 from ..protocol import transfer as T
-from ..protocol.frames import HEADER_SIZE, TRAILER, TRAILER_SIZE, FrameType, frame_type_name
+from ..protocol.frames import (HEADER_SIZE, TRAILER, TRAILER_SIZE, FrameType, encode_header,
+                               frame_type_name)
 from ..protocol.messages import ProtocolViolation
 
 NBUFS = 4
@@ -385,20 +386,29 @@ def send_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
               size: Optional[int] = None, chunk: int = T.DEFAULT_CHUNK,
               progress: Optional[Callable[[int], None]] = None,
               check: Optional[Callable[[], None]] = None,
-              corrupt_at: Optional[int] = None) -> Tuple[int, str]:
+              corrupt_at: Optional[int] = None, threads: bool = True) -> Tuple[int, str]:
     """Stream ``fd`` (positioned at ``offset``; or a pipe) as DATA frames, then DATA_END.
 
     ``size`` (if known) must match what is read; ``check()`` may raise TransferError(changed)
     after the last chunk (e.g. the file's mtime moved). ``corrupt_at`` (a test hook) flips the
-    byte at that file offset after its CRC was computed. Returns (bytes, hex digest).
+    byte at that file offset after its CRC was computed. ``threads=False``: every stage in the
+    caller's thread (see recv_file). Returns (bytes, hex digest).
     """
     cancel = chan.cancel
     digest = T.new_digest(algorithm)
     if offset:
         _hash_prefix(fd, digest, offset, cancel)
 
+    # a frame is laid out whole in its buffer (header, offset, data, trailer): one contiguous
+    # writev, and on a virtio port no extra tiny port buffers (and host wakeups) per frame
+    pre = HEADER_SIZE + T.OFFSET_SIZE
+
     def write(c: _Chunk) -> None:
-        chan.write_all(T.data_parts(tid, c.offset, c.data, c.crc))
+        n = len(c.data)
+        c.buf[:HEADER_SIZE] = encode_header(FrameType.DATA, T.OFFSET_SIZE + n, id=tid)
+        T.OFFSET.pack_into(c.buf, HEADER_SIZE, c.offset)
+        TRAILER.pack_into(c.buf, pre + n, c.crc)
+        chan.write_all([memoryview(c.buf)[:pre + n + TRAILER_SIZE]])
 
     def hash_(c: _Chunk) -> None:
         digest.update(c.data)
@@ -411,21 +421,21 @@ def send_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
         if by_chunk:
             by_chunk(c.offset, c.data, c.crc)
         if corrupt_at is not None and c.offset <= corrupt_at < c.offset + len(c.data):
-            c.buf[corrupt_at - c.offset] ^= 0xFF
+            c.buf[pre + corrupt_at - c.offset] ^= 0xFF
 
     # crc32: file reads, chunk CRCs and port writes in parallel; otherwise the digest is the
     # slowest stage and one more thread only costs: the CRC stays in this thread
     remaining = size - offset if size is not None else None
     small = remaining is not None and remaining < chunk
     tm = _Times("send %s" % algorithm) if TIMES else None
-    pipe = Pipeline([crc_, write] if by_chunk else [write, hash_],
-                    max(1, remaining) if remaining is not None and small else chunk, cancel,
-                    inline=small, times=tm)
+    room = max(1, remaining) if remaining is not None and small else chunk
+    pipe = Pipeline([crc_, write] if by_chunk else [write, hash_], pre + room + TRAILER_SIZE,
+                    cancel, inline=small or not threads, times=tm)
     pos = offset
     try:
         while True:
             buf = pipe.get_buffer()
-            mv = memoryview(buf)
+            mv = memoryview(buf)[pre:pre + room]
             t = time.perf_counter() if tm else 0.0
             n = _fill(fd, mv)
             if tm:
@@ -482,11 +492,16 @@ def _write_all_fd(fd: int, mv: memoryview) -> None:
 
 def recv_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
               size: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
-              corrupt_at: Optional[int] = None, max_payload: int = 1 << 20) -> Tuple[int, str]:
+              corrupt_at: Optional[int] = None, max_payload: int = 1 << 20,
+              threads: bool = True) -> Tuple[int, str]:
     """Receive DATA frames into ``fd`` (positioned at ``offset``, holding the verified prefix) up
     to DATA_END; verify every chunk's CRC, the size and the whole-file digest.
 
     Only verified chunks are written, so after any failure the file holds a verified prefix.
+    ``threads=False`` runs the digest and the file write in the caller's thread, one chunk at a
+    time: for a side whose hashing and page-cache writes are much faster than the channel (the
+    host), thread hand-offs cost more than they overlap (measured on a 2-CPU host beside a TCG
+    guest: pull 413 vs 368 MB/s with crc32, 497 vs 310 with sha256, and less CPU per MB).
     Returns (bytes, hex digest). Raises TransferError (checksum_mismatch, changed, the sender's
     error code, cancelled, or interrupted ones when the peer went away).
     """
@@ -513,7 +528,7 @@ def recv_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
         max_payload = min(max_payload, max(4096, remaining + T.OFFSET_SIZE))
     tm = _Times("recv %s" % algorithm) if TIMES else None
     pipe = Pipeline([write] if by_chunk else [hash_, write], max_payload + TRAILER_SIZE, cancel,
-                    inline=small, times=tm)
+                    inline=small or not threads, times=tm)
     hdr = bytearray(HEADER_SIZE)
     hmv = memoryview(hdr)
     pos = offset

@@ -360,8 +360,10 @@ def _send(chan: CE.Channel, tid: int, src: _Outgoing, checksum: str, offset: int
             check()
             if offset:
                 os.lseek(fd, offset, os.SEEK_SET)
+            # threads=False: the host hashes and reads files far faster than the channel moves
+            # them; a pipeline's hand-offs only cost CPU here (see CE.recv_file)
             return CE.send_file(chan, fd, tid, checksum, offset, src.size, progress=progress,
-                                check=check)
+                                check=check, threads=False)
         except CE.TransferError as exc:
             if exc.code != codes.CHANGED:
                 raise
@@ -499,7 +501,8 @@ def _receive(chan: CE.Channel, fd: int, tid: int, checksum: str, offset: int, si
     """recv_file for a pull: never more than the ``size`` the guest announced (recv_file refuses
     the excess; a frame too large for it is said to be more than announced, too)."""
     try:
-        return CE.recv_file(chan, fd, tid, checksum, offset, size, progress=progress)
+        return CE.recv_file(chan, fd, tid, checksum, offset, size, progress=progress,
+                            threads=False)  # faster on the host, see CE.recv_file
     except CE.TransferError as exc:
         if exc.code != codes.TOO_LARGE:
             raise
