@@ -141,8 +141,19 @@ class ByteQueue:
         Stops at the first short write. BlockingIOError propagates only when nothing at all was
         written in this call; other OSErrors propagate.
         """
-        total = 0
         chunks = self._chunks
+        if len(chunks) == 1:
+            # The usual case (one reply queued): no batch list, no partial-chunk bookkeeping
+            # unless the write was short.
+            first = chunks[0]
+            n = writev((first,))
+            self.size -= n
+            if n >= len(first):
+                chunks.popleft()
+            else:
+                chunks[0] = memoryview(first)[n:]
+            return n
+        total = 0
         while chunks:
             batch = list(itertools.islice(chunks, IOV_MAX))
             want = sum(map(len, batch))

@@ -60,7 +60,7 @@ DRAIN_MAX = 64 << 20
 HANDLER_WORKERS = 4
 HANDLER_QUEUE_MAX = 64
 POWER_FLUSH_TIMEOUT = 2.0
-_PONG = Pong().to_wire()
+_PONG = m.PreparedResponse(Pong().to_wire())
 GARBAGE_LOG_INTERVAL = 10.0
 
 JSON = Dict[str, Any]
@@ -126,6 +126,9 @@ class Agent:
         self._old_wakeup: Optional[int] = None
         self._poll_children_timer: Optional[Timer] = None
         self.stats = {"wakeups": 0, "garbage_bytes": 0, "corrupt_frames": 0}
+        self._port_callback: Callback = self._on_port_event  # one bound method, compared per loop
+        self._policy_key: Optional[Tuple[List[str], List[str]]] = None
+        self._policy_answers: Dict[str, bool] = {}
 
     # == public API ==============================================================================
 
@@ -439,14 +442,19 @@ class Agent:
     def _update_port_interest(self) -> None:
         if self.port_state != "active":
             return
-        read_paused = self.outq.size > OUT_MAX or any(
-            ex.stdin_queue.size > STDIN_MAX for ex in self._all_execs())
-        events = (0 if read_paused else self.EV_READ) | (self.EV_WRITE if self.outq.size else 0)
         fd = self.port.fd
         if fd is None:
             return
+        size = self.outq.size
+        session = self.session
+        read_paused = size > OUT_MAX or (session is not None and bool(session.execs) and any(
+            ex.stdin_queue.size > STDIN_MAX for ex in session.execs.values()))
+        events = (0 if read_paused else self.EV_READ) | (self.EV_WRITE if size else 0)
+        # Runs on every loop iteration: unchanged interest (the usual case) costs one lookup.
+        if self._interest.get(fd) == (events, self._port_callback):
+            return
         if events:
-            self.set_interest(fd, events, self._on_port_event)
+            self.set_interest(fd, events, self._port_callback)
         else:
             self.set_interest(fd, 0)
 
@@ -480,7 +488,10 @@ class Agent:
                 self._host_gone("end of stream" if not self.port.polls_for_host else "POLLHUP")
                 return
             self._on_port_events(self.decoder.feed(memoryview(self.read_buf)[:n]))
-            if self.port_state != "active":
+            if self.port_state != "active" or n < READ_SIZE:
+                # A short read emptied the port: the selector (level-triggered) reports what
+                # comes next, so another read now would only fail with EAGAIN, one more
+                # system call per request (costly in an emulated guest).
                 return
 
     def send_parts(self, parts: Iterable[Buffer]) -> None:
@@ -640,7 +651,7 @@ class Agent:
         if op not in BUILTIN_OPS and op not in self.handlers:
             self._error(rid, codes.UNKNOWN_COMMAND, "the agent has no command %r" % op)
             return
-        if not self.config.policy_allows(op):
+        if not self._policy_allows(op):
             log.info("request %d: %s denied by policy", rid, op)
             self._error(rid, codes.DENIED, self.config.denial_reason(op))
             return
@@ -661,8 +672,23 @@ class Agent:
         if result is not None:
             self._reply(rid, result)
 
-    def _op_ping(self, rid: int, args: Fields) -> JSON:
-        return _PONG
+    def _policy_allows(self, op: str) -> bool:
+        """``config.policy_allows(op)``, remembered: it runs fnmatch over every pattern, on every
+        request. The answers are dropped when the patterns change (compared by value)."""
+        config = self.config
+        key = self._policy_key
+        if key is None or key[0] != config.deny or key[1] != config.allow:
+            self._policy_key = (list(config.deny), list(config.allow))
+            self._policy_answers.clear()
+        allowed = self._policy_answers.get(op)
+        if allowed is None:
+            allowed = config.policy_allows(op)
+            if len(self._policy_answers) < 1024:  # op names come from the host: bound the map
+                self._policy_answers[op] = allowed
+        return allowed
+
+    def _op_ping(self, rid: int, args: Fields) -> None:
+        self.outq.push(_PONG.frame(rid))
 
     def _op_info(self, rid: int, args: Fields) -> JSON:
         return sysinfo.info(_version.__version__, m.PROTOCOL_VERSION, self.capabilities())

@@ -532,6 +532,15 @@ class Session:
         On return the call is pending and was handed to the socket. Raises RequestNotSent if that
         could not happen before the deadline, ValueError if the frame cannot be encoded.
         """
+        assert self._wlock is not None
+        conn = self._conn
+        if (not extra and self._state is Runstate.RUNNING and conn is not None and conn.synced
+                and not conn.closed and not self._wlock.locked()
+                and conn.writer.transport.get_write_buffer_size() == 0):
+            # Connected, nobody writing, nothing queued: _send_loop cannot wait (no connection to
+            # wait for, a free lock, a drain that returns at once), so the timed wait and its
+            # timer are pure per-request cost.
+            deadline = None
         try:
             await wait_within(self._send_loop(call, make_frame, extra), self.remaining(deadline))
         except asyncio.TimeoutError:
@@ -586,11 +595,17 @@ class Session:
                 return False
         return True
 
-    async def await_reply(self, call: Call, deadline: Optional[float], what: str) -> Any:
+    async def await_reply(self, call: Call, deadline: Optional[float], what: str,
+                          shared: bool = True) -> Any:
         """The final reply's payload of a sent call; RequestTimeout after ``deadline`` (the call
-        is then forgotten and CANCEL sent), the call's error if it failed."""
+        is then forgotten and CANCEL sent), the call's error if it failed.
+
+        ``shared=False``: nobody else awaits ``call.future``, so it is awaited without a shield
+        (a timeout or cancellation may cancel it: the call is forgotten then anyway), which
+        saves an event-loop iteration per request."""
         try:
-            return await wait_within(asyncio.shield(call.future), self.remaining(deadline))
+            fut = asyncio.shield(call.future) if shared else call.future
+            return await wait_within(fut, self.remaining(deadline))
         except asyncio.TimeoutError as exc:
             if isinstance(exc, E.GuestlinkError):
                 raise  # the call's own failure (e.g. RemoteTimeout), not our deadline
@@ -653,7 +668,7 @@ class Session:
         deadline = self.deadline(timeout)
         call = Call(op)
         await self.send_call(call, lambda id_: m.encode_request(id_, op, args), deadline)
-        payload = await self.await_reply(call, deadline, op)
+        payload = await self.await_reply(call, deadline, op, shared=False)  # a call of its own
         try:
             return m.parse_response(payload)
         except ProtocolViolation as exc:

@@ -197,6 +197,17 @@ class FrameDecoder:
         self._pending = None
 
     def feed(self, data: Payload) -> List[DecoderEvent]:
+        if not self._buf and not self._skipped and len(data) >= OVERHEAD:
+            # The usual case: nothing buffered and ``data`` is exactly one intact frame (one
+            # request per read). Decoded in place, with the same checks and the same event the
+            # general path below gives; anything else falls through to it.
+            magic, version, type_, flags, id_, length, hcrc = HEADER.unpack_from(data, 0)
+            if (magic == MAGIC and version == VERSION and length <= self.max_payload
+                    and len(data) == OVERHEAD + length
+                    and zlib.crc32(data[:HEADER_SIZE - 4]) == hcrc):
+                payload = bytes(data[HEADER_SIZE:HEADER_SIZE + length])
+                if zlib.crc32(payload) == TRAILER.unpack_from(data, HEADER_SIZE + length)[0]:
+                    return [Frame(type_, flags, id_, payload)]
         events: List[DecoderEvent] = []
         if data:
             self._buf += data

@@ -11,10 +11,11 @@ import json
 import math
 import re
 import struct
+import zlib
 from typing import Any, Dict, Optional, Pattern, Tuple
 
 from . import codes
-from .frames import FLAG_EOF, FrameType, Payload, encode_frame
+from .frames import FLAG_EOF, TRAILER, FrameType, Payload, encode_frame, encode_header
 
 JSON = Dict[str, Any]
 
@@ -304,6 +305,21 @@ def parse_request(payload: Payload) -> Tuple[str, Fields]:
 
 def encode_response(id: int, result: Optional[JSON] = None) -> bytes:
     return encode_frame(FrameType.RESPONSE, dump_json(result if result is not None else {}), id=id)
+
+
+class PreparedResponse:
+    """A RESPONSE body that never changes (ping's), encoded and checksummed once: each reply then
+    costs one header, not a JSON dump, its shape check and a payload CRC."""
+
+    __slots__ = ("payload", "trailer")
+
+    def __init__(self, result: JSON) -> None:
+        self.payload = dump_json(result)
+        self.trailer = TRAILER.pack(zlib.crc32(self.payload))
+
+    def frame(self, id: int) -> bytes:
+        """The RESPONSE frame for request ``id`` (what ``encode_response(id, result)`` returns)."""
+        return encode_header(FrameType.RESPONSE, len(self.payload), id=id) + self.payload + self.trailer
 
 
 def parse_response(payload: Payload) -> JSON:
