@@ -490,10 +490,23 @@ def _write_all_fd(fd: int, mv: memoryview) -> None:
         mv = mv[n:]
 
 
+def _start_writeback(fd: int, start: int, end: int) -> None:
+    """Have the kernel start writing ``start:end`` of ``fd`` out now (POSIX_FADV_DONTNEED starts
+    the writeback of dirty pages on Linux without waiting for it), so the final fsync finds most
+    of the file on disk already instead of writing all of it while the transfer waits."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    try:
+        advise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass  # a pipe or a terminal (a pull to stdout): there is nothing to write back
+
+
 def recv_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
               size: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
               corrupt_at: Optional[int] = None, max_payload: int = 1 << 20,
-              threads: bool = True) -> Tuple[int, str]:
+              threads: bool = True, writeback: int = 0) -> Tuple[int, str]:
     """Receive DATA frames into ``fd`` (positioned at ``offset``, holding the verified prefix) up
     to DATA_END; verify every chunk's CRC, the size and the whole-file digest.
 
@@ -502,6 +515,7 @@ def recv_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
     time: for a side whose hashing and page-cache writes are much faster than the channel (the
     host), thread hand-offs cost more than they overlap (measured on a 2-CPU host beside a TCG
     guest: pull 413 vs 368 MB/s with crc32, 497 vs 310 with sha256, and less CPU per MB).
+    ``writeback``: every that many bytes written, start their writeback (_start_writeback).
     Returns (bytes, hex digest). Raises TransferError (checksum_mismatch, changed, the sender's
     error code, cancelled, or interrupted ones when the peer went away).
     """
@@ -509,13 +523,16 @@ def recv_file(chan: Channel, fd: int, tid: int, algorithm: str, offset: int = 0,
     digest = T.new_digest(algorithm)
     if offset:
         _hash_prefix(fd, digest, offset, cancel)
-    state = {"written": offset}
+    state = {"written": offset, "flushed": offset}
 
     by_chunk = getattr(digest, "update_chunk", None)
 
     def write(c: _Chunk) -> None:
         _write_all_fd(fd, c.data)
-        state["written"] = c.offset + len(c.data)
+        end = state["written"] = c.offset + len(c.data)
+        if writeback and end - state["flushed"] >= writeback:
+            _start_writeback(fd, state["flushed"], end)
+            state["flushed"] = end
 
     def hash_(c: _Chunk) -> None:
         digest.update(c.data)

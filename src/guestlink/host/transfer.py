@@ -501,13 +501,19 @@ def _receive(chan: CE.Channel, fd: int, tid: int, checksum: str, offset: int, si
     """recv_file for a pull: never more than the ``size`` the guest announced (recv_file refuses
     the excess; a frame too large for it is said to be more than announced, too)."""
     try:
+        # one thread: faster on the host; writeback: the fsync before the ack finds the file
+        # mostly written (see CE.recv_file)
         return CE.recv_file(chan, fd, tid, checksum, offset, size, progress=progress,
-                            threads=False)  # faster on the host, see CE.recv_file
+                            threads=False, writeback=WRITEBACK)
     except CE.TransferError as exc:
         if exc.code != codes.TOO_LARGE:
             raise
         raise CE.TransferError(exc.code, "%s (the guest announced %d bytes)" % (exc, size),
                                exc.interrupted) from None
+
+
+#: A pull starts the writeback of every this many bytes received (CE._start_writeback).
+WRITEBACK = 8 << 20
 
 
 class _Incoming(NamedTuple):
