@@ -57,8 +57,10 @@ class Timers:
         """Run the due timers. ``on_error(exc)`` handles a callback's exception (re-raise to stop)."""
         # A poll can return a hair before the deadline it was given (millisecond rounding, emulated
         # clocks); running timers that are that close avoids a second, near-empty wakeup.
-        now = self.clock() + TIMER_SLACK
         heap = self._heap
+        if not heap:  # the usual case while serving requests: not even a clock read
+            return
+        now = self.clock() + TIMER_SLACK
         while heap and heap[0][0] <= now:
             _, _, timer = heapq.heappop(heap)
             if timer.active:

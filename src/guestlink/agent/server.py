@@ -582,6 +582,11 @@ class Agent:
                         "the process was killed")
 
     def _on_frame(self, frame: Frame) -> None:
+        if self.rules.is_ping(frame) and self._policy_allows("ping"):
+            # What _on_request does for it, without the events, the dispatch and the reply's JSON.
+            log.debug("request %d: ping", frame.id)
+            self.outq.push(_PONG.frame(frame.id))
+            return
         for ev in self.rules.receive_frame(frame):
             if isinstance(ev, Request):
                 self._on_request(ev)

@@ -457,6 +457,13 @@ class AgentSession:
     def end(self) -> None:
         self.nonce = None
 
+    def is_ping(self, frame: Frame) -> bool:
+        """Whether ``receive_frame(frame)`` would return just ``[Request(frame.id, "ping", {})]``:
+        a ping REQUEST of the current session, id non-zero and not in flight, in the exact bytes
+        hosts send. Lets the agent answer its simplest request without building those events."""
+        return (frame.type == FrameType.REQUEST and frame.id != 0 and self.nonce is not None
+                and frame.payload == _PING_PAYLOAD and not self._in_flight(frame.id))
+
     def receive_frame(self, frame: Frame) -> List[AgentEvent]:
         t = frame.type
         if t == FrameType.SYNC:
