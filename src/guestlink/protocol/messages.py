@@ -291,7 +291,15 @@ def parse_sync_ack(payload: Payload) -> Tuple[str, JSON]:
 
 # --- requests and replies ----------------------------------------------------------------------
 
+#: The payloads of the simplest request and its reply, as ``dump_json`` writes them: built once,
+#: and recognised by their exact bytes on the hot path (see AgentSession.is_ping).
+PING_PAYLOAD = dump_json({"op": "ping", "args": {}})
+PONG_PAYLOAD = dump_json({"pong": True})
+
+
 def encode_request(id: int, op: str, args: Optional[JSON] = None) -> bytes:
+    if op == "ping" and not args:
+        return encode_frame(FrameType.REQUEST, PING_PAYLOAD, id=id)  # the same bytes, dumped once
     return encode_frame(FrameType.REQUEST, dump_json({"op": op, "args": args or {}}), id=id)
 
 
@@ -323,6 +331,8 @@ class PreparedResponse:
 
 
 def parse_response(payload: Payload) -> JSON:
+    if payload == PONG_PAYLOAD:  # the agent's ping reply: exactly these bytes load to this
+        return {"pong": True}
     return load_json_object(payload, "RESPONSE")
 
 

@@ -427,7 +427,7 @@ NOT_SYNCED = "the agent has not received a SYNC from this host session yet"
 #: The exact payload every host sends for ``ping`` (``messages.encode_request(id, "ping")``).
 #: These bytes parse to op "ping" with empty args, so a payload equal to them is that request
 #: without the JSON loader: the simplest request skips the most expensive step of its path.
-_PING_PAYLOAD = m.dump_json({"op": "ping", "args": {}})
+_PING_PAYLOAD = m.PING_PAYLOAD
 
 
 class AgentSession:
