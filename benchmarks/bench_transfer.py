@@ -10,11 +10,15 @@ median, and the ratios are taken best against best and median against median):
 1. raw port MB/s both ways: the best plain reader/writer on the data port while the agent has it
    closed: an exec'd guest python doing ``readv`` into a reused 256 KiB buffer / ``write`` of
    1 MiB blocks, the host on a blocking socket;
-2. a *plain checked copy* both ways (information): a single-threaded guest python that does the
+2. the *raw copy* both ways, the baseline of the goals (issue 11): a guest python copying port
+   -> tmpfs file (``readv`` into a reused 64 KiB buffer, ``write``, ``fsync``) and file -> port;
+   the host sends from / drains into a blocking socket;
+2b. a *plain checked copy* both ways (information): a single-threaded guest python that does the
    least a checked file transfer must do, without any protocol: port -> zlib.crc32 -> tmpfs file
    (host->guest) and tmpfs file -> zlib.crc32 -> port (guest->host), 512 KiB blocks;
 3. guestlink push and pull of MIB MiB of random data (tmpfs in the guest), ``--checksum crc32``
-   and the default (sha256); digests compared with the host's;
+   and the default (sha256); digests compared with the host's; for these and the raw copies,
+   the host CPU (this process: user + system, all threads) per MB moved;
 
 then once: the guest CPU's SHA-256 and CRC-32 rates (hashlib / zlib on 1 MiB buffers), and
 qemu-ga ``guest-file-write`` / ``guest-file-read`` MB/s (Debian's qemu-guest-agent binary and its
