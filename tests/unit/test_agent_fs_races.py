@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from guestlink.filecopy import engine as CE  # noqa: E402
 from guestlink.agent.execs import OpError  # noqa: E402
-from guestlink.protocol import Fields, codes  # noqa: E402
+from guestlink.protocol import Fields, ProtocolViolation, codes  # noqa: E402
 from guestlink.protocol import transfer as T  # noqa: E402
 
 # the `bed` fixture (a FileOps with a unix socket as its data port) is in conftest.py
@@ -195,6 +195,19 @@ def test_setattr_on_a_symlink_changes_the_link_not_its_target(bed, tree):
     assert tree.outside_state() == before
     st = os.lstat(link)
     assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (NOBODY, NOBODY, 7 * 10 ** 9)
+
+
+@pytest.mark.parametrize("field", ["uid", "gid"])
+def test_setattr_refuses_an_id_a_chown_cannot_take(bed, tree, field):
+    """2**32-1 is (uid_t)-1, "leave it", and a bigger one overflows: refused as a bad field."""
+    tree.make(files=["conf"])
+    path = os.path.join(tree.sub, "conf")
+    before = os.lstat(path)
+    for value in (2 ** 32 - 1, 2 ** 40):
+        with pytest.raises(ProtocolViolation):
+            bed.files.op_fs_setattr(1, _args(path=path, **{field: value}))
+    after = os.lstat(path)
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
 
 
 def test_setattr_of_a_fifo_or_a_directory_works_without_opening_it_for_data(bed, tree):

@@ -37,6 +37,7 @@ LIST_PAGE = 2000
 MAX_LISTINGS = 4
 LIST_DEPTH = 256  # directories deep: a walk holds one fd per level (RLIMIT_NOFILE is ~1024)
 ACK_TIMEOUT = 30.0
+ID_MAX = 2 ** 32 - 2  # the largest uid/gid: 2**32-1 is (uid_t)-1, "leave unchanged"
 
 
 def _oserror(exc: OSError, what: str) -> OpError:
@@ -311,8 +312,8 @@ class FileOps:
         path = _path_arg(args)
         mode = args.int("mode", default=None, min=0, max=0o7777)
         mtime_ns = args.int("mtime_ns", default=None)
-        uid = args.int("uid", default=None, min=0)
-        gid = args.int("gid", default=None, min=0)
+        uid = args.int("uid", default=None, min=0, max=ID_MAX)
+        gid = args.int("gid", default=None, min=0, max=ID_MAX)
         with self._at(path, write=True) as (held, name):
             _set_attrs(held.fd, name, mode, mtime_ns, uid, gid)
         return {}
@@ -396,8 +397,8 @@ class FileOps:
                 mtime_ns = f.int("mtime_ns", **optional)
                 attrs = {"mode": f.int("mode", default=None, min=0, max=0o7777),
                          "mtime_ns": mtime_ns if preserve else None,
-                         "uid": f.int("uid", default=None, min=0),
-                         "gid": f.int("gid", default=None, min=0), "preserve": preserve}
+                         "uid": f.int("uid", default=None, min=0, max=ID_MAX),
+                         "gid": f.int("gid", default=None, min=0, max=ID_MAX), "preserve": preserve}
             except ProtocolViolation as exc:
                 raise OpError(codes.BAD_REQUEST, str(exc))
             held, name = self._push_target(path)
