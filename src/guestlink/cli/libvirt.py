@@ -117,12 +117,13 @@ def _attach_detach(args: argparse.Namespace) -> int:
             what = "added" if verb == "attach" else "removed"
             if done:
                 for d in done:
-                    print("%s (%s): %s %s" % (args.domain, label, what, d))
+                    # d names a channel/metadata from the domain's XML: escaped like the rest
+                    print(printable("%s (%s): %s %s" % (args.domain, label, what, d)))
             else:
                 print("%s (%s): nothing to do (%s)" % (
                     args.domain, label, "already attached" if verb == "attach" else "not attached"))
         for note in result.get("notes", ()):
-            sys.stderr.write("guestlink: note: %s\n" % note)
+            sys.stderr.write("guestlink: note: %s\n" % printable(note))
     return EXIT_OK
 
 
