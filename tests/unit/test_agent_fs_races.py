@@ -564,3 +564,18 @@ def test_paths_through_symlinks_inside_the_roots_keep_working(bed, tree):
         with pytest.raises(OpError) as exc:
             getattr(bed.files, op)(1, _args(**args))
         assert exc.value.code == codes.DENIED, (op, args)
+
+
+def test_commit_sets_a_group_given_without_an_owner(tmp_path):
+    from guestlink.filecopy import commit
+    dfd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = commit.open_partial(dfd, ".part", 0)
+        try:
+            commit.commit(fd, dfd, ".part", "out", commit.Attrs(0o644, gid=NOBODY))
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+    st = os.lstat(str(tmp_path / "out"))
+    assert (st.st_uid, st.st_gid) == (os.geteuid(), NOBODY)

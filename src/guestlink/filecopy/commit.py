@@ -157,8 +157,8 @@ def commit(fd: int, dir_fd: int, partial: str, name: str, attrs: Attrs,
     once for many files, with sync_directory)."""
     os.fsync(fd)
     mode = attrs.mode & attrs.mode_mask
-    if attrs.uid is not None and os.geteuid() == 0:
-        os.fchown(fd, attrs.uid, attrs.gid if attrs.gid is not None else -1)
+    if (attrs.uid is not None or attrs.gid is not None) and os.geteuid() == 0:
+        os.fchown(fd, -1 if attrs.uid is None else attrs.uid, -1 if attrs.gid is None else attrs.gid)
     os.fchmod(fd, mode)  # after the chown, which clears setuid bits
     if attrs.mtime_ns is not None:
         os.utime(fd, ns=(attrs.mtime_ns, attrs.mtime_ns))
