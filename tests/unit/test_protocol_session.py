@@ -257,3 +257,40 @@ def test_agent_request_rules() -> None:
     stream = m.encode_stream(7, 0, b"in")
     assert a.send(stream) == [S.Passed(FrameDecoder().feed(stream)[0])]  # type: ignore[list-item]
     assert [type(e) for e in a.send(m.encode_hello(AGENT))] == [S.Ignored]
+
+
+def _is_plain_ping(events: List[S.AgentEvent], id_: int) -> bool:
+    return (len(events) == 1 and isinstance(events[0], S.Request) and events[0].id == id_
+            and events[0].op == "ping" and events[0].args.obj == {})
+
+
+def test_agent_is_ping_agrees_with_receive_frame() -> None:
+    """The agent's ping fast path (AgentSession.is_ping) keeps the general path's rules: it only
+    takes frames the general path would turn into exactly one plain ping Request (a ping spelt
+    differently is left to the general path, which answers it the same way)."""
+    frames = [m.encode_request(5, "ping"), m.encode_request(0, "ping"),
+              m.encode_request(6, "ping", {"a": 1}), m.encode_request(7, "info"),
+              encode_frame(FrameType.REQUEST, b'{"op": "ping", "args": {}}', id=8),
+              encode_frame(FrameType.REQUEST, b'{"op":"ping"}', id=9),
+              encode_frame(FrameType.MESSAGE, m.PING_PAYLOAD, id=10),
+              encode_frame(FrameType.STREAM, m.PING_PAYLOAD, id=11),
+              encode_frame(FrameType.REQUEST, m.PING_PAYLOAD, flags=1, id=12)]
+    for synced in (False, True):
+        a = AgentDriver()
+        if synced:
+            a.send(m.encode_sync("n1"))
+        a.busy.add(5)
+        for data in frames + [m.encode_request(13, "ping")]:
+            (frame,) = FrameDecoder().feed(data)
+            assert isinstance(frame, Frame)
+            fast = a.session.is_ping(frame)
+            plain = _is_plain_ping(a.session.receive_frame(frame), frame.id)
+            assert plain if fast else True, frame
+            assert fast == (synced and frame.id in (12, 13)), frame
+            assert plain == (synced and frame.id in (8, 9, 12, 13)), frame
+    # the bytes the fast paths recognise are what the general path would decode
+    op, args = m.parse_request(m.PING_PAYLOAD)
+    assert (op, args.obj, args.where) == ("ping", {}, "REQUEST.args")
+    assert m.load_json_object(m.PONG_PAYLOAD) == m.parse_response(m.PONG_PAYLOAD) == {"pong": True}
+    prepared = m.PreparedResponse({"pong": True})
+    assert prepared.frame(42) == m.encode_response(42, {"pong": True})
