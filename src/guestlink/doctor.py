@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import IO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .exitcodes import EXIT_OK, EXIT_PROBLEMS
+from .protocol.safetext import printable
 
 Which = Callable[[str], Optional[str]]
 
@@ -47,12 +48,14 @@ class Item:
     optional: bool = False
 
     def line(self, marks: Tuple[str, str] = ("\u2713", "\u2717")) -> str:
-        """``✓ name: detail`` or ``✗ name: detail; fix: ...`` on one line."""
+        """``✓ name: detail`` or ``✗ name: detail; fix: ...`` on one line, control characters
+        escaped (details quote tool output, libvirt errors and a version read from a kernel
+        file)."""
         label = self.name + (" (optional)" if self.optional else "")
         text = "%s %s: %s" % (marks[0] if self.ok else marks[1], label, self.detail)
         if not self.ok and self.fix:
             text += "; fix: " + self.fix
-        return " ".join(text.split())
+        return printable(" ".join(text.split()))
 
 
 def _tools(which: Which, names: Iterable[str]) -> Tuple[List[str], List[str]]:

@@ -405,6 +405,12 @@ def test_one_line_even_when_a_detail_has_several():
     assert doctor.Item("x", False, "a\nb", "c\n d").line() == "\u2717 x: a b; fix: c d"
 
 
+def test_line_escapes_control_characters():
+    # e.g. a version string read from a crafted /boot/vmlinuz-* header
+    item = doctor.Item("k", True, "/boot/vmlinuz-x (version 6.1\x1b]0;pwned\x07)")
+    assert item.line() == "\u2713 k: /boot/vmlinuz-x (version 6.1\\x1b]0;pwned\\x07)"
+
+
 def test_cli_wiring(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(doctor, "run_checks", lambda *a: seen.append(a) or [
