@@ -2,10 +2,9 @@
 ``info`` reply: :func:`parse_info`), validated: everything received is untrusted."""
 
 import collections.abc
-from typing import Any, Dict, Iterator, List, Mapping
+from typing import Any, Dict, Iterator, Mapping
 
-from ..protocol import Fields, ProtocolViolation
-from ..protocol import messages as m
+from ..protocol.ops import Info
 
 
 class AgentInfo(collections.abc.Mapping):
@@ -45,31 +44,6 @@ class AgentInfo(collections.abc.Mapping):
 
 
 def parse_info(reply: Dict[str, Any]) -> Dict[str, Any]:
-    """The ``info`` reply's fields, validated (ProtocolViolation otherwise)."""
-    f = Fields(reply, "info reply")
-    kernel = f.object("kernel")
-    addresses: List[Dict[str, str]] = []
-    raw = reply.get("addresses") or []
-    if not isinstance(raw, list) or len(raw) > m.MAX_LIST:
-        raise ProtocolViolation("info reply: field 'addresses' must be a list")
-    for item in raw:
-        a = Fields(item, "info reply.addresses[]")
-        family = a.str("family", max_len=16)
-        if family not in ("inet", "inet6"):
-            raise ProtocolViolation("info reply: address family must be inet or inet6")
-        addresses.append({"interface": a.str("interface", max_len=m.MAX_NAME),
-                          "family": family, "address": a.str("address", max_len=m.MAX_NAME)})
-    return {
-        "hostname": f.str("hostname", max_len=m.MAX_NAME),
-        "os_release": f.str_map("os_release", default={}),
-        "kernel": {"release": kernel.str("release", default=""),
-                   "version": kernel.str("version", default=""),
-                   "machine": kernel.str("machine", default="")},
-        "uptime": f.number("uptime", default=None, min=0),
-        "agent_version": f.str("agent_version", max_len=m.MAX_NAME),
-        "protocol": f.int("protocol", min=0, max=0xFFFF),
-        "boot_id": f.str("boot_id", default="", max_len=m.MAX_NAME),
-        "python": f.str("python", default="", max_len=m.MAX_NAME),
-        "addresses": addresses,
-        "capabilities": f.str_list("capabilities", default=[], max_items=256, max_len=m.MAX_NAME),
-    }
+    """The ``info`` reply's fields, validated (ProtocolViolation otherwise): the checks are
+    :class:`guestlink.protocol.ops.Info`'s, the agent's own definition of the reply."""
+    return Info.from_wire(reply).to_wire()
