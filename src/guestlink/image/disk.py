@@ -247,12 +247,9 @@ MAX_GPT_ENTRIES = 1024
 GPT_ENTRY_SIZES = range(128, 4096 + 1, 8)
 
 
-def partitions(f: IO[bytes], disk_size: Optional[int]) -> List[Partition]:
+def partitions(f: IO[bytes], disk_size: int) -> List[Partition]:
     """The partitions of the disk open as binary file ``f`` ([] when there is no table).
     Partitions that do not lie inside the disk are left out."""
-    if disk_size is None:
-        f.seek(0, os.SEEK_END)
-        disk_size = f.tell()
     mbr = _read(f, 0, SECTOR)
     if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
         return []
