@@ -789,3 +789,14 @@ def test_connect_domain_passes_names(monkeypatch, tmp_path):
     assert calls == [("vm1", None, "gl.ctl", "gl.data"), ("vm2", "test:///x", "c", None)]
     with pytest.raises(ValueError, match="need domain="):
         connect(ctl="/x", ctl_name="gl.ctl")
+
+
+def test_cli_attach_detach_text_escapes_names_from_the_domain(monkeypatch, capsys, no_env):
+    be = FakeBackend(domain("", running=False))
+    monkeypatch.setattr(L, "backend", lambda uri=None: be)
+    assert cli.main(["libvirt", "attach", "vm1", "--ctl-name", "gl\u202e\x9b2J.ctl"]) == 0
+    out = capsys.readouterr().out
+    assert "added channel gl\\u202e\\x9b2J.ctl" in out and "\u202e" not in out
+    assert cli.main(["libvirt", "detach", "vm1"]) == 0  # the name now comes from the domain XML
+    out = capsys.readouterr().out
+    assert "removed channel gl\\u202e\\x9b2J.ctl" in out and "\x9b" not in out
