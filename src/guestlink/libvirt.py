@@ -138,7 +138,9 @@ def _socket_path(socket_dir: str, name: str) -> str:
 
 def _check_names(ctl_name: str, data_name: str) -> None:
     for n in (ctl_name, data_name):
-        if not n or any(c.isspace() or c in "'\"<>&/" for c in n) or len(n) > 255:
+        # C0 controls and DEL: XML cannot carry most of them (the domain XML would not parse)
+        if (not n or any(c.isspace() or c in "'\"<>&/" or c < " " or c == "\x7f" for c in n)
+                or len(n) > 255):
             raise ValueError("invalid virtio-serial port name %r" % (n,))
     if ctl_name == data_name:
         raise ValueError("the control and data channels need different names")

@@ -800,3 +800,10 @@ def test_cli_attach_detach_text_escapes_names_from_the_domain(monkeypatch, capsy
     assert cli.main(["libvirt", "detach", "vm1"]) == 0  # the name now comes from the domain XML
     out = capsys.readouterr().out
     assert "removed channel gl\\u202e\\x9b2J.ctl" in out and "\x9b" not in out
+
+
+def test_cli_attach_refuses_a_control_character_in_a_name(monkeypatch, capsys, no_env):
+    be = FakeBackend(domain("", running=False))
+    monkeypatch.setattr(L, "backend", lambda uri=None: be)
+    assert cli.main(["libvirt", "attach", "vm1", "--ctl-name", "gl\x1b]0;x\x07.ctl"]) == cli.EXIT_USAGE
+    assert "invalid virtio-serial port name" in capsys.readouterr().err
