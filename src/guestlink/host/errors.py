@@ -152,7 +152,8 @@ class RemoteError(GuestlinkError):
     code: Optional[str] = None
 
     def __init__(self, code: str, message: str, details: Optional[Dict[str, Any]] = None) -> None:
-        GuestlinkError.__init__(self, "%s (%s)" % (message, code) if message else code)
+        GuestlinkError.__init__(self, "%s (%s)" % (message, code) if message else
+                                code or "the agent reported an error without a code or message")
         self.code = code
         self.message = message
         self.details = details or {}
