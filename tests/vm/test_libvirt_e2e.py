@@ -97,6 +97,8 @@ def libvirtd(tmp_path_factory):
                              ("libvirtd", "/run/libvirt/libvirt-sock")):
             if daemon == "virtlogd" and os.path.exists(sock) and _sock_alive(sock):
                 continue
+            if daemon == "libvirtd":
+                _probe_qemu_without_kvm(logdir)
             log = open(logdir / (daemon + ".log"), "wb")
             proc = subprocess.Popen([daemon], stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -121,6 +123,60 @@ def libvirtd(tmp_path_factory):
     yield URI
     _cleanup_domains()
     _stop(started)
+
+
+def _kvm_usable_by(user, path="/dev/kvm"):
+    """Whether ``user`` (with its groups) may open ``path`` read-write by the mode bits, as
+    libvirt decides that KVM is usable (virFileAccessibleAs as the user it runs QEMU as)."""
+    st = os.stat(path)
+    pw = pwd.getpwnam(user)
+    if st.st_uid == pw.pw_uid:
+        bits = st.st_mode >> 6
+    elif st.st_gid in os.getgrouplist(user, pw.pw_gid):
+        bits = st.st_mode >> 3
+    else:
+        bits = st.st_mode
+    return bits & 6 == 6
+
+
+def _probe_qemu_without_kvm(logdir):
+    """Have libvirt (re)probe QEMU's capabilities with /dev/kvm hidden, when /dev/kvm exists but
+    libvirt-qemu may not open it: a libvirtd of our own, run once in a private mount namespace
+    where /dev/kvm is an empty mode-000 file, until `virsh capabilities` answers.
+
+    Why: libvirt 9 probes QEMU as libvirt-qemu but *keeping CAP_DAC_OVERRIDE*, so the probe
+    opens /dev/kvm and records KVM as enabled, while its cache check (virQEMUCapsIsValid) asks
+    whether libvirt-qemu itself may open /dev/kvm, gets no, and throws the capabilities away
+    ("KVM was enabled when probing ..., but it is not available now"). Every API call that
+    needs them then probes QEMU again (~4 s each, several per call): `virsh define` took
+    ~50 s, `virsh version` ~15 s. Probed without KVM, the cached capabilities agree with that
+    check and stay valid for the real libvirtd started next (with the real /dev/kvm: libvirt
+    cannot move a file mount into a domain's /dev). The domains here are type='qemu' (TCG) and
+    never use KVM. Best effort: on any failure the real libvirtd is just slow."""
+    if not os.path.exists("/dev/kvm") or _kvm_usable_by("libvirt-qemu"):
+        return
+    if not (shutil.which("unshare") and shutil.which("mount")):
+        return
+    hidden = logdir / "kvm-hidden"
+    hidden.write_bytes(b"")
+    hidden.chmod(0)
+    with open(logdir / "libvirtd-probe.log", "wb") as log:
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             'mount --bind "$0" /dev/kvm && exec libvirtd', str(hidden)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if virsh("capabilities", check=False, timeout=120).returncode == 0:
+                        break
+                except subprocess.TimeoutExpired:
+                    pass
+                time.sleep(0.5)
+        finally:
+            _stop([("libvirtd (probe)", proc, log)])
 
 
 def _sock_alive(path):
