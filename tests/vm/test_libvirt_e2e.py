@@ -169,6 +169,9 @@ def _probe_qemu_without_kvm(logdir):
         try:
             deadline = time.monotonic() + 180
             while proc.poll() is None and time.monotonic() < deadline:
+                if not _sock_alive("/run/libvirt/libvirt-sock"):
+                    time.sleep(0.1)
+                    continue
                 try:
                     if virsh("capabilities", check=False, timeout=120).returncode == 0:
                         break
