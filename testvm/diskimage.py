@@ -72,6 +72,8 @@ done
 # like udev settle: give named virtio ports a moment to appear
 n=${NPORTS:-0}
 for w in $(cat /proc/cmdline); do case "$w" in guestlink.nports=*) n="${w#guestlink.nports=}";; esac; done
+# no virtio_console driver (nothing loaded it, e.g. the agent was removed): no port can appear
+[ -d /sys/bus/virtio/drivers/virtio_console ] || n=0
 i=0
 while [ "$n" -gt 0 ] && [ "$(cat /sys/class/virtio-ports/*/name 2>/dev/null | wc -l)" -lt "$n" ] && [ $i -lt 50 ]; do
     sleep 0.1; i=$((i + 1))
