@@ -2,7 +2,9 @@
 
 The `libvirtd` fixture starts virtlogd and libvirtd (Debian's libvirt-daemon,
 libvirt-daemon-driver-qemu, libvirt-clients; see testvm/debian-packages.txt) unless a libvirtd
-already answers on qemu:///system, and stops what it started at the end. The `libvirt-qemu`
+already answers on qemu:///system, and stops what it started at the end (when /dev/kvm exists
+but libvirt-qemu may not open it, a throwaway libvirtd first probes QEMU with /dev/kvm hidden:
+see _probe_qemu_without_kvm; otherwise every libvirt call re-probes QEMU). The `libvirt-qemu`
 user/group the QEMU driver runs guests as come from scripts/setup. It cannot start: the test
 FAILS (no skips), with guestlink doctor's line when libvirt does not answer. Domains are `type='qemu'` (TCG) with direct kernel boot of the testvm guest
 (kernel + initramfs + agent overlay from testvm.write_initrd), named `guestlink-e2e-*`; they are
