@@ -14,7 +14,7 @@ from typing import Iterator, List, Tuple
 GUEST_PACKAGES = ("protocol", "filecopy", "agent")
 #: single guest-side modules outside those packages (paths relative to the guestlink package)
 GUEST_MODULES = ("__init__.py", "_version.py", "exitcodes.py", "image/__init__.py",
-                 "image/errors.py", "image/tree.py")
+                 "image/errors.py", "image/tree.py", "image/bootstrap.py")
 _MAIN = b"""import sys
 from guestlink.agent.cli import main
 sys.exit(main())
