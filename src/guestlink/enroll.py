@@ -35,6 +35,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
 
 from .exitcodes import EXIT_CONFIG, EXIT_DATAERR, EXIT_SOFTWARE, EXIT_TEMPFAIL
 from .image import bootstrap
+from .image.errors import ImageError
 from .image.tree import AGENT_PYZ, INIT_KINDS, pyz_version
 from .protocol.safetext import printable
 
@@ -52,15 +53,9 @@ _TMPDIR_RE = re.compile(r"\A/[^\0\n]*/" + re.escape(bootstrap.PREFIX) + r"[A-Za-
 _MODULE_STATES = ("loaded", "built-in", "module")
 
 
-class EnrollError(Exception):
-    """enroll failed: a one-line message and an exit status from guestlink.exitcodes."""
-
-    exit_code = EXIT_SOFTWARE
-
-    def __init__(self, message: str, exit_code: Optional[int] = None) -> None:
-        Exception.__init__(self, message)
-        if exit_code is not None:
-            self.exit_code = exit_code
+class EnrollError(ImageError):
+    """enroll failed: a one-line message and an exit status from guestlink.exitcodes (an
+    installer's error, as guestlink image's, whose exit path it shares)."""
 
 
 class GuestRefused(EnrollError):
@@ -87,6 +82,32 @@ class GuestExec:
 
     async def write_file(self, path: str, data: bytes) -> None:
         raise NotImplementedError
+
+
+class QgaExec(GuestExec):
+    """:class:`GuestExec` over a qemu-ga transport (guestlink.host.qga: its raw socket or a
+    libvirt domain's agent), with the validated calls of guestlink.host.qga.guest."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    async def run(self, argv: Sequence[str], timeout: float) -> ExecOutput:
+        from .host.qga import guest as qg
+
+        status = await qg.run(self.transport, argv, timeout=timeout)
+        code = status.exitcode if status.exitcode is not None else 128 + (status.signal or 0)
+        return ExecOutput(code, status.stdout, status.stderr)
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        from .host.qga import guest as qg
+
+        handle = await qg.file_open(self.transport, path, "wb")
+        try:
+            step = qg.chunk_size(self.transport)
+            for at in range(0, len(data), step):
+                await qg.file_write(self.transport, handle, data[at:at + step])
+        finally:
+            await qg.file_close(self.transport, handle)
 
 
 @dataclass
@@ -221,17 +242,14 @@ async def probe(qga: GuestExec, want_sha: str, need_driver: bool = True,
     """Step 2: facts about the guest; GuestRefused when it cannot run the agent."""
     argv = [python, "-c", bootstrap_source(), "probe", AGENT_PYZ, want_sha,
             "1" if need_driver else "0"]
+    from .host import errors as E
+
     try:
         out = await qga.run(argv, PROBE_TIMEOUT)
-    except EnrollError:
-        raise
-    except Exception as exc:
+    except E.RemoteNotFound:
         # qemu-ga could not start the program: for a plain "python3" that means there is none
-        text = str(exc)
-        if "No such file" in text or "not found" in text.lower():
-            raise GuestRefused("the guest has no python3 (the guestlink agent needs python3 >= "
-                               "%d.%d): nothing was written" % MIN_PYTHON) from None
-        raise
+        raise GuestRefused("the guest has no python3 (the guestlink agent needs python3 >= "
+                           "%d.%d): nothing was written" % MIN_PYTHON) from None
     if out.exit_code != 0:
         raise GuestRefused("the guest has no usable python3 (`python3` exited with status %d%s; "
                            "the guestlink agent needs python3 >= %d.%d): nothing was written"

@@ -17,6 +17,7 @@ import pytest
 from guestlink import enroll as EN
 from guestlink.bundle import build_bundle_bytes
 from guestlink.image import bootstrap
+from guestlink.host.qga.transport import qga_error
 from guestlink.image import tree as T
 from test_image import patched_bundle, snapshot
 
@@ -143,8 +144,9 @@ def test_remove_undoes_the_enroll(tmp_path):
 # --- refusals before anything is written ------------------------------------------------------
 
 @pytest.mark.parametrize("guest, words", [
-    (LocalGuest("/nonexistent", fail_exec=RuntimeError(
-        "Failed to execute child process \u201cpython3\u201d (No such file or directory)")),
+    (LocalGuest("/nonexistent", fail_exec=qga_error("guest-exec", {
+        "class": "GenericError",
+        "desc": "Failed to execute child process \u201cpython3\u201d (No such file or directory)"})),
      "has no python3"),
     (LocalGuest("/nonexistent", reply=EN.ExecOutput(127, b"", b"sh: python3: not found\x1b[2J")),
      "no usable python3 (`python3` exited with status 127"),

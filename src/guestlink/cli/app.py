@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
 from .._version import __version__
 from ..exitcodes import EXIT_INTERRUPTED, EXIT_USAGE
 from ..protocol.safetext import printable
-from . import agent, doctor, files, image, libvirt, vm
+from . import agent, doctor, enroll, files, image, libvirt, vm
 from .common import EPILOG, UsageError, VMParsers, exit_for, resolve_target
 
 #: The commands that run against a connected VM: name -> coroutine (client, args) -> exit status.
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_parsers(vm_parsers)
     agent.add_parsers(sub)
     image.add_parser(sub)
+    enroll.add_parser(sub)
     libvirt.add_parsers(sub)
     doctor.add_parser(sub)
     return parser
@@ -162,6 +163,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return doctor.run(args)
     if args.command == "image":
         return image.run(args)
+    if args.command == "enroll":
+        return enroll.run(args)
     if args.command in libvirt.COMMANDS:
         return libvirt.run(args)
 
