@@ -17,7 +17,7 @@ from .._version import __version__
 from ..exitcodes import EXIT_INTERRUPTED, EXIT_USAGE
 from ..protocol.safetext import printable
 from . import agent, doctor, enroll, files, image, libvirt, vm
-from .common import EPILOG, UsageError, VMParsers, exit_for, resolve_target
+from .common import EPILOG, UsageError, VMParsers, exit_for, qga_notice, resolve_target
 
 #: The commands that run against a connected VM: name -> coroutine (client, args) -> exit status.
 COMMANDS: Dict[str, Callable[[Any, argparse.Namespace], Awaitable[int]]] = {
@@ -68,10 +68,13 @@ async def _run_vm_command(args: argparse.Namespace) -> int:
     where: Dict[str, Any] = (
         dict(domain=target.domain, uri=target.uri, ctl_name=target.ctl_name,
              data_name=target.data_name) if target.domain  # follows restarts
-        else dict(ctl=target.ctl, data=target.data))
+        else dict(ctl=target.ctl, data=target.data, qga=target.qga))
     try:
         async with connect(timeout=connect_timeout, reconnect=reconnect,
-                           queue_timeout=args.queue_timeout, on_queue=_say_queued, **where) as client:
+                           queue_timeout=args.queue_timeout, on_queue=_say_queued, via=args.via,
+                           **where) as client:
+            if client.via == "qga":
+                qga_notice(client, target)
             return await func(client, args)
     except E.PermissionDenied as exc:
         if not target.domain:

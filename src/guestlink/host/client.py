@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: via="auto": how long guestlink's agent gets to complete the handshake before qemu-ga is tried
 #: (a running agent answers in milliseconds; the client's own timeout when that is shorter)
-AUTO_PROBE_TIMEOUT = 3.0
+AUTO_PROBE_TIMEOUT = 2.0
 
 __all__ = ["connect", "Client", "AgentInfo", "CompletedProcess", "ConnectOptions", "ExecOptions",
            "Message", "Process", "Runstate", "Subscription", "check_timeout", "wait_within",

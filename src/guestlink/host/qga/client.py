@@ -375,17 +375,21 @@ class QgaClient:
         t = self.transport
         ct = check_timeout(timeout) or self.timeout
         local = str(local)
+        if not isinstance(remote, str) or not remote.startswith("/"):
+            raise ValueError("the guest path must be absolute, not %r" % (remote,))
         start = time.monotonic()
         if remote.endswith("/") or await self._is_dir(remote, ct):
             remote = remote.rstrip("/") + "/" + (os.path.basename(local) if local != "-" else "stdin")
         parent, name = os.path.split(remote)
         tmp = "%s/.%s.guestlink-%s.part" % (parent or "", name, secrets.token_hex(4))
+        mode = 0o644
         if local == "-":
             src = sys.stdin.buffer
             total: Optional[int] = None
         else:
             src = open(local, "rb")
-            total = os.fstat(src.fileno()).st_size
+            st = os.fstat(src.fileno())
+            total, mode = st.st_size, st.st_mode & 0o755  # as scp with umask 022
         h = hashlib.sha256()
         done = 0
         try:
@@ -409,6 +413,8 @@ class QgaClient:
             if theirs is not None and theirs != digest:
                 raise E.ChecksumMismatch(codes.CHECKSUM_MISMATCH, "the guest's SHA-256 of %s "
                                          "differs from what was sent" % remote)
+            # qemu-ga creates files 0666: give it the source's mode before it gets its name
+            await self._check(["chmod", "%o" % mode, "--", tmp], ct)
             await self._check(["mv", "-f", "--", tmp, remote], ct)
         except BaseException:
             try:
