@@ -197,9 +197,10 @@ class SocketTransport(QgaTransport):
         except OSError as exc:
             raise E.ConnectionLost("connection to %s lost: %s" % (self.describe, exc)) from None
 
-    async def _read_line(self, deadline: float, limit: int = MAX_REPLY) -> bytes:
-        """The next line (without its newline), at most ``limit`` bytes, before ``deadline``."""
+    async def _read_line(self, deadline: float) -> bytes:
+        """The next line (without its newline), at most MAX_REPLY bytes, before ``deadline``."""
         assert self._reader is not None
+        limit = MAX_REPLY
         while True:
             idx = self._buf.find(b"\n", self._scan)
             if idx >= 0:
