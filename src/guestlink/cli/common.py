@@ -278,7 +278,11 @@ def add_via(p: argparse.ArgumentParser) -> None:
 
 def qga_notice(client: Any, target: "Target") -> None:
     """The one stderr line saying that the slow path is in use, and how to leave it."""
+    from ..libvirt import NoChannels
+
     reason = getattr(client, "fallback_reason", None)
+    if isinstance(reason, NoChannels):
+        reason = "libvirt domain %s has no guestlink channels" % target.domain
     why = ("guestlink's agent is not available: %s; " % reason) if reason is not None else ""
     enroll = "guestlink enroll %s" % target.domain if target.domain else "guestlink enroll"
     sys.stderr.write("guestlink: note: %susing qemu-guest-agent (slow, output capped, no "
