@@ -28,6 +28,9 @@ driver. Running it again with the same agent changes nothing; a newer agent upgr
 and restarts (an edited config is kept); --remove stops the agent and undoes the install.
 """
 
+#: seconds for qemu-ga to answer its first sync (a running one answers in milliseconds)
+QGA_TIMEOUT = 10.0
+
 EXAMPLES = """\
 examples:
   guestlink enroll vm1
@@ -122,7 +125,7 @@ async def _run(args: argparse.Namespace, progress: Any) -> Dict[str, Any]:
     if domain:
         ctl_name, data_name = L.names_from_env(args.ctl_name, args.data_name)
         transport: Any = LibvirtTransport(domain, args.libvirt_uri)
-        await transport.open(30.0)  # qemu-ga must answer before the domain is changed
+        await transport.open(QGA_TIMEOUT)  # qemu-ga must answer before the domain is changed
         connect_kw: Dict[str, Any] = dict(domain=domain, uri=args.libvirt_uri,
                                           ctl_name=ctl_name, data_name=data_name)
         if not args.remove:
@@ -144,7 +147,7 @@ async def _run(args: argparse.Namespace, progress: Any) -> Dict[str, Any]:
             raise UsageError("no VM given: name a libvirt domain, or for plain QEMU give --qga "
                              "PATH (the qemu-ga socket) and --ctl PATH --data PATH")
         transport = SocketTransport(qga_path)
-        await transport.open(30.0)
+        await transport.open(QGA_TIMEOUT)
         connect_kw = dict(ctl=ctl, data=data)
     try:
         qga = EN.QgaExec(transport)

@@ -1,0 +1,203 @@
+"""guestlink enroll against real guests: Debian's qemu-guest-agent in the test VM (on its own
+virtio-serial port), the real agent zipapp, its real installer, the real virtio_console driver,
+and a real libvirtd domain booted without the guestlink channels (hot-plugged by enroll).
+
+VMs (module-scoped, ~3 boots): ``plain`` (qemu-ga, the guestlink ports, no agent running) for the
+enroll / re-enroll / upgrade / remove sequence; ``nopython`` (qemu-ga, python3 replaced by a stub
+that exits 127) for the refusal; ``noqga`` (the qemu-ga port but no qemu-ga running) for the
+missing-qemu-ga error; and one libvirt domain.
+"""
+
+import asyncio
+import io
+import json
+import re
+import time
+import zipfile
+
+import pytest
+from test_libvirt_e2e import Domains, domain_xml, gl, libvirtd, virsh  # noqa: F401 (fixture)
+
+from guestlink import enroll as EN
+from guestlink.bundle import build_bundle_bytes
+from guestlink.host.qga import SocketTransport
+from guestlink.image import tree as T
+
+CONF = T.CONFIG
+
+
+def qga_sh(vm, script):
+    """(exit status, stdout) of ``sh -c script`` in the guest, through qemu-ga directly."""
+    async def main():
+        t = SocketTransport(vm.qga_path)
+        await t.open(20)
+        try:
+            out = await EN.QgaExec(t).run(["sh", "-c", script], 60)
+        finally:
+            await t.close()
+        return out.exit_code, out.stdout.decode()
+    return asyncio.run(main())
+
+
+def plain_args(vm):
+    return ["--qga", vm.qga_path, "--ctl", vm.ctl_path, "--data", vm.data_path]
+
+
+def guest_status(vm):
+    code, out = qga_sh(vm, "python3 %s status --json" % T.AGENT_PYZ)
+    assert code == 0, out
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def plain(make_vm):
+    return make_vm(agent_pyz=None, qga=True)
+
+
+@pytest.fixture(scope="module")
+def upgrade_pyz(tmp_path_factory):
+    """The real agent bundle with a newer version string."""
+    src = zipfile.ZipFile(io.BytesIO(build_bundle_bytes()))
+    out = io.BytesIO()
+    out.write(b"#!/usr/bin/env python3\n")
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "guestlink/_version.py":
+                data = b'__version__ = "9.9.9"\n'
+            dst.writestr(info, data)
+    path = tmp_path_factory.mktemp("upgrade") / "guestlink-agent-9.9.9.pyz"
+    path.write_bytes(out.getvalue())
+    return path
+
+
+def test_enroll_installs_starts_and_pings_over_guestlink(plain):
+    r = gl("ping", "--ctl", plain.ctl_path, "--timeout", 2)
+    assert r.returncode != 0  # no guestlink agent yet
+    r = gl("enroll", "--json", *plain_args(plain))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["action"] == "installed" and out["python"].startswith("3.")
+    assert out["virtio_console"] == "loaded" and out["init"] == "rc.local"
+    assert out["agent"]["hostname"] == "guestlink-testvm" and out["agent"]["ping_ms"] > 0
+    for step in ("checking the guest", "copying the agent", "verifying its SHA-256",
+                 "waiting for the agent"):
+        assert step in r.stderr
+    info = gl("info", "--json", "--ctl", plain.ctl_path, "--data", plain.data_path)
+    assert info.returncode == 0, info.stderr
+    described = json.loads(info.stdout)
+    assert described.get("via", "guestlink") == "guestlink"
+    assert described["agent_version"] == out["version"]
+    # what `image install` records: the same manifest and files, read in the guest
+    status = guest_status(plain)
+    assert status["installed"] and status["agent_version"] == out["version"]
+    assert {f["state"] for f in status["files"]} == {"present"}
+    assert {f["path"] for f in status["files"]} >= {T.AGENT_PYZ, T.WRAPPER, CONF, T.RC_LOCAL}
+    code, leftovers = qga_sh(plain, "ls -d /tmp/guestlink-enroll-* 2>/dev/null; true")
+    assert leftovers == ""  # the private copy directory is gone
+
+
+def test_enroll_again_changes_nothing(plain):
+    _, before = qga_sh(plain, "sha256sum %s %s" % (T.MANIFEST, T.AGENT_PYZ))
+    r = gl("enroll", *plain_args(plain))
+    assert r.returncode == 0, r.stderr
+    assert re.match(r"already enrolled \(version [^)]+\), nothing changed", r.stdout)
+    assert "copying the agent" not in r.stderr
+    _, after = qga_sh(plain, "sha256sum %s %s" % (T.MANIFEST, T.AGENT_PYZ))
+    assert after == before
+
+
+def test_enroll_newer_version_upgrades_restarts_and_keeps_the_config(plain, upgrade_pyz):
+    code, _ = qga_sh(plain, "echo '# edited by the admin' >> %s" % CONF)
+    assert code == 0
+    r = gl("enroll", "--json", "--agent", upgrade_pyz, *plain_args(plain))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["action"] == "upgraded" and out["version"] == "9.9.9"
+    assert out["previous_version"] != "9.9.9"
+    assert out["agent"]["version"] == "9.9.9"  # the restarted agent answered
+    _, conf = qga_sh(plain, "cat %s" % CONF)
+    assert conf.endswith("# edited by the admin\n")
+    assert guest_status(plain)["manifest_version"] == "9.9.9"
+
+
+def test_remove_undoes_the_enroll(plain):
+    r = gl("enroll", "--remove", *plain_args(plain))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("removed guestlink agent")
+    r = gl("ping", "--ctl", plain.ctl_path, "--timeout", 3)
+    assert r.returncode != 0
+    code, out = qga_sh(plain, "ls -d %s %s %s %s 2>&1; grep -c guestlink /etc/rc.local 2>&1; true"
+                       % (T.AGENT_PYZ, T.MANIFEST, CONF, T.RCLOCAL_SCRIPT))
+    assert out.count("No such file") >= 4, out
+    r = gl("enroll", "--remove", *plain_args(plain))
+    assert r.returncode == 0 and "not installed; nothing to do" in r.stdout
+
+
+def test_a_guest_without_python3_is_refused_and_nothing_is_written(make_vm):
+    vm = make_vm(agent_pyz=None, qga=True,
+                 extra_files={"/usr/bin/python3": b"#!/bin/sh\nexit 127\n"})
+    r = gl("enroll", *plain_args(vm))
+    assert r.returncode == 78, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(lines) == 1 and "no usable python3" in lines[0]
+    assert "nothing was written" in lines[0]
+    assert "Traceback" not in r.stderr
+    code, out = qga_sh(vm, "ls -d /tmp/guestlink-enroll-* /var/lib/guestlink /usr/local/lib/guestlink"
+                           " %s %s 2>/dev/null; true" % (CONF, T.RC_LOCAL))
+    assert out == ""
+    vm.stop()
+
+
+def test_missing_qemu_ga_is_named(make_vm, tmp_path):
+    r = gl("enroll", "--qga", tmp_path / "none.sock", "--ctl", tmp_path / "ctl.sock")
+    assert r.returncode == 69
+    assert "no qemu-ga socket" in r.stderr and "org.qemu.guest_agent.0" in r.stderr
+    vm = make_vm(agent_pyz=None, qga=True, append="guestlink.noqga=1")
+    r = gl("enroll", *plain_args(vm))
+    assert r.returncode in (69, 75), r.stderr
+    assert "qemu-ga did not answer" in r.stderr and "qemu-guest-agent" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    vm.stop()
+
+
+# --- libvirt: a domain booted without the guestlink channels ---------------------------------------
+
+QGA_ONLY = """\
+    <controller type='virtio-serial' index='0'/>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>"""
+
+
+@pytest.fixture(scope="module")
+def domains(libvirtd, testvm_base, agent_pyz):  # noqa: F811 (libvirtd: the imported fixture)
+    d = Domains(None)  # the guest has no agent of its own: enroll brings it
+    yield d
+    d.close()
+
+
+def test_enroll_hot_plugs_the_channels_of_a_libvirt_domain(domains):
+    name = "guestlink-e2e-enroll"
+    workdir = domains.dir / "enroll"
+    workdir.mkdir(mode=0o755)
+    xml = domain_xml(name, workdir, domains.dir / "vmlinuz", domains.dir / "initrd.img", QGA_ONLY,
+                     append="guestlink.nports=1")
+    (workdir / "domain.xml").write_text(xml)
+    virsh("define", str(workdir / "domain.xml"))
+    domains.names.append(name)
+    virsh("start", name)
+    assert "org.guestlink.ctl" not in virsh("dumpxml", name).stdout
+    deadline = time.monotonic() + 120  # a running VM: its qemu-ga has connected to libvirt
+    while virsh("qemu-agent-command", name, '{"execute": "guest-ping"}', check=False).returncode:
+        assert time.monotonic() < deadline, domains.console(name)[-2000:]
+        time.sleep(1)
+    r = gl("enroll", "--json", name, timeout=400)
+    assert r.returncode == 0, "%s\nconsole:\n%s" % (r.stderr, domains.console(name)[-2000:])
+    out = json.loads(r.stdout)
+    assert out["action"] == "installed" and out["agent"]["ping_ms"] > 0
+    assert any("org.guestlink.ctl" in c for c in out["channels"]["live"])
+    assert any("org.guestlink.ctl" in c for c in out["channels"]["config"])
+    assert "org.guestlink.ctl" in virsh("dumpxml", "--inactive", name).stdout
+    r = gl("ping", name, "--timeout", 30)
+    assert r.returncode == 0, r.stderr
