@@ -460,7 +460,7 @@ class QgaClient:
             handle = await G.file_open(t, remote, "r", ct)
             try:
                 total: Optional[int] = await G.file_size(t, handle, ct)
-                size = G.chunk_size(t)
+                size = G.CHUNK  # a read's request is small; its reply stays under libvirt's cap
                 loop = asyncio.get_running_loop()
                 while True:
                     data, eof = await G.file_read(t, handle, size, ct)
