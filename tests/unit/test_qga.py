@@ -672,6 +672,9 @@ def test_cli_through_qemu_ga(sock, tmp_path):
             notes = [ln for ln in r.stderr.decode().splitlines() if ln]
             assert len(notes) == 1 and "using qemu-guest-agent" in notes[0]
             assert "guestlink enroll" in notes[0]
+            r = await call(["info"], env)
+            assert r.returncode == 0 and b"agent:     qemu-ga 7.2.0\n" in r.stdout
+            assert b"via:       qemu-guest-agent" in r.stdout
             r = await call(["exec", "--", "sh", "-c", "cat; exit 5"], env, b"piped")
             assert (r.returncode, r.stdout) == (5, b"piped")
             r = await call(["exec", "--", "sh", "-c", "kill -KILL $$"], env)

@@ -125,12 +125,12 @@ async def cmd_info(vm: "AnyClient", args: argparse.Namespace) -> int:
         ("agent", "%s (protocol %d, python %s)" % (info["agent_version"], info["protocol"],
                                                    info["python"] or "?")
          if info["via"] == "guestlink" else info["agent_version"]),
-        ("via", "guestlink" if info["via"] == "guestlink" else
-         "qemu-guest-agent (slow path; guestlink enroll installs guestlink's agent)"),
         ("boot id", info["boot_id"]),
         ("addresses", ", ".join("%s %s" % (a["interface"], a["address"]) for a in info["addresses"])),
         ("commands", " ".join(info["capabilities"])),
     ]
+    if info["via"] != "guestlink":
+        lines.append(("via", "qemu-guest-agent (slow; guestlink enroll installs guestlink's agent)"))
     for key, value in lines:
         print("%-10s %s" % (key + ":", printable(value)))  # every value comes from the guest
     return EXIT_OK
