@@ -2,16 +2,17 @@
 virtio-serial port), the real agent zipapp, its real installer, the real virtio_console driver,
 and a real libvirtd domain booted without the guestlink channels (hot-plugged by enroll).
 
-VMs (module-scoped, ~3 boots): ``plain`` (qemu-ga, the guestlink ports, no agent running) for the
-enroll / re-enroll / upgrade / remove sequence; ``nopython`` (qemu-ga, python3 replaced by a stub
-that exits 127) for the refusal; ``noqga`` (the qemu-ga port but no qemu-ga running) for the
-missing-qemu-ga error; and one libvirt domain.
+VMs: ``plain`` (qemu-ga, the guestlink ports, no agent running; module-scoped) for the
+enroll / re-enroll / upgrade / remove sequence; one with python3 replaced by a stub that exits 127
+for the refusal; one with the qemu-ga port but no qemu-ga running; a libvirt domain with only a
+qemu-ga channel; and the sysv test disk (testvm.diskimage), booted twice.
 """
 
 import asyncio
 import io
 import json
 import re
+import shutil
 import time
 import zipfile
 
@@ -22,6 +23,7 @@ from guestlink import enroll as EN
 from guestlink.bundle import build_bundle_bytes
 from guestlink.host.qga import SocketTransport
 from guestlink.image import tree as T
+from testvm.diskimage import DiskVM, ensure_disk
 
 CONF = T.CONFIG
 
@@ -201,3 +203,45 @@ def test_enroll_hot_plugs_the_channels_of_a_libvirt_domain(domains):
     assert "org.guestlink.ctl" in virsh("dumpxml", "--inactive", name).stdout
     r = gl("ping", name, "--timeout", 30)
     assert r.returncode == 0, r.stderr
+
+
+# --- the sysv test disk: enrolled online, read offline, started at the next boot --------------------
+
+def test_enrolled_disk_reads_the_same_offline_and_starts_the_agent_at_boot(tmp_path):
+    disk = ensure_disk()
+    img = tmp_path / "disk.qcow2"
+    shutil.copyfile(disk.qcow2, img)
+    vm = DiskVM(tmp_path / "vm1", img, disk, qga=True)
+    try:
+        vm.start(timeout=120)
+        r = gl("enroll", "--json", *plain_args(vm))
+        assert r.returncode == 0, "%s\nconsole:\n%s" % (r.stderr, vm.console_text()[-2000:])
+        out = json.loads(r.stdout)
+        assert out["action"] == "installed" and out["init"] == "sysv"
+        assert "/etc/rc2.d/S01guestlink-agent" in out["changed"]
+        online = guest_status(vm)
+        code, _ = qga_sh(vm, "sync")
+        assert code == 0
+    finally:
+        vm.stop()
+    r = gl("image", "status", "--json", img)
+    assert r.returncode == 0, r.stderr
+    offline = json.loads(r.stdout)
+    for key in ("installed", "agent_version", "manifest_version", "init", "installed_at",
+                "ctl_name", "data_name", "files", "config"):
+        assert offline[key] == online[key], key
+    assert {f["state"] for f in offline["files"]} == {"present"}
+
+    vm = DiskVM(tmp_path / "vm2", img, disk)  # no qemu-ga port this time: the agent starts by itself
+    try:
+        vm.start(timeout=120)
+        deadline = time.monotonic() + 60
+        while True:
+            r = gl("ping", "--ctl", vm.ctl_path, "--data", vm.data_path, "--timeout", 3)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert r.returncode == 0, "%s\nconsole:\n%s" % (r.stderr, vm.console_text()[-2000:])
+        assert "starting /etc/rc2.d/S01guestlink-agent" in vm.console_text()
+    finally:
+        vm.stop()
