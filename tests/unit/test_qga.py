@@ -530,6 +530,34 @@ def test_auto_falls_back_to_qemu_ga_when_guestlink_is_absent(sock, tmp_path):
     run(main())
 
 
+def test_auto_waits_its_turn_instead_of_falling_back(sock, tmp_path, monkeypatch):
+    """A VM in use by another guestlink client is not a VM without guestlink: the second
+    client waits past the 2 s probe and then gets guestlink, not qemu-ga."""
+    from test_host_fakeagent import FakeAgent
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run_dir))
+    monkeypatch.setattr("guestlink.host.client.AUTO_PROBE_TIMEOUT", 0.3)
+    ctl = os.path.join(os.path.dirname(sock), "ctl.sock")
+
+    async def main():
+        async with FakeAgent(ctl), FakeQga(sock):
+            queued = []
+            async with guestlink.connect(ctl=ctl, qga=sock, timeout=5) as first:
+                assert first.via == "guestlink"
+                task = asyncio.ensure_future(guestlink.connect(
+                    ctl=ctl, qga=sock, timeout=5, on_queue=queued.append).__aenter__())
+                await asyncio.sleep(1.0)  # past the probe
+                assert not task.done() and len(queued) == 1
+            second = await asyncio.wait_for(task, 5)
+            try:
+                assert second.via == "guestlink"
+            finally:
+                await second.close()
+    run(main())
+
+
 def test_via_is_validated():
     with pytest.raises(ValueError, match="via must be one of"):
         guestlink.connect(ctl="/x", via="ssh")

@@ -21,6 +21,7 @@ in :mod:`.execs`, topic messages in :mod:`.messages`, files in :mod:`.transfer`,
 
 import asyncio
 import collections
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Generator, Optional, Set, Union
 
@@ -126,9 +127,15 @@ class Connector:
     def __init__(self, options: ConnectOptions, resolver: Optional[Resolver] = None) -> None:
         self.options = options
         self._client: Optional[Client] = None
+        self._queued = False  # the guestlink client is waiting its turn for the VM (vmlock)
         if options.via != VIA_QGA and (options.ctl or options.domain is not None):
-            self._client = Client(options, resolver)
+            self._client = Client(dataclasses.replace(options, on_queue=self._on_queue), resolver)
         self._opened: Optional[AnyClient] = None
+
+    def _on_queue(self, holder: str) -> None:
+        self._queued = True
+        if self.options.on_queue is not None:
+            self.options.on_queue(holder)
 
     @property
     def client(self) -> "Client":
@@ -160,12 +167,12 @@ class Connector:
             return self._opened
         probe = AUTO_PROBE_TIMEOUT if options.timeout is None else min(options.timeout,
                                                                       AUTO_PROBE_TIMEOUT)
+        reason: BaseException
         try:
-            await wait_within(client.connect(), probe)
-            self._opened = client
-            return client
-        except asyncio.TimeoutError:
-            reason: BaseException = E.AgentNotResponding(
+            if await self._probe(client, probe):
+                self._opened = client
+                return client
+            reason = E.AgentNotResponding(
                 "the guest agent did not answer on %s within %g s" % (client.ctl, probe))
         except E.GuestlinkError as exc:
             if not _falls_back(exc):
@@ -179,6 +186,28 @@ class Connector:
             err.args = ("%s; the qemu-ga fallback failed too: %s" % (reason, qexc),)
             raise err from None
         return self._opened
+
+    async def _probe(self, client: "Client", probe: float) -> bool:
+        """Connect ``client``, giving its handshake ``probe`` seconds -> True, or False (given
+        up). Time spent waiting its turn behind another guestlink client does not count: a VM
+        in use is not a VM without guestlink."""
+        task = asyncio.ensure_future(client.connect())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=probe)
+            if not done and self._queued:  # the lock is taken at once, so this is known by now
+                done, _ = await asyncio.wait({task})  # queue_timeout and timeout still apply
+        except BaseException:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, E.GuestlinkError):
+                pass
+            return False
+        task.result()
+        return True
 
 
 class Client:
