@@ -31,7 +31,7 @@ import posixpath
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .exitcodes import EXIT_CONFIG, EXIT_DATAERR, EXIT_SOFTWARE, EXIT_TEMPFAIL
 from .image import bootstrap
@@ -123,7 +123,7 @@ class Probe:
 class Outcome:
     """The result of :func:`enroll` / :func:`remove` (``as_dict`` is the ``--json`` output)."""
 
-    action: str                      # installed, upgraded, reinstalled, unchanged, removed, absent
+    action: str  # installed, upgraded, downgraded, reinstalled, unchanged, removed, absent
     summary: str
     version: Optional[str] = None
     previous_version: Optional[str] = None
@@ -321,6 +321,26 @@ async def wait_for_agent(connect_kw: Dict[str, Any], timeout: float) -> Dict[str
         await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
+def add_channels(domain: str, uri: Optional[str], ctl_name: Optional[str],
+                 data_name: Optional[str], socket_dir: Optional[str] = None,
+                 backend_: Any = None) -> Tuple[Dict[str, Any], bool]:
+    """Step 1 for a libvirt domain: the guestlink channels where missing, in the persistent
+    definition and (hot-plugged) the running domain -- guestlink.libvirt.attach, as ``guestlink
+    libvirt attach``. Returns (attach's result, whether the running domain has them now): not
+    when it has no virtio-serial controller, which libvirt cannot hot-plug (a note says so)."""
+    from . import libvirt as L
+
+    result = L.attach(domain, uri, ctl_name=ctl_name, data_name=data_name,
+                      socket_dir=socket_dir, backend_=backend_)
+    return dict(result), "live" in result
+
+
+def _version_key(version: Optional[str]) -> Optional[Tuple[int, ...]]:
+    if version is None or not re.match(r"\A\d+(\.\d+)*\Z", version):
+        return None
+    return tuple(int(n) for n in version.split("."))
+
+
 def _install_args(init: Optional[str], ctl_name: Optional[str],
                   data_name: Optional[str]) -> List[str]:
     args = []
@@ -369,8 +389,10 @@ async def enroll(qga: GuestExec, pyz: bytes, connect_kw: Dict[str, Any], *,
     elif prev is None:
         action, summary = "installed", "enrolled: guestlink agent %s installed and running" % version
     elif prev != version:
-        action, summary = "upgraded", "upgraded guestlink agent %s -> %s, restarted" % (
-            printable(prev), version)
+        new_key, old_key = _version_key(version), _version_key(prev)
+        verb = "downgraded" if new_key and old_key and new_key < old_key else "upgraded"
+        action, summary = verb, "%s guestlink agent %s -> %s, restarted" % (
+            verb, printable(prev), version)
     else:
         action, summary = "reinstalled", "guestlink agent %s: files updated, restarted" % version
     return Outcome(action=action, summary=summary, version=version, previous_version=prev,

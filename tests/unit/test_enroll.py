@@ -294,3 +294,53 @@ def test_service_commands_per_init_kind():
     assert T.service_commands("rc.local", "start") == [[T.RCLOCAL_SCRIPT, "start"]]
     with pytest.raises(ValueError):
         T.service_commands("upstart", "start")
+
+
+def test_an_older_agent_is_reported_as_a_downgrade(tmp_path):
+    root = make_guest_root(tmp_path)
+    run_enroll(LocalGuest(root), pyz=patched_bundle("9.9.9"))
+    out = run_enroll(LocalGuest(root))
+    assert out.action == "downgraded" and out.previous_version == "9.9.9"
+    assert out.summary.startswith("downgraded guestlink agent 9.9.9 -> ")
+
+
+# --- channels (libvirt), the command line ----------------------------------------------------------
+
+def test_channels_are_hot_plugged_next_to_qemu_ga_or_left_for_the_next_boot():
+    from test_libvirt import QEMU_GA, FakeBackend, domain
+
+    from guestlink import libvirt as L
+
+    be = FakeBackend(domain(QEMU_GA, running=False), running=True)
+    result, live = EN.add_channels("vm1", None, None, None, backend_=be)
+    assert live and len(result["live"]) == 2 and len(result["config"]) == 2
+    assert L.CTL_NAME in L.parse_domain_xml(be.dumpxml("vm1")).channels
+    be = FakeBackend(domain("", running=False), running=True)  # no virtio-serial controller
+    result, live = EN.add_channels("vm1", None, None, None, backend_=be)
+    assert not live and len(result["config"]) == 3
+    assert "shut down and started again" in result["notes"][0]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["enroll"], "no VM given"),
+    (["enroll", "vm1", "--qga", "/x.sock"], "either a libvirt domain or --qga"),
+    (["enroll", "--qga", "/x.sock", "--ctl-name", "n", "--ctl", "/c.sock"], "for a libvirt domain"),
+])
+def test_enroll_usage_errors_are_one_line(argv, words, capsys, monkeypatch):
+    from guestlink.cli.app import main
+
+    for name in ("GUESTLINK_QGA", "GUESTLINK_CTL", "GUESTLINK_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and err.startswith("guestlink: error: ")
+
+
+def test_enroll_without_a_qemu_ga_socket_names_it(tmp_path, capsys):
+    from guestlink.cli.app import main
+
+    sock = tmp_path / "qga.sock"
+    assert main(["enroll", "--qga", str(sock), "--ctl", str(tmp_path / "c.sock")]) == 69
+    err = capsys.readouterr().err
+    assert "no qemu-ga socket %s" % sock in err and "org.qemu.guest_agent.0" in err
+    assert err.count("\n") == 1

@@ -131,13 +131,10 @@ async def _run(args: argparse.Namespace, progress: Any) -> Dict[str, Any]:
         if not args.remove:
             progress("adding the guestlink channels to libvirt domain %s where missing" % domain)
             loop = asyncio.get_running_loop()
-            attached = await loop.run_in_executor(None, lambda: L.attach(
-                domain, args.libvirt_uri, ctl_name=ctl_name, data_name=data_name,
-                socket_dir=args.socket_dir))
-            channels = dict(attached)
-            notes += attached.get("notes", [])
-            if "live" not in attached:  # no hot-plug possible: installed now, reachable later
-                ping = False
+            attached, ping = await loop.run_in_executor(None, lambda: EN.add_channels(
+                domain, args.libvirt_uri, ctl_name, data_name, args.socket_dir))
+            channels = attached
+            notes += attached.get("notes", [])  # ping False: reachable after a restart only
     else:
         if args.ctl_name or args.data_name or args.socket_dir:
             raise UsageError("--ctl-name/--data-name/--socket-dir are for a libvirt domain")
