@@ -339,7 +339,11 @@ def test_enroll_usage_errors_are_one_line(argv, words, capsys, monkeypatch):
 def test_enroll_without_a_qemu_ga_socket_names_it(tmp_path, capsys):
     from guestlink.cli.app import main
 
+    assert main(["enroll", "--qga", str(tmp_path / "q.sock"), "--ctl", str(tmp_path / "c")]) == 69
+    err = capsys.readouterr().err
+    assert "no guestlink control socket" in err and "nothing was written" in err
     sock = tmp_path / "qga.sock"
+    (tmp_path / "c.sock").write_bytes(b"")
     assert main(["enroll", "--qga", str(sock), "--ctl", str(tmp_path / "c.sock")]) == 69
     err = capsys.readouterr().err
     assert "no qemu-ga socket %s" % sock in err and "org.qemu.guest_agent.0" in err

@@ -152,6 +152,7 @@ def test_a_guest_without_python3_is_refused_and_nothing_is_written(make_vm):
 
 
 def test_missing_qemu_ga_is_named(make_vm, tmp_path):
+    (tmp_path / "ctl.sock").write_bytes(b"")
     r = gl("enroll", "--qga", tmp_path / "none.sock", "--ctl", tmp_path / "ctl.sock")
     assert r.returncode == 69
     assert "no qemu-ga socket" in r.stderr and "org.qemu.guest_agent.0" in r.stderr

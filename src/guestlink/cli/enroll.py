@@ -143,6 +143,13 @@ async def _run(args: argparse.Namespace, progress: Any) -> Dict[str, Any]:
         if not qga_path or (not args.remove and not ctl):
             raise UsageError("no VM given: name a libvirt domain, or for plain QEMU give --qga "
                              "PATH (the qemu-ga socket) and --ctl PATH --data PATH")
+        if ctl and not args.remove and not os.path.exists(ctl):
+            # checked before anything is written: plain QEMU cannot get the port from here
+            from ..host.errors import SocketNotFound
+
+            raise SocketNotFound("no guestlink control socket %s: start the VM with the "
+                                 "org.guestlink.ctl and org.guestlink.data ports (README: Using "
+                                 "it); nothing was written" % ctl, ctl)
         transport = SocketTransport(qga_path)
         await transport.open(QGA_TIMEOUT)
         connect_kw = dict(ctl=ctl, data=data)
