@@ -88,7 +88,7 @@ def test_enroll_installs_starts_and_pings_over_guestlink(plain):
     info = gl("info", "--json", "--ctl", plain.ctl_path, "--data", plain.data_path)
     assert info.returncode == 0, info.stderr
     described = json.loads(info.stdout)
-    assert described.get("via", "guestlink") == "guestlink"
+    assert described["via"] == "guestlink"
     assert described["agent_version"] == out["version"]
     # what `image install` records: the same manifest and files, read in the guest
     status = guest_status(plain)
