@@ -136,9 +136,19 @@ def test_remove_undoes_the_enroll(plain):
     assert r.returncode == 0 and "not installed; nothing to do" in r.stdout
 
 
+#: python3 in the "no python" guest: absent (exit 127, as sh says for a missing command), or, once
+#: /tmp/hostile exists, a liar whose probe names /etc with a terminal escape as its temp directory
+FAKE_PYTHON3 = b"""#!/bin/sh
+if [ -f /tmp/hostile ]; then
+    printf '%s\\n' '{"python": "3.11.2", "executable": "/usr/bin/python3", "virtio_console": "loaded", "installed_sha256": null, "tmpdir": "/etc/\\u001b]0;pwned\\u0007"}'
+    exit 0
+fi
+exit 127
+"""
+
+
 def test_a_guest_without_python3_is_refused_and_nothing_is_written(make_vm):
-    vm = make_vm(agent_pyz=None, qga=True,
-                 extra_files={"/usr/bin/python3": b"#!/bin/sh\nexit 127\n"})
+    vm = make_vm(agent_pyz=None, qga=True, extra_files={"/usr/bin/python3": FAKE_PYTHON3})
     r = gl("enroll", *plain_args(vm))
     assert r.returncode == 78, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
@@ -147,6 +157,15 @@ def test_a_guest_without_python3_is_refused_and_nothing_is_written(make_vm):
     assert "Traceback" not in r.stderr
     code, out = qga_sh(vm, "ls -d /tmp/guestlink-enroll-* /var/lib/guestlink /usr/local/lib/guestlink"
                            " %s %s 2>/dev/null; true" % (CONF, T.RC_LOCAL))
+    assert out == ""
+    # a guest lying in its probe: refused on the host, its text escaped, still nothing written
+    assert qga_sh(vm, "touch /tmp/hostile")[0] == 0
+    r = gl("enroll", *plain_args(vm))
+    assert r.returncode == 65, r.stderr
+    assert "malformed probe result from the guest (field tmpdir)" in r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "Traceback" not in r.stderr
+    code, out = qga_sh(vm, "ls -d /var/lib/guestlink /usr/local/lib/guestlink %s 2>/dev/null; true"
+                       % CONF)
     assert out == ""
     vm.stop()
 
