@@ -310,7 +310,9 @@ async def wait_for_agent(connect_kw: Dict[str, Any], timeout: float) -> Dict[str
                               % (timeout, printable(str(last)) if last else "no answer"),
                               EXIT_TEMPFAIL)
         try:
-            async with connect(timeout=min(5.0, left), reconnect=False, **connect_kw) as vm:
+            # via guestlink only: an answer of the domain's qemu-ga (via="auto") proves nothing
+            async with connect(timeout=min(5.0, left), reconnect=False, via="guestlink",
+                               **connect_kw) as vm:
                 rtt = await vm.ping(timeout=min(5.0, left))
                 agent = vm.agent
                 return {"version": agent.version if agent else None,

@@ -221,8 +221,9 @@ def test_enroll_hot_plugs_the_channels_of_a_libvirt_domain(domains):
     assert any("org.guestlink.ctl" in c for c in out["channels"]["live"])
     assert any("org.guestlink.ctl" in c for c in out["channels"]["config"])
     assert "org.guestlink.ctl" in virsh("dumpxml", "--inactive", name).stdout
-    r = gl("ping", name, "--timeout", 30)
+    r = gl("ping", "--json", name, "--timeout", 30)
     assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["via"] == "guestlink"  # not the domain's qemu-ga
 
 
 # --- the sysv test disk: enrolled online, read offline, started at the next boot --------------------
@@ -257,7 +258,8 @@ def test_enrolled_disk_reads_the_same_offline_and_starts_the_agent_at_boot(tmp_p
         vm.start(timeout=120)
         deadline = time.monotonic() + 60
         while True:
-            r = gl("ping", "--ctl", vm.ctl_path, "--data", vm.data_path, "--timeout", 3)
+            r = gl("ping", "--via", "guestlink", "--ctl", vm.ctl_path, "--data", vm.data_path,
+                   "--timeout", 3)
             if r.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
