@@ -160,7 +160,9 @@ def test_via_qga_on_a_guest_that_has_both(both):
     env = {"GUESTLINK_CTL": both.ctl_path, "GUESTLINK_DATA": both.data_path,
            "GUESTLINK_QGA": both.qga_path}
     _wait_qga(both.qga_path)
-    r = gl("info", "--json", "--timeout", "60", env=env)
+    r = gl("ping", "--via", "guestlink", "--timeout", "60", env=env)  # the agent is up
+    assert r.returncode == 0, r.stderr
+    r = gl("info", "--json", env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["via"] == "guestlink", r.stderr
     assert not notes(r)
     r = gl("info", "--json", "--via", "qga", env=env)
