@@ -377,6 +377,32 @@ def test_a_failed_pull_leaves_no_local_file(sock, tmp_path):
     assert os.listdir(out) == []
 
 
+def test_a_guest_without_sha256_tools_copies_unverified_and_says_so(sock, tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"unverified")
+
+    async def main():
+        async with FakeQga(sock) as fake:
+            async def no_hash_tools(args):
+                if args["path"] in ("sha256sum", "python3"):
+                    return line({"error": {"class": "GenericError", "desc": "Failed to execute "
+                                           "child process (No such file or directory)"}})
+                return line({"return": await fake.do_guest_exec(args)})
+            fake.override["guest-exec"] = no_hash_tools
+            async with await qga_client(sock) as vm:
+                res = await vm.push(str(src), str(tmp_path / "dst.bin"))
+                assert res.verified is False and res.digest is not None
+            env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTLINK_")}
+            r = await asyncio.get_running_loop().run_in_executor(None, lambda: _cli(
+                ["cp", "--json", "--qga", sock, str(src), ":" + str(tmp_path / "dst2.bin")], env))
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["verified"] is False
+            assert b"not verified end to end" in r.stderr
+    run(main())
+    assert (tmp_path / "dst.bin").read_bytes() == b"unverified"
+    assert (tmp_path / "dst2.bin").read_bytes() == b"unverified"
+
+
 def test_tree_resume_preserve_are_refused(sock, tmp_path):
     async def main():
         async with FakeQga(sock):
