@@ -284,7 +284,14 @@ def qga_notice(client: Any, target: "Target") -> None:
     if isinstance(reason, NoChannels):
         reason = "libvirt domain %s has no guestlink channels" % target.domain
     why = ("guestlink's agent is not available: %s; " % reason) if reason is not None else ""
-    enroll = "guestlink enroll %s" % target.domain if target.domain else "guestlink enroll"
+    if target.domain:
+        enroll = "guestlink enroll %s" % target.domain
+    else:  # plain QEMU: the guestlink ports must be on QEMU's command line already
+        import shlex
+
+        enroll = "guestlink enroll --qga %s --ctl %s --data %s" % (
+            shlex.quote(target.qga or ""), shlex.quote(target.ctl or "CTL.sock"),
+            shlex.quote(target.data or "DATA.sock"))
     sys.stderr.write("guestlink: note: %susing qemu-guest-agent (slow, output capped, no "
                      "streaming); install guestlink's agent with: %s\n"
                      % (printable(why), printable(enroll)))
