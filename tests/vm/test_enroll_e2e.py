@@ -2,10 +2,10 @@
 virtio-serial port), the real agent zipapp, its real installer, the real virtio_console driver,
 and a real libvirtd domain booted without the guestlink channels (hot-plugged by enroll).
 
-VMs: ``plain`` (qemu-ga, the guestlink ports, no agent running; module-scoped) for the
-enroll / re-enroll / upgrade / remove sequence; one with python3 replaced by a stub that exits 127
-for the refusal; one with the qemu-ga port but no qemu-ga running; a libvirt domain with only a
-qemu-ga channel; and the sysv test disk (testvm.diskimage), booted twice.
+VMs: ``plain`` (qemu-ga, the guestlink ports, no agent running) for the enroll / re-enroll /
+upgrade / remove sequence; ``nopython`` (python3 replaced by a stub that exits 127, or lies) for
+the refusals, then with its qemu-ga stopped for the missing-qemu-ga error; a libvirt domain with
+only a qemu-ga channel; and the sysv test disk (testvm.diskimage), booted twice.
 """
 
 import asyncio
@@ -147,8 +147,13 @@ exit 127
 """
 
 
-def test_a_guest_without_python3_is_refused_and_nothing_is_written(make_vm):
-    vm = make_vm(agent_pyz=None, qga=True, extra_files={"/usr/bin/python3": FAKE_PYTHON3})
+@pytest.fixture(scope="module")
+def nopython(make_vm):
+    return make_vm(agent_pyz=None, qga=True, extra_files={"/usr/bin/python3": FAKE_PYTHON3})
+
+
+def test_a_guest_without_python3_is_refused_and_nothing_is_written(nopython):
+    vm = nopython
     r = gl("enroll", *plain_args(vm))
     assert r.returncode == 78, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
@@ -167,15 +172,20 @@ def test_a_guest_without_python3_is_refused_and_nothing_is_written(make_vm):
     code, out = qga_sh(vm, "ls -d /var/lib/guestlink /usr/local/lib/guestlink %s 2>/dev/null; true"
                        % CONF)
     assert out == ""
-    vm.stop()
 
 
-def test_missing_qemu_ga_is_named(make_vm, tmp_path):
+def test_missing_qemu_ga_is_named(nopython, tmp_path):
     (tmp_path / "ctl.sock").write_bytes(b"")
     r = gl("enroll", "--qga", tmp_path / "none.sock", "--ctl", tmp_path / "ctl.sock")
     assert r.returncode == 69
     assert "no qemu-ga socket" in r.stderr and "org.qemu.guest_agent.0" in r.stderr
-    vm = make_vm(agent_pyz=None, qga=True, append="guestlink.noqga=1")
+    # the port is there but qemu-ga is not running: stop init's respawn loop, then qemu-ga (in the
+    # background, after qemu-ga has answered this very exec)
+    vm = nopython
+    code, _ = qga_sh(vm, "q=$(cat /run/qemu-ga.pid); loop=$(cut -d' ' -f4 /proc/$q/stat); "
+                         "(sleep 1; kill $loop; kill $q) </dev/null >/dev/null 2>&1 &")
+    assert code == 0
+    time.sleep(3)
     r = gl("enroll", *plain_args(vm))
     assert r.returncode in (69, 75), r.stderr
     assert "qemu-ga did not answer" in r.stderr and "qemu-guest-agent" in r.stderr
