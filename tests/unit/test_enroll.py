@@ -348,3 +348,22 @@ def test_enroll_without_a_qemu_ga_socket_names_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no qemu-ga socket %s" % sock in err and "org.qemu.guest_agent.0" in err
     assert err.count("\n") == 1
+
+
+def test_guestlink_agent_remove_is_the_agents_own_remove(tmp_path, capsys):
+    """`guestlink agent install|status|remove` (in a guest with guestlink installed) run the
+    same installer as the zipapp's `guestlink-agent install|status|remove`."""
+    from guestlink.cli.app import main
+
+    root = make_guest_root(tmp_path)
+    pyz = tmp_path / "agent.pyz"
+    pyz.write_bytes(PYZ)
+    assert main(["agent", "install", "--root", str(root), "--pyz", str(pyz), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "install"
+    assert main(["agent", "status", "--root", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["installed"] is True
+    assert main(["agent", "remove", "--root", str(root)]) == 0
+    assert capsys.readouterr().out.startswith("removed guestlink agent")
+    assert not (root / "var/lib/guestlink").exists()
+    assert main(["agent", "install", "--root", str(root)]) == 64  # not a zipapp: --pyz needed
+    assert "give --pyz FILE" in capsys.readouterr().err
