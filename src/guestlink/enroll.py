@@ -318,6 +318,8 @@ async def wait_for_agent(connect_kw: Dict[str, Any], timeout: float) -> Dict[str
                 return {"version": agent.version if agent else None,
                         "hostname": agent.hostname if agent else None,
                         "ping_ms": round(rtt * 1000, 3)}
+        except E.PermissionDenied:
+            raise  # waiting will not change it (libvirt's sockets belong to its qemu user)
         except (E.GuestlinkError, OSError) as exc:
             last = exc
         await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))

@@ -119,7 +119,9 @@ async def _run(args: argparse.Namespace, progress: Any) -> Dict[str, Any]:
     qga_path = args.qga or (None if domain else os.environ.get("GUESTLINK_QGA"))
     if domain and (args.qga or args.ctl or args.data):
         raise UsageError("give either a libvirt domain or --qga/--ctl/--data, not both")
+    pyz = _agent_bytes(args.agent)  # before anything is changed
     channels: Optional[Dict[str, Any]] = None
+    ctl_name = data_name = None
     notes = []
     ping = True
     if domain:
@@ -135,6 +137,9 @@ async def _run(args: argparse.Namespace, progress: Any) -> Dict[str, Any]:
                 domain, args.libvirt_uri, ctl_name, data_name, args.socket_dir))
             channels = attached
             notes += attached.get("notes", [])  # ping False: reachable after a restart only
+            # the names attach chose (given, recorded in the domain, or the defaults) go into the
+            # agent's config: the agent looks its ports up by them
+            ctl_name, data_name = attached["names"]
     else:
         if args.ctl_name or args.data_name or args.socket_dir:
             raise UsageError("--ctl-name/--data-name/--socket-dir are for a libvirt domain")
@@ -155,14 +160,14 @@ async def _run(args: argparse.Namespace, progress: Any) -> Dict[str, Any]:
         connect_kw = dict(ctl=ctl, data=data)
     try:
         qga = EN.QgaExec(transport)
-        pyz = _agent_bytes(args.agent)
         if args.remove:
             outcome = await EN.remove(qga, pyz, progress=progress)
             if domain:
                 outcome.notes.append("the guestlink channels stay in libvirt domain %s (guestlink "
                                      "libvirt detach %s removes them)" % (domain, domain))
         else:
-            outcome = await EN.enroll(qga, pyz, connect_kw, init=args.init,
+            outcome = await EN.enroll(qga, pyz, connect_kw, init=args.init, ctl_name=ctl_name,
+                                      data_name=data_name,
                                       ping_timeout=args.timeout, progress=progress,
                                       channels=channels, wait=None if ping else _no_ping)
     finally:
