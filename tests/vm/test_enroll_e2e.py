@@ -234,6 +234,12 @@ def test_enroll_hot_plugs_the_channels_of_a_libvirt_domain(domains):
     r = gl("ping", "--json", name, "--timeout", 30)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["via"] == "guestlink"  # not the domain's qemu-ga
+    r = gl("enroll", "--remove", name)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("removed guestlink agent")
+    assert "channels stay in libvirt domain %s" % name in r.stderr
+    r = gl("ping", "--via", "guestlink", name, "--timeout", 3)
+    assert r.returncode != 0
 
 
 # --- the sysv test disk: enrolled online, read offline, started at the next boot --------------------
