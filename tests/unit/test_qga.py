@@ -717,7 +717,7 @@ def test_cli_through_qemu_ga(sock, tmp_path):
     env["GUESTLINK_CTL"] = os.path.join(os.path.dirname(sock), "absent-ctl.sock")
 
     async def main():
-        async with FakeQga(sock):
+        async with FakeQga(sock) as fake:
             loop = asyncio.get_running_loop()
             call = lambda *a, **k: loop.run_in_executor(None, lambda: _cli(*a, **k))  # noqa: E731
             r = await call(["ping", "--json"], env)
@@ -739,6 +739,15 @@ def test_cli_through_qemu_ga(sock, tmp_path):
             assert r.returncode == 69 and b"qemu-ga" not in r.stderr
             r = await call(["send", "t", "x"], env)  # a guestlink-only command: no fallback
             assert r.returncode == 69
+            # guest strings are escaped in every text output
+            hostile = "\x1b]0;pwned\x07\x1b[2J\u202e"
+            fake.override["guest-get-host-name"] = lambda a: line({"return": {"host-name": hostile}})
+            fake.override["guest-get-osinfo"] = lambda a: line({"return": {
+                "kernel-release": hostile, "pretty-name": hostile}})
+            for args in (["ping"], ["info"]):
+                r = await call(args, env)
+                assert r.returncode == 0, r.stderr
+                assert b"\x1b" not in r.stdout + r.stderr and b"\\x1b]0;pwned" in r.stdout
     run(main(), 120)
     r = _cli(["ping", "--via", "qga"], {k: v for k, v in env.items() if k != "GUESTLINK_QGA"})
     assert r.returncode == 2 and b"--via qga needs" in r.stderr
