@@ -170,6 +170,13 @@ def test_via_qga_on_a_guest_that_has_both(both):
     assert len(notes(r)) == 1
     r = gl("exec", "--via", "qga", "--", "cat", env=env, input=b"both")
     assert (r.returncode, r.stdout) == (0, b"both")
+    # guestlink's agent stopped (init's respawn loop told to wait): auto falls back, and says why
+    r = gl("exec", "-n", "--via", "qga", "--", "sh", "-c",
+           "touch /run/guestlink-stopping; kill $(cat /run/guestlink-agent.pid)", env=env)
+    assert r.returncode == 0, r.stderr
+    r = gl("ping", env=env)
+    assert r.returncode == 0 and b"(qemu-ga 7." in r.stdout, r.stderr
+    assert len(notes(r)) == 1 and "did not answer" in notes(r)[0]
 
 
 # --- qemu-ga absent --------------------------------------------------------------------------------
