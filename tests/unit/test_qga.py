@@ -403,6 +403,30 @@ def test_a_guest_without_sha256_tools_copies_unverified_and_says_so(sock, tmp_pa
     assert (tmp_path / "dst2.bin").read_bytes() == b"unverified"
 
 
+def test_pull_reads_regular_files_only_and_never_past_their_size(sock, tmp_path):
+    """/dev/zero would never end; a file larger than the size qemu-ga announced (it grew, or the
+    guest lies) is read only up to that size and then fails the checksum: the host's disk is
+    not filled by the guest."""
+    remote = tmp_path / "remote.bin"
+    remote.write_bytes(b"y" * 5000)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    async def main():
+        async with FakeQga(sock) as fake:
+            async with await qga_client(sock) as vm:
+                with pytest.raises(E.BadRequest, match="not a regular file"):
+                    await vm.pull("/dev/zero", str(out / "z"))
+                fake.override["guest-file-seek"] = lambda a: line({"return": {
+                    "position": 10 if a["whence"] == "end" else 0, "eof": False}})
+                with pytest.raises(E.ChecksumMismatch):
+                    await vm.pull(str(remote), str(out / "f"))
+                reads = [a["count"] for n, a in fake.calls if n == "guest-file-read"]
+                assert reads == [10]
+    run(main())
+    assert os.listdir(out) == []
+
+
 def test_tree_resume_preserve_are_refused(sock, tmp_path):
     async def main():
         async with FakeQga(sock):

@@ -2,10 +2,12 @@
 makes. See the package docstring for what differs from guestlink's own agent."""
 
 import asyncio
+import errno
 import hashlib
 import os
 import secrets
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -436,9 +438,11 @@ class QgaClient:
                    preserve: bool = False, resume: bool = False, checksum: str = "sha256",
                    progress: Progress = None,
                    timeout: Optional[float] = None) -> QgaTransferResult:
-        """Copy the guest file ``remote`` to ``local`` (a path, an existing directory, or ``-``
-        for stdout) through guest-file-read, into a temporary file renamed into place once the
-        guest's SHA-256 of ``remote`` matches what arrived; removed on any failure."""
+        """Copy the guest's regular file ``remote`` to ``local`` (a path, an existing directory,
+        or ``-`` for stdout) through guest-file-read, at most its size at the start (ENOSPC
+        before anything is read when the host has no room), into a temporary file renamed into
+        place once the guest's SHA-256 of ``remote`` matches what arrived; removed on any
+        failure."""
         self._unsupported(recursive, preserve, resume)
         t = self.transport
         ct = check_timeout(timeout) or self.timeout
@@ -459,11 +463,20 @@ class QgaClient:
         try:
             handle = await G.file_open(t, remote, "r", ct)
             try:
-                total: Optional[int] = await G.file_size(t, handle, ct)
-                size = G.CHUNK  # a read's request is small; its reply stays under libvirt's cap
+                # only a regular file has an end that its size announces (not /dev/zero)
+                if (await G.run(t, ["test", "-f", remote], timeout=ct)).exitcode != 0:
+                    raise E.BadRequest(codes.BAD_REQUEST, "%s is not a regular file (qemu-ga "
+                                       "copies regular files only)" % remote)
+                total = await G.file_size(t, handle, ct)
+                if tmp is not None and shutil.disk_usage(os.path.dirname(tmp)).free < total:
+                    raise OSError(errno.ENOSPC, "%s: %d bytes do not fit (%s)" % (
+                        local, total, os.strerror(errno.ENOSPC)))
                 loop = asyncio.get_running_loop()
-                while True:
-                    data, eof = await G.file_read(t, handle, size, ct)
+                # never more than the announced size: a file that grows meanwhile fails the
+                # checksum below instead of filling the host's disk
+                while done < total:
+                    want = min(G.CHUNK, total - done)  # its reply stays under libvirt's cap
+                    data, eof = await G.file_read(t, handle, want, ct)
                     if data:
                         await loop.run_in_executor(None, out.write, data)
                         h.update(data)
