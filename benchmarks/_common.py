@@ -264,35 +264,11 @@ async def start_raw_port(client, vm, mode="echo", n=None, port_path=None,
     return raw
 
 
-# --- qemu-ga (Debian's qemu-guest-agent on a third port) ---------------------------------
+# --- qemu-ga (Debian's qemu-guest-agent, in the test bed's base image) --------------------
+# booted_vm(qga=True) adds its port org.qemu.guest_agent.0 (vm.qga_path); the guest's init runs
+# qemu-ga on it.
 
 QGA_PORT = "org.qemu.guest_agent.0"
-QGA_PKGS = ["qemu-guest-agent", "libglib2.0-0", "libpcre2-8-0", "libmount1", "libblkid1",
-            "libselinux1", "libffi8", "zlib1g", "liburing2", "libnuma1", "libudev1", "libgcc-s1"]
-
-
-
-def qga_files():
-    """{guest path: host path} for qemu-ga and its libraries, or raise with the reason."""
-    from testvm import build as B
-    pol = B._policy(QGA_PKGS)
-    versions = {p: v["candidate"] for p, v in pol.items() if v.get("candidate")}
-    if "qemu-guest-agent" not in versions:
-        raise RuntimeError("apt knows no qemu-guest-agent candidate")
-    cache = REPO / ".cache" / "testvm" / "debs"
-    debs = B.fetch_debs(versions, cache)
-    stage = Path(tempfile.mkdtemp(prefix="qga-stage-"))
-    B._unpack(debs, stage)
-    for libc in B.fetch_debs({"libc6": B.resolve_versions()["libc6"]}, cache).values():
-        B._unpack({"libc6": libc}, stage)
-    root = Path(tempfile.mkdtemp(prefix="qga-root-"))
-    binary = stage / "usr" / "sbin" / "qemu-ga"
-    if B._copy_libs(stage, root, [binary]):
-        raise RuntimeError("qemu-ga's shared libraries could not all be found")
-    files = {"/usr/sbin/qemu-ga": str(binary)}
-    for lib in (root / "lib" / B.MULTIARCH).iterdir():
-        files["/lib/%s/%s" % (B.MULTIARCH, lib.name)] = str(lib)
-    return files
 
 
 class QGA:
@@ -312,7 +288,7 @@ class QGA:
         while True:
             line = self.f.readline()
             if not line:
-                raise RuntimeError("qemu-ga closed")
+                raise ConnectionError("qemu-ga closed")
             obj = json.loads(line.lstrip(b"\xff"))
             if "error" in obj:
                 raise RuntimeError(obj["error"])
@@ -324,15 +300,28 @@ class QGA:
         self.sock.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited",
                                                 "arguments": {"id": n}}).encode() + b"\n")
         while True:
-            line = self.f.readline().lstrip(b"\xff")
-            if line.strip() and json.loads(line).get("return") == n:
+            line = self.f.readline()
+            if not line:
+                raise ConnectionError("qemu-ga closed")
+            # qemu-ga answers the 0xFF with a parse error, then 0xFF + the sync reply
+            if line.startswith(b"\xff") and json.loads(line[1:]).get("return") == n:
                 return
 
 
-async def start_qga(client):
-    """Start qemu-ga (put in the guest with ``qga_files()``) on its port, detached."""
-    await start_detached(client, ["/usr/sbin/qemu-ga", "-m", "virtio-serial", "-p",
-                                  "/dev/virtio-ports/" + QGA_PORT, "-t", "/tmp"])
+def wait_qga(vm, timeout=30.0):
+    """Wait until qemu-ga answers a sync on ``vm.qga_path``; return a synced :class:`QGA`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            q = QGA(vm.qga_path)
+            q.sock.settimeout(2.0)
+            q.sync()
+            q.sock.settimeout(None)
+            return q
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 # --- facts and statistics ---------------------------------------------------------------------

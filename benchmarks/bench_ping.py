@@ -204,7 +204,8 @@ async def run(vm, args):
     try:
         if args.qga_note is None:
             try:
-                await C.start_qga(client)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: C.wait_qga(vm, 60).sock.close())
             except Exception as exc:
                 args.qga_note = "qemu-ga did not start: %s: %s" % (type(exc).__name__, exc)
         info = await client.info()
@@ -381,16 +382,9 @@ def main(argv=None):
 
     t0 = time.monotonic()
     args.qga_note = None
-    extra = {}
     if args.no_qga:
         args.qga_note = "skipped (--no-qga)"
-    else:
-        try:
-            log(args, "extracting qemu-ga from the Debian packages")
-            extra = C.qga_files()
-        except Exception as exc:
-            args.qga_note = "qemu-ga not available: %s" % exc
-    kw = dict(extra_files=extra, extra_ports=[C.QGA_PORT]) if extra else {}
+    kw = dict(qga=args.qga_note is None)
     try:
         log(args, "booting the test VM")
         with C.booted_vm(args.workdir, smp=args.smp,

@@ -45,7 +45,7 @@ from pathlib import Path
 import _common as C  # puts src/ and the repository root on sys.path
 
 # qemu-ga's files, port and client live in _common (bench_ping uses them too).
-from _common import QGA, QGA_PKGS, QGA_PORT, qga_files  # noqa: E402,F401
+from _common import QGA, QGA_PORT  # noqa: E402,F401
 
 RAW_READER = r'''
 import os, sys, time
@@ -354,30 +354,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (default 3)")
     ap.add_argument("--no-qga", action="store_true", help="skip the qemu-ga comparison")
     a = ap.parse_args()
-    extra, qga_note = {}, None
-    try:
-        if a.no_qga:
-            raise RuntimeError("skipped (--no-qga)")
-        extra = qga_files()
-    except Exception as exc:
-        qga_note = "qemu-ga not available: %s" % exc
-    kw = dict(extra_files=extra, extra_ports=[QGA_PORT], memory=1024) if extra else dict(memory=1024)
-    if extra:
-        kw["append"] = ""
+    qga_note = None if not a.no_qga else "skipped (--no-qga)"
+    extra = qga_note is None
+    kw = dict(memory=1024, qga=extra)
     with C.booted_vm(**kw) as vm:
         if extra:
-            # qemu-ga runs detached in the guest on its port
-            async def start():
-                c = await C.connect(vm, timeout=60)
-                async with c:
-                    await C.start_detached(c, ["/usr/sbin/qemu-ga", "-m", "virtio-serial", "-p",
-                                               "/dev/virtio-ports/" + QGA_PORT, "-t", "/tmp"])
-                    await asyncio.sleep(1.0)
-            try:
-                asyncio.run(asyncio.wait_for(start(), 60))
+            try:  # the guest's init runs qemu-ga on its port
+                C.wait_qga(vm, 60).sock.close()
             except Exception as exc:
                 qga_note = "qemu-ga did not start: %r" % exc
-                extra = {}
+                extra = False
         res = asyncio.run(measure(vm, a.mib, a.rounds, bool(extra)))
     if qga_note:
         res["qga_error"] = qga_note

@@ -55,6 +55,13 @@ GUEST_PACKAGES = [
     "libuuid1",
     "base-files",
 ]
+# Debian's qemu-guest-agent (qemu-ga) and the libraries it needs: init.sh runs it when the VM has
+# a virtserialport named org.qemu.guest_agent.0 (TestVM(qga=True)), as on the VMs people run today.
+QGA_PACKAGES = [
+    "qemu-guest-agent", "libglib2.0-0", "libpcre2-8-0", "libmount1", "libblkid1", "libselinux1",
+    "liburing2", "libnuma1", "libudev1", "libgcc-s1",
+]
+QGA_BINARY = "usr/sbin/qemu-ga"
 # Modules needed for virtio-serial; dependencies are added from the .ko files.
 WANTED_MODULES = ["virtio_pci", "virtio_console"]
 
@@ -166,7 +173,7 @@ def _kernel_package() -> str:
 
 def resolve_versions() -> Dict[str, str]:
     """{package: version} of every package the guest is built from."""
-    pkgs = [_kernel_package()] + GUEST_PACKAGES
+    pkgs = [_kernel_package()] + GUEST_PACKAGES + QGA_PACKAGES
     pol = _policy(pkgs)
     versions = {}
     missing = []
@@ -572,6 +579,13 @@ def _assemble(stage: Path, root: Path, kver: str) -> dict:
     shutil.copyfile(ld.resolve(), root / "lib" / MULTIARCH / "ld-linux-x86-64.so.2")
     os.chmod(root / "lib" / MULTIARCH / "ld-linux-x86-64.so.2", 0o755)
     os.symlink(f"/lib/{MULTIARCH}/ld-linux-x86-64.so.2", root / "lib64/ld-linux-x86-64.so.2")
+
+    # qemu-guest-agent with its shared-library closure
+    shutil.copy2(stage / QGA_BINARY, root / QGA_BINARY)
+    if _copy_libs(stage, root, [root / QGA_BINARY]):
+        raise TestbedError("shared libraries for qemu-ga are missing from the guest packages "
+                           f"({', '.join(QGA_PACKAGES)})")
+    (root / "etc/qemu").mkdir(parents=True, exist_ok=True)
 
     # kernel modules
     moddir = stage / "lib/modules" / kver

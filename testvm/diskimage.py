@@ -2,8 +2,10 @@
 
 The disk is the test bed's own guest (the base initramfs unpacked: busybox, python3, /etc, the
 virtio modules) turned into a small "sysv" Linux: busybox init reads /etc/inittab, runs
-/etc/init.d/rcS, which loads /etc/modules-load.d/*.conf with modprobe, starts /etc/rc2.d/S*
-scripts and runs /etc/rc.local — the way a Debian sysvinit guest starts services. Nothing of
+/etc/init.d/rcS, which loads /etc/modules-load.d/*.conf with modprobe, loads virtio_console for a
+virtio console device (as udev's coldplug would), starts Debian's qemu-guest-agent (from the base
+image) when the VM has the port org.qemu.guest_agent.0 (``DiskVM(..., qga=True)``), starts
+/etc/rc2.d/S* scripts and runs /etc/rc.local — the way a Debian sysvinit guest starts services. Nothing of
 the test bed's /init (which starts the agent itself) is left, so an agent only runs if
 something installed it into the disk (``guestlink image install``).
 
@@ -69,6 +71,10 @@ for f in /etc/modules-load.d/*.conf; do
     [ -f "$f" ] || continue
     for m in $(sed 's/#.*//' "$f"); do modprobe "$m" && say "modprobe $m" || say "modprobe $m failed"; done
 done
+# like udev's coldplug: a virtio console device gets its driver (modalias virtio:d00000003...)
+for d in /sys/bus/virtio/devices/*; do
+    [ "$(cat "$d/device" 2>/dev/null)" = 0x0003 ] && modprobe virtio_console 2>/dev/null
+done
 # like udev settle: give named virtio ports a moment to appear
 n=${NPORTS:-0}
 for w in $(cat /proc/cmdline); do case "$w" in guestlink.nports=*) n="${w#guestlink.nports=}";; esac; done
@@ -78,6 +84,18 @@ i=0
 while [ "$n" -gt 0 ] && [ "$(cat /sys/class/virtio-ports/*/name 2>/dev/null | wc -l)" -lt "$n" ] && [ $i -lt 50 ]; do
     sleep 0.1; i=$((i + 1))
 done
+# Debian's qemu-guest-agent, started (as its udev rule does) when the port org.qemu.guest_agent.0
+# exists; no udev here, so the port is found by name in sysfs (after the settle wait above)
+for p in /sys/class/virtio-ports/*; do
+    [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && QGA_DEV=/dev/${p##*/}
+done
+if [ -n "$QGA_DEV" ] && [ -x /usr/sbin/qemu-ga ]; then
+    mkdir -p /run/qemu-ga
+    (
+        while :; do /usr/sbin/qemu-ga -m virtio-serial -p "$QGA_DEV" -t /run/qemu-ga; sleep 0.5; done
+    ) </dev/null >/dev/console 2>&1 &
+    say "qemu-ga started on $QGA_DEV"
+fi
 # runlevel 2 start scripts, then rc.local
 for s in /etc/rc2.d/S*; do
     [ -x "$s" ] && { say "starting $s"; "$s" start; }

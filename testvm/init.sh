@@ -5,6 +5,7 @@
 #   guestlink.noagent=1      do not start the agent
 #   guestlink.args=BASE64    extra agent arguments, base64 of newline-separated args
 #   guestlink.nports=N       wait (up to 10 s) until N named virtio ports exist
+#   guestlink.noqga=1        do not start qemu-ga even if its port exists
 # Extra agent arguments also come from /etc/guestlink/agent-args (one per line;
 # put there by the per-boot overlay cpio).
 
@@ -25,11 +26,13 @@ hostname -F /etc/hostname
 ip link set lo up 2>/dev/null
 
 NOAGENT=0
+NOQGA=0
 NPORTS=0
 ARGS_B64=
 for w in $(cat /proc/cmdline); do
     case "$w" in
         guestlink.noagent=1) NOAGENT=1 ;;
+        guestlink.noqga=1) NOQGA=1 ;;
         guestlink.nports=*) NPORTS="${w#guestlink.nports=}" ;;
         guestlink.args=*) ARGS_B64="${w#guestlink.args=}" ;;
     esac
@@ -88,6 +91,29 @@ trap 'say "poweroff requested"; /sbin/poweroff' USR2
 trap 'say "halt requested"; /sbin/poweroff' USR1
 trap 'say "reboot requested"; /sbin/reboot' TERM
 trap '' INT HUP
+
+# Debian's qemu-guest-agent on its own port (org.qemu.guest_agent.0), when the VM has that port:
+# like on a distribution VM, it runs independently of the guestlink agent (respawned if it dies).
+QGA_DEV=/dev/virtio-ports/org.qemu.guest_agent.0
+if [ -e "$QGA_DEV" ] && [ -x /usr/sbin/qemu-ga ]; then
+    if [ "$NOQGA" = 1 ]; then
+        say "qemu-ga disabled"
+    else
+        mkdir -p /run/qemu-ga
+        (
+            trap - USR1 USR2 TERM
+            while :; do
+                /usr/sbin/qemu-ga -m virtio-serial -p "$QGA_DEV" -t /run/qemu-ga </dev/null >/dev/console 2>&1 &
+                qpid=$!
+                echo "$qpid" > /run/qemu-ga.pid
+                say "qemu-ga started (pid $qpid)"
+                wait "$qpid"
+                say "qemu-ga exited (status $?), respawning"
+                sleep 0.5
+            done
+        ) &
+    fi
+fi
 
 read -r up _ < /proc/uptime
 say "ready (uptime ${up}s)"

@@ -8,6 +8,11 @@ Ports (virtio-serial-pci controller, QEMU side = unix socket server, wait=off):
   nr=1 org.guestlink.ctl   -> vm.ctl_path
   nr=2 org.guestlink.data  -> vm.data_path
   nr=3.. extra_ports       -> vm.port_path(name)
+  next   org.qemu.guest_agent.0 (TestVM(qga=True)) -> vm.qga_path; init.sh runs Debian's
+         qemu-ga on it (kernel switch guestlink.noqga=1: the port without qemu-ga)
+
+TestVM(guestlink_ports=False) leaves out ctl and data (a VM as people run it before enrolling);
+the other ports then start at nr=1.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from .build import TestbedError, ensure_base, make_overlay
 QEMU = os.environ.get("GUESTLINK_TESTVM_QEMU", "qemu-system-x86_64")
 CTL_PORT = "org.guestlink.ctl"
 DATA_PORT = "org.guestlink.data"
+#: the port name qemu-guest-agent (and libvirt) use
+QGA_PORT = "org.qemu.guest_agent.0"
 AGENT_GUEST_PATH = "/opt/guestlink/guestlink-agent.pyz"
 READY_LINE = "guestlink-testvm: ready"
 #: init's first console line (testvm/init.sh, the disk image's initramfs)
@@ -123,7 +130,9 @@ class TestVM:
                  agent_args: Sequence[str] = (),
                  smp: int = 2,
                  no_reboot: bool = False,
-                 cache_dir: Union[str, os.PathLike, None] = None):
+                 cache_dir: Union[str, os.PathLike, None] = None,
+                 qga: bool = False,
+                 guestlink_ports: bool = True):
         """
         workdir     -- directory for the initrd, console log, QEMU log and sockets
         agent_pyz   -- host path of the agent zipapp (None: boot without an agent)
@@ -132,6 +141,8 @@ class TestVM:
         append      -- extra kernel command line (e.g. "guestlink.noagent=1")
         agent_args  -- extra arguments for `guestlink-agent.pyz run` (one per element)
         no_reboot   -- a guest `reboot` makes QEMU exit (default: the guest reboots)
+        qga         -- add the port org.qemu.guest_agent.0 (vm.qga_path); init runs qemu-ga on it
+        guestlink_ports -- add org.guestlink.ctl and .data (False: a VM not yet enrolled)
         """
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -156,23 +167,31 @@ class TestVM:
             self.sockdir = Path(self._sockdir_tmp)
         else:
             self.sockdir = self.workdir
-        names = [CTL_PORT, DATA_PORT] + self.extra_ports
+        self.qga = qga
+        self.guestlink_ports = guestlink_ports
+        names = (([CTL_PORT, DATA_PORT] if guestlink_ports else []) + self.extra_ports
+                 + ([QGA_PORT] if qga else []))
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate port names: {names}")
         self._ports: Dict[str, Path] = {}
         for i, name in enumerate(names):
-            short = {CTL_PORT: "ctl", DATA_PORT: "data"}.get(name) or f"port{i + 1}"
+            short = {CTL_PORT: "ctl", DATA_PORT: "data", QGA_PORT: "qga"}.get(name) or f"port{i + 1}"
             self._ports[name] = self.sockdir / f"{short}.sock"
         self.qmp_path = self.sockdir / "qmp.sock"
 
     # ------------------------------------------------------------------ paths
     @property
     def ctl_path(self) -> str:
-        return str(self._ports[CTL_PORT])
+        return self.port_path(CTL_PORT)
 
     @property
     def data_path(self) -> str:
-        return str(self._ports[DATA_PORT])
+        return self.port_path(DATA_PORT)
+
+    @property
+    def qga_path(self) -> str:
+        """Host socket of the qemu-ga port (TestVM(qga=True))."""
+        return self.port_path(QGA_PORT)
 
     def port_path(self, name: str) -> str:
         try:

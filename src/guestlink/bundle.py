@@ -1,7 +1,10 @@
 """Build the agent as one executable file (a zipapp), for guests that have no pip.
 
-Only the guest-side packages go in: ``guestlink.protocol``, ``guestlink.filecopy`` and
-``guestlink.agent`` (stdlib-only).
+Only the guest-side code goes in (stdlib-only): the packages ``guestlink.protocol``,
+``guestlink.filecopy`` and ``guestlink.agent``, and the modules of :data:`GUEST_MODULES` -- the
+install description (``guestlink.image.tree``, with its errors and the exit-status table), so that
+``guestlink-agent install`` in a running guest (``guestlink enroll``) runs the very installer that
+``guestlink image install`` runs on a disk.
 """
 import io
 import os
@@ -9,6 +12,9 @@ import zipfile
 from typing import Iterator, List, Tuple
 
 GUEST_PACKAGES = ("protocol", "filecopy", "agent")
+#: single guest-side modules outside those packages (paths relative to the guestlink package)
+GUEST_MODULES = ("__init__.py", "_version.py", "exitcodes.py", "image/__init__.py",
+                 "image/errors.py", "image/tree.py", "image/bootstrap.py")
 _MAIN = b"""import sys
 from guestlink.agent.cli import main
 sys.exit(main())
@@ -18,8 +24,8 @@ _EPOCH = (2020, 1, 1, 0, 0, 0)  # fixed timestamps make the bundle reproducible
 
 def _guest_files() -> Iterator[Tuple[str, str]]:
     root = os.path.dirname(os.path.abspath(__file__))
-    yield "guestlink/__init__.py", os.path.join(root, "__init__.py")
-    yield "guestlink/_version.py", os.path.join(root, "_version.py")
+    for module in GUEST_MODULES:
+        yield "guestlink/" + module, os.path.join(root, *module.split("/"))
     for package in GUEST_PACKAGES:
         base = os.path.join(root, package)
         for dirpath, dirnames, filenames in os.walk(base):

@@ -15,6 +15,11 @@ else the ones recorded in the domain's ``<metadata>`` (``<guestlink:channels ctl
 written by ``guestlink libvirt attach`` and printed by ``guestlink libvirt xml`` for custom names),
 else ``org.guestlink.ctl`` / ``org.guestlink.data``.
 
+A domain's qemu-guest-agent channel (target name ``org.qemu.guest_agent.0``, :data:`QGA_NAME`)
+is found the same way (:attr:`DomainXML.qga_channel`), and each backend runs agent commands
+(``agent_command``: ``virsh qemu-agent-command`` / libvirt-python's ``qemuAgentCommand``) for
+guestlink.host.qga's fallback; their failures are :class:`GuestAgentError` subclasses.
+
 libvirt is reached through libvirt-python when it is importable, else through the ``virsh``
 command (``dumpxml``, ``list``, ``attach-device``...). Only XML is parsed, never virsh's tables.
 ``GUESTLINK_LIBVIRT_BACKEND=python|virsh`` forces one.
@@ -49,6 +54,8 @@ DEFAULT_PORTS = 16
 #: user alias marking the virtio-serial controller that ``attach`` added (``detach`` removes only it)
 CONTROLLER_ALIAS = "ua-guestlink-vser"
 FALLBACK_URI = "qemu:///system"
+#: the channel name qemu-guest-agent listens on (libvirt's and every distribution's default)
+QGA_NAME = "org.qemu.guest_agent.0"
 #: longest AF_UNIX path (sun_path is 108 bytes, NUL-terminated)
 MAX_SOCKET_PATH = 107
 
@@ -84,6 +91,45 @@ class NoChannels(LibvirtError):
 
 class AttachError(LibvirtError):
     """libvirt refused to add or remove a device."""
+
+
+class GuestAgentError(LibvirtError):
+    """libvirt could not run a qemu-guest-agent command."""
+
+
+class GuestAgentNotConfigured(GuestAgentError):
+    """The domain has no qemu-ga channel, or libvirt has not connected to it."""
+
+
+class GuestAgentNotResponding(GuestAgentError):
+    """libvirt reached the channel but qemu-ga did not answer in time."""
+
+
+class GuestAgentCommandFailed(GuestAgentError):
+    """qemu-ga answered with an error; ``desc`` is its text (from the guest: untrusted)."""
+
+    def __init__(self, message: str, desc: str) -> None:
+        GuestAgentError.__init__(self, message)
+        self.desc = desc
+
+
+_AGENT_FAILED = re.compile(r"unable to execute QEMU agent command '[^']*': (.*)$", re.S)
+
+
+def agent_error(message: str, domain: str, unresponsive: bool = False,
+                unconfigured: bool = False) -> Optional[GuestAgentError]:
+    """The GuestAgentError for libvirt's error text about an agent command, or None."""
+    low = message.lower()
+    if unconfigured or "agent is not configured" in low or "agent is not connected" in low:
+        return GuestAgentNotConfigured("libvirt domain %s: qemu-guest-agent is not available: %s"
+                                       % (domain, message))
+    if unresponsive or "agent is not responding" in low or "agent not responding" in low:
+        return GuestAgentNotResponding("qemu-guest-agent of libvirt domain %s is not responding"
+                                       % domain)
+    m = _AGENT_FAILED.search(message)
+    if m:
+        return GuestAgentCommandFailed("qemu-ga: %s" % m.group(1), m.group(1))
+    return None
 
 
 def default_uri(uri: Optional[str] = None) -> str:
@@ -215,6 +261,12 @@ class DomainXML:
     @property
     def running(self) -> bool:
         return self.id is not None and self.id >= 0
+
+    @property
+    def qga_channel(self) -> Optional[Channel]:
+        """The qemu-guest-agent channel (target name :data:`QGA_NAME`), if the domain has one.
+        Its ``state`` (live XML) is ``connected`` while qemu-ga has the port open."""
+        return self.channels.get(QGA_NAME)
 
 
 @overload
@@ -525,6 +577,19 @@ class VirshBackend(_Backend):
     def detach(self, domain: str, xml: str, live: bool, config: bool) -> None:
         self._device("detach-device", domain, xml, live, config)
 
+    def agent_command(self, domain: str, command: str, timeout: Optional[int]) -> str:
+        """``virsh qemu-agent-command``: qemu-ga's reply as libvirt returns it (JSON text).
+        ``timeout``: seconds for the agent (None: libvirt's default)."""
+        args = ["qemu-agent-command", "--domain", domain]
+        args += ["--timeout", str(timeout)] if timeout is not None else []
+        try:
+            return self._run(*args, command, domain=domain,
+                             timeout=(timeout or 30) + 30)
+        except (DomainNotFound, LibvirtUnavailable, LibvirtPermissionDenied):
+            raise
+        except LibvirtError as exc:
+            raise agent_error(str(exc), domain) or exc
+
     def set_metadata(self, domain: str, xml: Optional[str], live: bool, config: bool) -> None:
         """Replace guestlink's <metadata> element (``xml`` without namespace); None removes it."""
         what = ["--set", xml, "--key", METADATA_KEY] if xml is not None else ["--remove"]
@@ -632,6 +697,34 @@ class PythonBackend(_Backend):
 
     def detach(self, domain: str, xml: str, live: bool, config: bool) -> None:
         self._device("detachDeviceFlags", domain, xml, live, config)
+
+    def agent_command(self, domain: str, command: str, timeout: Optional[int]) -> str:
+        """libvirt_qemu.qemuAgentCommand: qemu-ga's reply (JSON text). ``timeout``: seconds
+        (None: libvirt's default)."""
+        import importlib
+
+        lv = self.lv
+        try:
+            qemu = importlib.import_module("libvirt_qemu")
+        except ImportError:
+            raise LibvirtUnavailable("libvirt-python has no libvirt_qemu module (agent commands "
+                                     "need it)") from None
+        dom = self._lookup(domain)
+        seconds = timeout if timeout is not None else getattr(
+            qemu, "VIR_DOMAIN_QEMU_AGENT_COMMAND_DEFAULT", -1)
+        try:
+            reply = qemu.qemuAgentCommand(dom, command, seconds, 0)
+        except lv.libvirtError as exc:
+            code = exc.get_error_code()
+            msg = exc.get_error_message() or str(exc)
+            err = agent_error(
+                msg, domain,
+                unresponsive=code == getattr(lv, "VIR_ERR_AGENT_UNRESPONSIVE", -1),
+                unconfigured=code == getattr(lv, "VIR_ERR_AGENT_UNSYNCED", -1))
+            raise (err or self._error(exc, domain)) from None
+        if not isinstance(reply, str):
+            raise LibvirtError("libvirt returned a non-text agent reply")
+        return reply
 
     def set_metadata(self, domain: str, xml: Optional[str], live: bool, config: bool) -> None:
         """Replace guestlink's <metadata> element (``xml`` without namespace); None removes it."""

@@ -33,8 +33,11 @@ def test_protocol_core_is_sans_io():
 def test_guest_side_is_stdlib_only():
     stdlib = set(sys.stdlib_module_names)
     offenders = []
+    from guestlink.bundle import GUEST_MODULES
+
+    modules = [SRC / m for m in GUEST_MODULES]  # bundled too (the install description)
     for package in ("protocol", "filecopy", "agent"):
-        for path in sorted((SRC / package).rglob("*.py")):
+        for path in sorted((SRC / package).rglob("*.py")) + (modules if package == "agent" else []):
             for name, line in imported_modules(path):
                 if name not in stdlib and name != "guestlink":
                     offenders.append("%s:%d imports %s" % (path, line, name))
@@ -86,7 +89,10 @@ def test_shared_copy_package_imports_no_agent_code():
 
 def test_guest_side_runs_on_python_3_8():
     """vermin reads the code statically; no 3.8 interpreter is needed."""
-    paths = [str(SRC / "protocol"), str(SRC / "filecopy"), str(SRC / "agent"), str(SRC / "__init__.py"), str(SRC / "_version.py")]
+    from guestlink.bundle import GUEST_MODULES
+
+    paths = [str(SRC / "protocol"), str(SRC / "filecopy"), str(SRC / "agent")] + [
+        str(SRC / m) for m in GUEST_MODULES]
     vermin = shutil.which("vermin") or str(pathlib.Path(sys.executable).parent / "vermin")
     proc = subprocess.run([vermin, "-q", "--no-tips", "--eval-annotations",
                            "--backport", "typing", "-t=3.8-", "--violations"] + paths,
@@ -104,6 +110,8 @@ def test_agent_bundle_holds_only_guest_code(tmp_path):
     assert any(n.startswith("guestlink/protocol/") for n in names)
     assert any(n.startswith("guestlink/agent/") for n in names)
     assert any(n.startswith("guestlink/filecopy/") for n in names)
+    assert "guestlink/image/tree.py" in names  # the installer enroll runs in the guest
+    assert not any(n in names for n in ("guestlink/image/backends.py", "guestlink/image/disk.py"))
     assert not any(n.startswith(("guestlink/host/", "guestlink/cli")) for n in names)
     assert target.read_bytes().startswith(b"#!/usr/bin/env python3\n")
 

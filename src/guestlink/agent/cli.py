@@ -1,7 +1,15 @@
-"""``guestlink-agent``: a thin argparse front end (run / send / listen).
+"""``guestlink-agent``: a thin argparse front end (run / send / listen / install / remove / status).
+
+``install``, ``remove`` and ``status`` run the installer of ``guestlink image``
+(guestlink.image.tree, bundled into the zipapp) on the running guest's own root: the same files,
+the same manifest, the same undo. ``guestlink enroll`` runs them through qemu-guest-agent; in the
+guest, ``python3 guestlink-agent.pyz install --start`` does the same by hand. They print the
+installer's result (``--json``: one JSON object; an error as ``{"error", "exit_code"}``).
 
 Exit codes: 0 ok; 1 error; 2 the agent is not running (its socket is missing or refuses);
-3 no host is connected; 64 usage error; 70 internal error (a bug: one line, no traceback unless
+3 no host is connected; 64 usage error; install/remove/status: the exit status of
+``guestlink image`` (guestlink.exitcodes: 65 not a Linux root or a damaged manifest, 73 read-only or
+full, 77 permission denied, ...); 70 internal error (a bug: one line, no traceback unless
 GUESTLINK_DEBUG=1); 78 configuration error.
 """
 import argparse
@@ -9,15 +17,20 @@ import base64
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 import traceback
-from typing import Dict, NoReturn, Optional, Sequence
+from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 from .. import _version
 from ..protocol.safetext import printable
 from . import client as _client
 from .config import DEFAULT_CONFIG_PATH, LOG_LEVELS, Config, ConfigError, load_config
+
+#: what a service command may print into the result (the rest is cut)
+MAX_SERVICE_OUTPUT = 4096
+SERVICE_TIMEOUT = 60.0
 
 PROG = "guestlink-agent"
 EXIT_OK = 0
@@ -76,6 +89,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help='one JSON object per line: {"topic", "data"} (or "data_base64" when '
                              'the data is not UTF-8)')
     listen.add_argument("--socket", metavar="PATH", help="the agent's local socket")
+
+    inst = sub.add_parser("install", help="install or upgrade this agent in this guest",
+                          description="Install (or upgrade in place) this zipapp as the guest's "
+                                      "agent, started at boot: the files and manifest of "
+                                      "`guestlink image install`.")
+    inst.add_argument("--pyz", metavar="FILE",
+                      help="the agent zipapp to install (default: the one running)")
+    inst.add_argument("--sha256", metavar="HEX",
+                      help="refuse unless the zipapp's SHA-256 is HEX (checked on the bytes read)")
+    inst.add_argument("--init", metavar="KIND",
+                      help="how it starts: systemd, sysv or rc.local (default: detected)")
+    inst.add_argument("--ctl-name", metavar="N", help="control port name (default: kept, or "
+                                                      "org.guestlink.ctl)")
+    inst.add_argument("--data-name", metavar="N", help="data port name (default: kept, or "
+                                                       "org.guestlink.data)")
+    inst.add_argument("--start", action="store_true",
+                      help="then start the agent now (restart it when something changed)")
+    rem = sub.add_parser("remove", help="undo what install did",
+                         description="Remove the agent installed by install or `guestlink image "
+                                     "install`, restoring what it replaced.")
+    rem.add_argument("--stop", action="store_true", help="stop the running agent first")
+    stat_ = sub.add_parser("status", help="what install put in this guest",
+                           description="Show the installed agent's version, files and config.")
+    for p in (inst, rem, stat_):
+        p.add_argument("--root", metavar="DIR", default="/",
+                       help="the guest root directory (default /)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -213,6 +253,110 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def running_zipapp() -> Optional[str]:
+    """The path of the zipapp this code runs from, or None (run from a source tree)."""
+    archive = getattr(globals().get("__loader__"), "archive", None)
+    return archive if isinstance(archive, str) else None
+
+
+def _service(init: str, action: str, root: str) -> Dict[str, Any]:
+    """Run the init system's start/restart/stop of the agent; {"command", "exit_code", "output"}.
+
+    Only on the live root: for another root (an image mounted in the guest) nothing runs."""
+    from ..image.tree import service_commands
+
+    if os.path.realpath(root) != "/":
+        return {"command": None, "exit_code": 0, "output": "not run: --root is not /"}
+    out = b""
+    argv: List[str] = []
+    code = 0
+    for argv in service_commands(init, action):
+        try:
+            # stdout/stderr to a pipe we read whole: the started agent's respawn loop redirects
+            # its own, so it holds none of them (qemu-ga's guest-exec waits for both to close)
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, timeout=SERVICE_TIMEOUT)
+            code, out = proc.returncode, out + proc.stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            code, out = 127, out + str(exc).encode()
+        if code != 0:
+            break
+    text = out.decode("utf-8", "replace").strip()
+    return {"command": argv, "exit_code": code, "output": text[-MAX_SERVICE_OUTPUT:]}
+
+
+def _install_action(args: argparse.Namespace, inst: Any) -> Dict[str, Any]:
+    import hashlib
+
+    from ..exitcodes import EXIT_DATAERR, EXIT_NOINPUT
+    from ..image.errors import ImageError
+    from ..image.tree import MAX_FILE
+
+    path = args.pyz or running_zipapp()
+    if path is None:
+        raise ImageError("not run from a zipapp: give --pyz FILE", EXIT_USAGE)
+    try:
+        with open(path, "rb") as f:
+            pyz = f.read(MAX_FILE + 1)
+    except OSError as exc:
+        raise ImageError("cannot read %s: %s" % (printable(path), exc.strerror), EXIT_NOINPUT)
+    if len(pyz) > MAX_FILE:
+        raise ImageError("%s is larger than %d bytes" % (printable(path), MAX_FILE), EXIT_DATAERR)
+    digest = hashlib.sha256(pyz).hexdigest()
+    if args.sha256 and digest != args.sha256.lower():
+        raise ImageError("%s has SHA-256 %s, not %s: damaged in transit; nothing installed"
+                         % (printable(path), digest, printable(args.sha256)), EXIT_DATAERR)
+    result: Dict[str, Any] = inst.install(pyz, args.init, args.ctl_name, args.data_name)
+    result["sha256"] = digest
+    if args.start:
+        action = "restart" if result["changed"] else "start"
+        result["service"] = svc = _service(result["init"], action, args.root)
+        if svc["exit_code"] != 0:
+            raise ImageError("installed, but `%s` failed (exit %d): %s" % (
+                " ".join(svc["command"]), svc["exit_code"], printable(svc["output"][-300:])))
+    return result
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    """install / remove / status on the guest's own root, with the installer of guestlink.image."""
+    from ..image.errors import ImageError
+    from ..image.tree import Installer, Tree, read_manifest, status
+
+    def log(line: str) -> None:
+        sys.stderr.write("%s: %s\n" % (PROG, printable(line)))
+
+    try:
+        tree = Tree(args.root)
+        inst = Installer(tree, log=log)
+        if args.command == "install":
+            result = _install_action(args, inst)
+        elif args.command == "remove":
+            stopped = None
+            if args.stop:
+                man = read_manifest(tree)
+                if man is not None and man.get("init"):
+                    stopped = _service(man["init"], "stop", args.root)
+            result = inst.remove()
+            result["service"] = stopped
+        else:
+            result = status(tree)
+    except ImageError as exc:
+        if args.json:
+            sys.stdout.write(json.dumps({"error": str(exc), "exit_code": exc.exit_code}) + "\n")
+        return fail(str(exc), exc.exit_code)
+    if args.json:
+        sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
+    elif args.command == "status":
+        sys.stdout.write("%s\n" % ("guestlink agent %s installed (%s)" % (
+            printable(result.get("agent_version")), printable(result.get("init")))
+            if result["installed"] else "guestlink agent: not installed"))
+    else:
+        for note in result.get("notes", ()):
+            log(note)
+        sys.stdout.write(printable(result["summary"]) + "\n")
+    return EXIT_OK
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -224,6 +368,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_run(args)
         if args.command == "send":
             return cmd_send(args)
+        if args.command in ("install", "remove", "status"):
+            return cmd_image(args)
         return cmd_listen(args)
     except KeyboardInterrupt:
         return 130

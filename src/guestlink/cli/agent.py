@@ -8,7 +8,7 @@ from ..exitcodes import EXIT_CANTCREAT, EXIT_OK
 from .common import fail
 
 #: ``guestlink agent ARGS`` passes ARGS that start with one of these unchanged.
-AGENT_SUBCOMMANDS = ("run", "send", "listen")
+AGENT_SUBCOMMANDS = ("run", "send", "listen", "install", "remove", "status")
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -36,7 +36,8 @@ def cmd_agent_bundle(args: argparse.Namespace) -> int:
 
 def run_agent(argv: List[str]) -> int:
     """``guestlink agent ARGS``: ``guestlink.agent.cli.main(["run", *ARGS])``; ARGS that start with
-    one of the agent's own subcommands (run, send, listen) are passed unchanged."""
+    one of the agent's own subcommands (run, send, listen, install, remove, status) are passed
+    unchanged."""
     from ..agent.cli import main as agent_main
 
     argv = list(argv)

@@ -16,8 +16,8 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
 from .._version import __version__
 from ..exitcodes import EXIT_INTERRUPTED, EXIT_USAGE
 from ..protocol.safetext import printable
-from . import agent, doctor, files, image, libvirt, vm
-from .common import EPILOG, UsageError, VMParsers, exit_for, resolve_target
+from . import agent, doctor, enroll, files, image, libvirt, vm
+from .common import EPILOG, UsageError, VMParsers, exit_for, qga_notice, resolve_target
 
 #: The commands that run against a connected VM: name -> coroutine (client, args) -> exit status.
 COMMANDS: Dict[str, Callable[[Any, argparse.Namespace], Awaitable[int]]] = {
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_parsers(vm_parsers)
     agent.add_parsers(sub)
     image.add_parser(sub)
+    enroll.add_parser(sub)
     libvirt.add_parsers(sub)
     doctor.add_parser(sub)
     return parser
@@ -67,10 +68,13 @@ async def _run_vm_command(args: argparse.Namespace) -> int:
     where: Dict[str, Any] = (
         dict(domain=target.domain, uri=target.uri, ctl_name=target.ctl_name,
              data_name=target.data_name) if target.domain  # follows restarts
-        else dict(ctl=target.ctl, data=target.data))
+        else dict(ctl=target.ctl, data=target.data, qga=target.qga))
     try:
         async with connect(timeout=connect_timeout, reconnect=reconnect,
-                           queue_timeout=args.queue_timeout, on_queue=_say_queued, **where) as client:
+                           queue_timeout=args.queue_timeout, on_queue=_say_queued, via=args.via,
+                           **where) as client:
+            if client.via == "qga":
+                qga_notice(client, target)
             return await func(client, args)
     except E.PermissionDenied as exc:
         if not target.domain:
@@ -162,6 +166,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return doctor.run(args)
     if args.command == "image":
         return image.run(args)
+    if args.command == "enroll":
+        return enroll.run(args)
     if args.command in libvirt.COMMANDS:
         return libvirt.run(args)
 

@@ -24,6 +24,7 @@ environment:
                                   defaults for --ctl-name and --data-name (a domain's
                                   channel names; else its guestlink metadata, else
                                   %s and %s)
+  GUESTLINK_QGA                   default for --qga (a plain QEMU VM's qemu-ga socket)
   LIBVIRT_DEFAULT_URI             default for --connect (else qemu:///system)
   GUESTLINK_DEBUG=1               an internal error prints its traceback too
 """ % (CTL_NAME, DATA_NAME)
@@ -114,14 +115,15 @@ def local_error(exc: OSError) -> str:
 class Target:
     """How to reach one VM's channels."""
 
-    ctl: str
-    data: Optional[str] = None
+    ctl: Optional[str]             # None: only qemu-ga is to be used (--via qga), or a domain
+    data: Optional[str] = None     # without guestlink channels (--via auto tries its qemu-ga)
     domain: Optional[str] = None   # the libvirt domain the paths were read from
     uri: Optional[str] = None      # its libvirt URI (--connect; None: the default)
     # the domain's channel names as given (--ctl-name/$GUESTLINK_CTL_NAME...); None: its metadata's,
     # else the defaults (guestlink.libvirt.choose_names), read again on every reconnection
     ctl_name: Optional[str] = None
     data_name: Optional[str] = None
+    qga: Optional[str] = None      # a plain QEMU VM's qemu-ga socket (--qga, $GUESTLINK_QGA)
 
 
 def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Target:
@@ -132,9 +134,12 @@ def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Ta
     (:func:`guestlink.libvirt.resolve_domain`); else ``--ctl``/``--data``, else
     $GUESTLINK_CTL/$GUESTLINK_DATA, else $GUESTLINK_DOMAIN. A domain's channel names: as given
     (``--ctl-name``/``--data-name``, else $GUESTLINK_CTL_NAME/$GUESTLINK_DATA_NAME), else recorded
-    in its metadata, else the defaults.
+    in its metadata, else the defaults. With ``--via auto`` a domain without guestlink channels,
+    and with ``--via qga`` any domain, gives ``ctl=None``: its qemu-ga is reached through
+    libvirt. For plain QEMU, ``--qga PATH`` or $GUESTLINK_QGA is qemu-ga's socket.
     """
     uri = getattr(args, "libvirt_uri", None)
+    via = getattr(args, "via", "guestlink")
     ctl, data = getattr(args, "ctl", None), getattr(args, "data", None)
     given_names = getattr(args, "ctl_name", None) or getattr(args, "data_name", None)
     if domain is None:
@@ -144,6 +149,10 @@ def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Ta
         domain = named.pop() if named else None
     if domain and (ctl or data):
         raise UsageError("give either a libvirt domain or --ctl/--data, not both")
+    qga = getattr(args, "qga", None)
+    if domain and qga:
+        raise UsageError("--qga is a plain QEMU VM's qemu-ga socket; a libvirt domain's qemu-ga is "
+                         "reached through libvirt")
     if not domain and not ctl and not os.environ.get("GUESTLINK_CTL"):
         domain = os.environ.get("GUESTLINK_DOMAIN") or None
     if domain:
@@ -153,7 +162,14 @@ def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Ta
 
             names = libvirt.names_from_env(getattr(args, "ctl_name", None),
                                            getattr(args, "data_name", None))
-            c, d = libvirt.resolve_domain(domain, uri, *names)
+            c: Optional[str] = None
+            d: Optional[str] = None
+            if via != "qga":
+                try:
+                    c, d = libvirt.resolve_domain(domain, uri, *names)
+                except libvirt.NoChannels:
+                    if via != "auto":
+                        raise
             cache[(domain, uri)] = Target(ctl=c, data=d, domain=domain, uri=uri, ctl_name=names[0],
                                           data_name=names[1])
         target: Target = cache[(domain, uri)]
@@ -163,10 +179,19 @@ def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Ta
                          "not --ctl/--data")
     ctl = ctl or os.environ.get("GUESTLINK_CTL")
     data = data or os.environ.get("GUESTLINK_DATA") or None
-    if not ctl:
+    if via == "guestlink":
+        qga = None
+    else:
+        qga = qga or os.environ.get("GUESTLINK_QGA") or None
+    if via == "qga":
+        if not qga:
+            raise UsageError("--via qga needs a libvirt domain, or --qga PATH (or GUESTLINK_QGA): "
+                             "the qemu-ga socket of a plain QEMU VM")
+        ctl = data = None
+    if not ctl and not qga:
         raise UsageError("no VM given: name a libvirt domain (guestlink COMMAND DOMAIN or "
                          "--domain DOMAIN) or use --ctl PATH (or set GUESTLINK_CTL)")
-    return Target(ctl=ctl, data=data)
+    return Target(ctl=ctl, data=data, qga=qga)
 
 
 # --- argument types and parsers ---------------------------------------------------------------
@@ -238,6 +263,41 @@ def vm_options() -> argparse.ArgumentParser:
     return vm_opts
 
 
+def add_via(p: argparse.ArgumentParser) -> None:
+    """``--via`` and ``--qga``: which agent a command uses (guestlink.host.qga, the fallback)."""
+    group = p.add_argument_group("agent")
+    group.add_argument("--via", choices=("auto", "guestlink", "qga"), default="auto",
+                       help="guestlink's agent, qemu-guest-agent (slow; no streaming, output "
+                            "capped at 16 MiB), or auto (default): guestlink's when it answers, "
+                            "else qemu-ga")
+    group.add_argument("--qga", metavar="PATH",
+                       help="a plain QEMU VM's qemu-ga socket (org.qemu.guest_agent.0), for the "
+                            "fallback (default: $GUESTLINK_QGA; a libvirt domain's is found "
+                            "through libvirt)")
+
+
+def qga_notice(client: Any, target: "Target") -> None:
+    """The one stderr line saying that the slow path is in use, and how to leave it."""
+    from ..libvirt import NoChannels
+
+    reason = getattr(client, "fallback_reason", None)
+    if isinstance(reason, NoChannels):
+        reason = "libvirt domain %s has no guestlink channels" % target.domain
+    why = ("guestlink's agent is not available: %s; " % reason) if reason is not None else ""
+    if target.domain:
+        enroll = "guestlink enroll %s" % target.domain
+    else:  # plain QEMU: the guestlink ports must be on QEMU's command line already
+        import shlex
+
+        enroll = "guestlink enroll --qga %s --ctl %s --data %s" % (
+            shlex.quote(target.qga or ""), shlex.quote(target.ctl or "CTL.sock"),
+            shlex.quote(target.data or "DATA.sock"))
+    sys.stderr.write("guestlink: note: %susing qemu-guest-agent (slow, output capped, no "
+                     "streaming); install guestlink's agent with: %s\n"
+                     % (printable(why), printable(enroll)))
+    sys.stderr.flush()
+
+
 class VMParsers:
     """Adds VM commands to the top-level subparsers, each with the VM options and the epilog."""
 
@@ -247,9 +307,14 @@ class VMParsers:
 
     def add(self, name: str, help: str,
             timeout_help: Optional[str] = "seconds to connect and get an answer (default 10)",
-            json: bool = True) -> argparse.ArgumentParser:
+            json: bool = True, via: bool = False) -> argparse.ArgumentParser:
+        """``via``: the command also works through qemu-guest-agent (--via, --qga)."""
         p = self.sub.add_parser(name, help=help, description=help, parents=[self.parent],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if via:
+            add_via(p)
+        else:
+            p.set_defaults(via="guestlink", qga=None)
         if timeout_help:
             p.add_argument("--timeout", type=positive_seconds, default=10.0, metavar="S",
                            help=timeout_help)

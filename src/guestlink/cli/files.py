@@ -16,12 +16,13 @@ import sys
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..exitcodes import EXIT_OK
+from ..protocol.safetext import printable
 from .common import (ProgressBar, UsageError, VMParsers, error_message, exit_code_for, fail,
                      parse_pairs, positive_seconds, print_json)
 from .vm import cmd_exec
 
 if TYPE_CHECKING:  # the host library is imported when a command runs, not for --help
-    from ..host import Client
+    from ..host.client import AnyClient
 
 CHECKSUMS = ("sha256", "blake2b", "crc32")
 
@@ -50,7 +51,7 @@ def parse_spec(text: str) -> Spec:
 
 def add_parsers(parsers: VMParsers) -> None:
     p = parsers.add("cp", "copy files between the host and the guest (scp-like: :PATH or VM:PATH "
-                         "names the guest side; several SRCs go into the directory DST)")
+                         "names the guest side; several SRCs go into the directory DST)", via=True)
     p.add_argument("src", nargs="+", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.add_argument("-r", "--recursive", action="store_true", help="copy directories recursively "
@@ -65,7 +66,7 @@ def add_parsers(parsers: VMParsers) -> None:
 
     p = parsers.add("run", "copy a local script into the guest, run it with ARGS, stream its "
                           "output, remove it; exits with its status",
-                   timeout_help="kill the script after S seconds (exit status 124)")
+                   timeout_help="kill the script after S seconds (exit status 124)", via=True)
     p.set_defaults(timeout=None, stdin_mode="auto", shell=False)
     p.add_argument("--connect-timeout", type=positive_seconds, default=10.0, metavar="S",
                    help="seconds to connect and get the script started (default 10)")
@@ -119,7 +120,7 @@ def check_args(args: argparse.Namespace) -> None:
         args.env_map = parse_pairs(args.env, "--env") or None
 
 
-async def cmd_cp(vm: "Client", args: argparse.Namespace) -> int:
+async def cmd_cp(vm: "AnyClient", args: argparse.Namespace) -> int:
     if len(args.copies) == 1:
         result = await _copy_one(vm, args, args.local, args.remote, args.labels[0])
         if args.json:
@@ -128,7 +129,7 @@ async def cmd_cp(vm: "Client", args: argparse.Namespace) -> int:
     return await _copy_many(vm, args)
 
 
-async def _copy_many(vm: "Client", args: argparse.Namespace) -> int:
+async def _copy_many(vm: "AnyClient", args: argparse.Namespace) -> int:
     """Several sources into one directory: each is copied as if alone; one that fails is
     reported (one line) and the rest still go; the exit status is the first failure's."""
     from ..host import errors as E
@@ -172,10 +173,12 @@ def _result_json(result: Any) -> Dict[str, Any]:
            "resumed_from": result.resumed_from}
     if result.algorithm == "sha256":
         obj["sha256"] = result.digest
+    if getattr(result, "verified", True) is False:  # through qemu-ga, a guest without sha256sum
+        obj["verified"] = False
     return obj
 
 
-async def _copy_one(vm: "Client", args: argparse.Namespace, local: str, remote: str,
+async def _copy_one(vm: "AnyClient", args: argparse.Namespace, local: str, remote: str,
                     label: str) -> Any:
     bar = None
     try:
@@ -191,9 +194,17 @@ async def _copy_one(vm: "Client", args: argparse.Namespace, local: str, remote: 
         sys.stdout.flush()
     try:
         try:
-            if args.direction == "push":
-                return await vm.push(local, remote, **kw)
-            return await vm.pull(remote, local, **kw)
+            try:
+                if args.direction == "push":
+                    result = await vm.push(local, remote, **kw)
+                else:
+                    result = await vm.pull(remote, local, **kw)
+            except ValueError as exc:  # an option this path cannot do (qemu-ga: -r, -p, --resume)
+                raise UsageError("cp: %s" % exc) from None
+            if getattr(result, "verified", True) is False:
+                sys.stderr.write("guestlink: warning: %s: not verified end to end: the guest has "
+                                 "neither sha256sum nor python3\n" % printable(label))
+            return result
         finally:
             if bar is not None:
                 bar.close()
@@ -209,7 +220,7 @@ async def _copy_one(vm: "Client", args: argparse.Namespace, local: str, remote: 
         raise
 
 
-async def cmd_run(vm: "Client", args: argparse.Namespace) -> int:
+async def cmd_run(vm: "AnyClient", args: argparse.Namespace) -> int:
     name = os.path.basename(args.script) or "script"
     remote = "%s/.guestlink-run-%s-%s" % (args.dir.rstrip("/"), secrets.token_hex(6), name)
     await vm.push(args.script, remote, timeout=args.connect_timeout)

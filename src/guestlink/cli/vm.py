@@ -18,15 +18,17 @@ from .common import (UsageError, VMParsers, domain_arg, parse_pairs, positive_se
                      text_fields)
 
 if TYPE_CHECKING:  # the host library is imported when a command runs, not for --help
-    from ..host import Client, CompletedProcess, Process
+    from ..host import Client, CompletedProcess
+    from ..host.client import AnyClient
 
 
 def add_parsers(parsers: VMParsers) -> None:
-    domain_arg(parsers.add("ping", "check that the agent answers; print the round-trip time"))
-    domain_arg(parsers.add("info", "describe the guest (OS, kernel, addresses, agent)"))
+    domain_arg(parsers.add("ping", "check that the agent answers; print the round-trip time",
+                           via=True))
+    domain_arg(parsers.add("info", "describe the guest (OS, kernel, addresses, agent)", via=True))
 
     p = parsers.add("exec", "run a command in the guest, streaming its output",
-                    timeout_help="kill the command after S seconds (exit status 124)")
+                    timeout_help="kill the command after S seconds (exit status 124)", via=True)
     p.set_defaults(timeout=None)
     p.add_argument("--connect-timeout", type=positive_seconds, default=10.0, metavar="S",
                    help="seconds to connect and get the command started (default 10)")
@@ -94,19 +96,21 @@ def check_args(args: argparse.Namespace) -> None:
         args.call_args = call_args
 
 
-async def cmd_ping(vm: "Client", args: argparse.Namespace) -> int:
+async def cmd_ping(vm: "AnyClient", args: argparse.Namespace) -> int:
     rtt = await vm.ping(timeout=args.timeout)
     agent = vm.agent
     assert agent is not None  # connected: the handshake described the agent
     if args.json:
-        print_json({"rtt": rtt, "hostname": agent.hostname, "agent_version": agent.version})
+        print_json({"rtt": rtt, "hostname": agent.hostname, "agent_version": agent.version,
+                    "via": vm.via})
     else:
-        print("pong from %s (agent %s): %.2f ms" % (printable(agent.hostname or "?"),
-                                                     printable(agent.version), rtt * 1000))
+        name = "agent" if vm.via == "guestlink" else "qemu-ga"
+        print("pong from %s (%s %s): %.2f ms" % (printable(agent.hostname or "?"), name,
+                                                printable(agent.version), rtt * 1000))
     return EXIT_OK
 
 
-async def cmd_info(vm: "Client", args: argparse.Namespace) -> int:
+async def cmd_info(vm: "AnyClient", args: argparse.Namespace) -> int:
     info = await vm.info(timeout=args.timeout)
     if args.json:
         print_json(info)
@@ -119,11 +123,14 @@ async def cmd_info(vm: "Client", args: argparse.Namespace) -> int:
         ("kernel", " ".join(filter(None, [kernel["release"], kernel["machine"]]))),
         ("uptime", "%.0f s" % info["uptime"] if info["uptime"] is not None else "?"),
         ("agent", "%s (protocol %d, python %s)" % (info["agent_version"], info["protocol"],
-                                                   info["python"] or "?")),
+                                                   info["python"] or "?")
+         if info["via"] == "guestlink" else info["agent_version"]),
         ("boot id", info["boot_id"]),
         ("addresses", ", ".join("%s %s" % (a["interface"], a["address"]) for a in info["addresses"])),
         ("commands", " ".join(info["capabilities"])),
     ]
+    if info["via"] != "guestlink":
+        lines.append(("via", "qemu-guest-agent (slow; guestlink enroll installs guestlink's agent)"))
     for key, value in lines:
         print("%-10s %s" % (key + ":", printable(value)))  # every value comes from the guest
     return EXIT_OK
@@ -152,7 +159,7 @@ class _StdinPump:
             except RuntimeError:
                 pass
 
-    async def pump(self, proc: "Process") -> None:
+    async def pump(self, proc: Any) -> None:
         while True:
             data = await self.queue.get()
             if not data:
@@ -179,7 +186,7 @@ def _exec_status(result: "CompletedProcess") -> int:
     return int(result.returncode) & 0xFF
 
 
-async def cmd_exec(vm: "Client", args: argparse.Namespace) -> int:
+async def cmd_exec(vm: "AnyClient", args: argparse.Namespace) -> int:
     """Run ``args.cmd`` in the guest (also how ``run`` runs its script)."""
     cmd, env = args.cmd, args.env_map
     forward = _forward_stdin(args)
@@ -210,17 +217,18 @@ async def cmd_exec(vm: "Client", args: argparse.Namespace) -> int:
         print("guestlink: error: the command ran past --timeout %g s and was killed in the guest"
               % args.timeout, file=sys.stderr)
     if not args.json:
-        _say_truncated(result)
+        _say_truncated(result, vm.via)
     return _exec_status(result)
 
 
-def _say_truncated(result: "CompletedProcess") -> None:
+def _say_truncated(result: "CompletedProcess", via: str = "guestlink") -> None:
     """Streamed output cut at the output limit must not pass for the whole output."""
     cut = [name for name, flag in (("stdout", result.stdout_truncated),
                                    ("stderr", result.stderr_truncated)) if flag]
     if cut:
-        sys.stderr.write("guestlink: warning: the command's %s was cut at the output limit; the "
-                         "rest was dropped\n" % " and ".join(cut))
+        limit = "the output limit" if via == "guestlink" else "qemu-ga's 16 MiB output cap"
+        sys.stderr.write("guestlink: warning: the command's %s was cut at %s; the rest was "
+                         "dropped\n" % (" and ".join(cut), limit))
 
 
 async def cmd_send(vm: "Client", args: argparse.Namespace) -> int:

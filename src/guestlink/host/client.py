@@ -19,9 +19,11 @@ in :mod:`.execs`, topic messages in :mod:`.messages`, files in :mod:`.transfer`,
 :mod:`.options`, timeouts in :mod:`.timing`; their public names are importable from here too.
 """
 
+import asyncio
 import collections
+import dataclasses
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Generator, Optional, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generator, Optional, Set, Union
 
 from ..protocol import Fields, ProtocolViolation
 from ..protocol import messages as m
@@ -30,13 +32,18 @@ from . import errors as E
 from .agentinfo import AgentInfo, parse_info
 from .execs import Command, CompletedProcess, Process
 from .messages import Message, Subscription
-from .options import (DEFAULT_OUTPUT_LIMIT, DEFAULT_QUEUE_SIZE, ConnectOptions, ExecOptions,
-                      PathLike)
+from .options import (DEFAULT_OUTPUT_LIMIT, DEFAULT_QUEUE_SIZE, VIA_AUTO, VIA_GUESTLINK, VIA_QGA,
+                      ConnectOptions, ExecOptions, PathLike)
 from .session import Call, Resolver, Runstate, Session
 from .timing import DEFAULT_TIMEOUT, MAX_TIMEOUT, check_timeout, wait_within
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .qga import QgaClient
     from .transfer import TransferResult
+
+#: via="auto": how long guestlink's agent gets to complete the handshake before qemu-ga is tried
+#: (a running agent answers in milliseconds; the client's own timeout when that is shorter)
+AUTO_PROBE_TIMEOUT = 2.0
 
 __all__ = ["connect", "Client", "AgentInfo", "CompletedProcess", "ConnectOptions", "ExecOptions",
            "Message", "Process", "Runstate", "Subscription", "check_timeout", "wait_within",
@@ -49,7 +56,8 @@ def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
             timeout: Optional[float] = DEFAULT_TIMEOUT, reconnect: bool = True,
             max_payload: Optional[int] = None, queue_size: int = DEFAULT_QUEUE_SIZE,
             queue_timeout: Optional[float] = None,
-            on_queue: Optional[Callable[[str], Any]] = None) -> "Connector":
+            on_queue: Optional[Callable[[str], Any]] = None,
+            via: str = VIA_AUTO, qga: Optional[PathLike] = None) -> "Connector":
     """Connect to the agent of one VM.
 
     ``ctl`` is the control channel's unix socket, ``data`` the data channel's (kept for file
@@ -67,6 +75,14 @@ def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
     calling ``on_queue(holder)`` once with a description of that client, for at most
     ``queue_timeout`` seconds (None: no limit; then VMInUse).
 
+    ``via``: ``"guestlink"`` (only guestlink's agent), ``"qga"`` (only qemu-guest-agent, see
+    :mod:`guestlink.host.qga`: the domain's through libvirt, or the socket ``qga`` of a plain QEMU
+    VM) or ``"auto"`` (the default): guestlink's agent when its channels exist and it completes
+    the handshake within AUTO_PROBE_TIMEOUT seconds, else qemu-ga when there is a way to it. The
+    result's ``via`` says which; a :class:`~guestlink.host.qga.QgaClient` has the same verbs
+    (with qemu-ga's limits) and ``fallback_reason``. When the fallback fails too, the error is
+    guestlink's, its message extended with qemu-ga's.
+
     Use as ``async with connect(...) as vm:`` or ``vm = await connect(...)`` (then ``await
     vm.close()``). The arguments make a :class:`~guestlink.host.options.ConnectOptions`;
     :func:`connect_with` takes one.
@@ -74,7 +90,7 @@ def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
     return connect_with(ConnectOptions(
         ctl=ctl, data=data, domain=domain, uri=uri, ctl_name=ctl_name, data_name=data_name,
         timeout=timeout, reconnect=reconnect, max_payload=max_payload, queue_size=queue_size,
-        queue_timeout=queue_timeout, on_queue=on_queue))
+        queue_timeout=queue_timeout, on_queue=on_queue, via=via, qga=qga))
 
 
 def connect_with(options: ConnectOptions) -> "Connector":
@@ -85,28 +101,122 @@ def connect_with(options: ConnectOptions) -> "Connector":
 
         resolver = libvirt_resolver(options.domain, options.uri, options.ctl_name,
                                     options.data_name)
-    return Connector(Client(options, resolver))
+    return Connector(options, resolver)
+
+
+#: What connect() gives: guestlink's client, or qemu-ga's with the same verbs.
+AnyClient = Union["Client", "QgaClient"]
+
+
+def _falls_back(exc: BaseException) -> bool:
+    """Whether via="auto" tries qemu-ga after guestlink's agent failed with ``exc``: its channels
+    are missing or nobody answers on them (not: no permission, VM busy, domain not running)."""
+    from ..libvirt import LibvirtError, NoChannels
+
+    if isinstance(exc, (E.SocketNotFound, E.NotListening, NoChannels, E.AgentNotResponding)):
+        return True
+    return isinstance(exc, E.ConnectError) and not isinstance(
+        exc, (E.PermissionDenied, E.VMInUse, LibvirtError))
 
 
 class Connector:
-    """What :func:`connect` returns: await it (-> the connected :class:`Client`) or use it as
-    ``async with`` (closing the client at the end)."""
+    """What :func:`connect` returns: await it (-> the connected :class:`Client` or
+    :class:`~guestlink.host.qga.QgaClient`) or use it as ``async with`` (closing it at the end).
+    ``client`` is the guestlink Client it starts with."""
 
-    def __init__(self, client: "Client") -> None:
-        self.client = client
+    def __init__(self, options: ConnectOptions, resolver: Optional[Resolver] = None) -> None:
+        self.options = options
+        self._client: Optional[Client] = None
+        self._queued = False  # the guestlink client is waiting its turn for the VM (vmlock)
+        if options.via != VIA_QGA and (options.ctl or options.domain is not None):
+            self._client = Client(dataclasses.replace(options, on_queue=self._on_queue), resolver)
+        self._opened: Optional[AnyClient] = None
 
-    def __await__(self) -> Generator[Any, None, "Client"]:
-        return self.client.connect().__await__()
+    def _on_queue(self, holder: str) -> None:
+        self._queued = True
+        if self.options.on_queue is not None:
+            self.options.on_queue(holder)
 
-    async def __aenter__(self) -> "Client":
-        return await self.client.connect()
+    @property
+    def client(self) -> "Client":
+        """The guestlink Client (ValueError when only qemu-ga was asked for)."""
+        if self._client is None:
+            raise ValueError("this connection uses only qemu-ga (via=\"qga\"): no guestlink client")
+        return self._client
+
+    def __await__(self) -> Generator[Any, None, AnyClient]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AnyClient:
+        return await self._open()
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.client.close()
+        if self._opened is not None:
+            await self._opened.close()
+
+    async def _open(self) -> AnyClient:
+        from .qga import QgaClient
+
+        options, client = self.options, self._client
+        if client is None:  # via="qga", or "auto" given only the qemu-ga socket
+            self._opened = await QgaClient(options).connect()
+            return self._opened
+        if options.via == VIA_GUESTLINK or (not options.qga and options.domain is None):
+            # no way to qemu-ga: as before the fallback existed, with the full handshake timeout
+            self._opened = await client.connect()
+            return self._opened
+        probe = AUTO_PROBE_TIMEOUT if options.timeout is None else min(options.timeout,
+                                                                      AUTO_PROBE_TIMEOUT)
+        reason: BaseException
+        try:
+            if await self._probe(client, probe):
+                self._opened = client
+                return client
+            reason = E.AgentNotResponding(
+                "the guest agent did not answer on %s within %g s" % (client.ctl, probe))
+        except E.GuestlinkError as exc:
+            if not _falls_back(exc):
+                raise
+            reason = exc
+        await client.close()
+        try:
+            self._opened = await QgaClient(options, reason=reason).connect()
+        except E.GuestlinkError as qexc:
+            err = E.copy_error(reason)
+            err.args = ("%s; the qemu-ga fallback failed too: %s" % (reason, qexc),)
+            raise err from None
+        return self._opened
+
+    async def _probe(self, client: "Client", probe: float) -> bool:
+        """Connect ``client``, giving its handshake ``probe`` seconds -> True, or False (given
+        up). Time spent waiting its turn behind another guestlink client does not count: a VM
+        in use is not a VM without guestlink."""
+        task = asyncio.ensure_future(client.connect())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=probe)
+            if not done and self._queued:  # the lock is taken at once, so this is known by now
+                done, _ = await asyncio.wait({task})  # queue_timeout and timeout still apply
+        except BaseException:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, E.GuestlinkError):
+                pass
+            return False
+        task.result()
+        return True
 
 
 class Client:
     """A connection to one guest agent. Create it with :func:`connect`."""
+
+    #: which agent this client talks to (a QgaClient says "qga")
+    via = VIA_GUESTLINK
+    #: why another agent was used instead (only a QgaClient has one)
+    fallback_reason: Optional[BaseException] = None
 
     def __init__(self, options: ConnectOptions, resolver: Optional[Resolver] = None) -> None:
         self._queue_size = options.queue_size
@@ -188,12 +298,15 @@ class Client:
         return time.monotonic() - start
 
     async def info(self, *, timeout: Optional[float] = None) -> Dict[str, Any]:
-        """The agent's description of the guest (validated dict, see docs/protocol.md)."""
+        """The agent's description of the guest (validated dict, see docs/protocol.md), plus
+        ``via``: "guestlink"."""
         reply = await self.session.idempotent_request("info", {}, timeout)
         try:
-            return parse_info(reply)
+            info = parse_info(reply)
         except ProtocolViolation as exc:
             raise E.malformed("info reply", exc) from None
+        info["via"] = self.via
+        return info
 
     async def call(self, op: str, args: Optional[Dict[str, Any]] = None, /, *,
                    timeout: Optional[float] = None, **kwargs: Any) -> Dict[str, Any]:

@@ -17,6 +17,10 @@ DEFAULT_OUTPUT_LIMIT = 64 * 1024 * 1024
 DEFAULT_QUEUE_SIZE = 1024
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: Which agent a connection uses: guestlink's, qemu-guest-agent's (guestlink.host.qga), or
+#: guestlink's when it answers, else qemu-ga's.
+VIA_GUESTLINK, VIA_QGA, VIA_AUTO = "guestlink", "qga", "auto"
+VIAS = (VIA_AUTO, VIA_GUESTLINK, VIA_QGA)
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,9 @@ class ConnectOptions:
     """How to reach one VM's agent; see :func:`guestlink.host.client.connect` for each field.
 
     Either ``ctl`` (and ``data``) socket paths, or a libvirt ``domain`` (``uri``, ``ctl_name``,
-    ``data_name``) whose live XML gives them. Invalid combinations and timeouts raise ValueError /
+    ``data_name``) whose live XML gives them. ``via`` picks the agent (:data:`VIAS`); ``qga`` is
+    the qemu-ga socket of a plain QEMU VM (a domain's qemu-ga is reached through libvirt).
+    Invalid combinations and timeouts raise ValueError /
     TypeError on construction, before anything is opened.
     """
 
@@ -40,15 +46,25 @@ class ConnectOptions:
     queue_size: int = DEFAULT_QUEUE_SIZE
     queue_timeout: Optional[float] = None
     on_queue: Optional[Callable[[str], Any]] = None
+    via: str = VIA_AUTO
+    qga: Optional[PathLike] = None
 
     def __post_init__(self) -> None:
+        if self.via not in VIAS:
+            raise ValueError("connect(): via must be one of %s, not %r" % (", ".join(VIAS), self.via))
+        if self.domain is not None and self.qga:
+            raise ValueError("connect(): a libvirt domain's qemu-ga is reached through libvirt; "
+                             "qga= is the socket of a plain QEMU VM")
+        if self.via == VIA_QGA and self.domain is None and not self.qga:
+            raise ValueError("connect(via=\"qga\") needs a libvirt domain or the qemu-ga socket "
+                             "path (qga=...)")
         if self.domain is not None:
             if self.ctl or self.data:
                 raise ValueError("connect(): give either domain= or ctl=/data=, not both")
         elif self.ctl_name or self.data_name:
             raise ValueError("connect(): ctl_name=/data_name= name a libvirt domain's channels; "
                              "they need domain=")
-        elif not self.ctl:
+        elif not self.ctl and not (self.qga and self.via != VIA_GUESTLINK):
             raise ValueError("connect() needs the control socket path (ctl=...)")
         # frozen: the validated float replaces the caller's value
         object.__setattr__(self, "timeout", check_timeout(self.timeout))

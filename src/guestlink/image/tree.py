@@ -218,6 +218,22 @@ exit 0
 """ % {"wrapper": WRAPPER, "modules": MODULES_CONF}
 
 
+def service_commands(init: str, action: str) -> List[List[str]]:
+    """The commands that start, restart or stop the installed agent in a running guest, per init
+    kind (``guestlink-agent install --start`` / ``remove --stop`` run them, e.g. for ``guestlink
+    enroll``). systemd re-reads its units first: install or remove has just changed them."""
+    if action not in ("start", "restart", "stop"):
+        raise ValueError("unknown service action %r" % action)
+    if init == "systemd":
+        unit = posixpath.basename(SYSTEMD_UNIT)
+        return [["systemctl", "daemon-reload"], ["systemctl", action, unit]]
+    if init == "sysv":
+        return [[SYSV_SCRIPT, action]]
+    if init == "rc.local":
+        return [[RCLOCAL_SCRIPT, action]]
+    raise ValueError("unknown init kind %r" % init)
+
+
 def rc_local_block() -> str:
     return "%s\n%s start\n%s\n" % (BLOCK_BEGIN, RCLOCAL_SCRIPT, BLOCK_END)
 
@@ -705,6 +721,15 @@ def _plan(tree: Tree, pyz: bytes, init: str, ctl_name: str,
     return entries
 
 
+def _same_install(old: Dict[str, Any], new: Dict[str, Any]) -> bool:
+    """True when manifest ``new`` records what ``old`` does (install dates aside)."""
+    def key(man: Dict[str, Any]) -> Any:
+        entries = sorted(json.dumps(e, sort_keys=True) for e in man.get("entries", []))
+        return [man.get(k) for k in ("format", "agent_version", "init", "ctl_name", "data_name",
+                                     "created_dirs")] + [entries]
+    return key(old) == key(new)
+
+
 class _DeferSigint:
     """Hold Ctrl-C while the commit renames run, so the manifest always matches the tree."""
 
@@ -976,7 +1001,10 @@ class Installer:
                     "entries": records,
                     "created_dirs": created,
                 }
-                self._write_manifest(manifest)
+                # a run that changed nothing leaves the manifest alone too (its date included):
+                # a second install or enroll of the same agent changes nothing in the guest
+                if old is None or staged or stale or not _same_install(old, manifest):
+                    self._write_manifest(manifest)
             except OSError as exc:
                 self._rollback_staging()
                 raise _os_error(exc, "committing the install")
