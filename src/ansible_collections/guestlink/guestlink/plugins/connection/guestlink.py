@@ -401,14 +401,52 @@ class Connection(ConnectionBase):
         local = os.path.abspath(to_text(in_path, errors="surrogate_or_strict"))
         if not os.path.isfile(local):
             raise AnsibleFileNotFound("file or module does not exist: %s" % local)
-        self._transfer("put", local, to_text(out_path, errors="surrogate_or_strict"))
+        remote = to_text(out_path, errors="surrogate_or_strict")
+        owner = self._user_may("put", remote)
+        self._transfer("put", local, remote)
+        if owner is not None:
+            # the agent wrote it: it becomes the remote user's, as if they had written it
+            self._call("fs.setattr", {"path": remote, "uid": owner[0], "gid": owner[1]})
 
     def fetch_file(self, in_path: str, out_path: str) -> None:
         super().fetch_file(in_path, out_path)
         self._connect()
         display.vvv("FETCH %s TO %s" % (in_path, out_path), host=self._play_context.remote_addr)
         local = os.path.abspath(to_text(out_path, errors="surrogate_or_strict"))
-        self._transfer("fetch", to_text(in_path, errors="surrogate_or_strict"), local)
+        remote = to_text(in_path, errors="surrogate_or_strict")
+        self._user_may("fetch", remote)
+        self._transfer("fetch", remote, local)
+
+    #: As the remote user: may it write the directory of $2 (put) or read $2 (fetch)? Prints its
+    #: uid and gid. The path is an argument, never part of the script.
+    _MAY = {"put": 'd=$(dirname -- "$2") && [ -w "$d" ] && [ -x "$d" ] && id -u && id -g',
+            "fetch": '[ -r "$2" ] && id -u && id -g'}
+
+    def _user_may(self, verb: str, path: str) -> t.Optional[t.Tuple[int, int]]:
+        """Transfers are made by the agent (root); with a remote_user, the user's own permissions
+        are checked first (as ssh would apply them) -> the user's (uid, gid), None without one."""
+        user = self.get_option("remote_user")
+        if not user:
+            return None
+        assert self._client is not None
+        try:
+            r = self._run(self._client.run(["/bin/sh", "-c", self._MAY[verb], "sh", verb, path],
+                                           user=user, output_limit=4096))
+        except GE.GuestlinkError as exc:
+            raise AnsibleError("guestlink: cannot check %s's permissions for %s: %s" % (
+                user, path, exc)) from None
+        fields = r.stdout.split()
+        if r.returncode != 0 or len(fields) != 2 or not all(f.isdigit() for f in fields):
+            raise AnsibleError("guestlink: %s %s: permission denied for user %s" % (
+                verb, path, user))
+        return int(fields[0]), int(fields[1])
+
+    def _call(self, op: str, args: t.Dict[str, t.Any]) -> None:
+        assert self._client is not None
+        try:
+            self._run(self._client.call(op, args))
+        except GE.GuestlinkError as exc:
+            raise AnsibleError("guestlink: %s %s: %s" % (op, args.get("path"), exc)) from None
 
     def _transfer(self, verb: str, src: str, dst: str) -> None:
         assert self._client is not None
