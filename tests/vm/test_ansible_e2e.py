@@ -216,3 +216,74 @@ def test_connect_cost_is_milliseconds(vms, work):
              if "GUESTLINK CONNECTED" in ln]
     assert costs and all(0 < c < 5000 for c in costs), costs
 
+
+
+# --- the inventory plugin against the real test libvirtd ----------------------------------------
+
+from test_libvirt_e2e import domains, libvirtd  # noqa: E402,F401  (fixtures: libvirtd, domains)
+
+SECOND_URI = "qemu+unix:///system?socket=/run/libvirt/libvirt-sock"
+
+
+@pytest.fixture(scope="module")
+def fleet(domains):
+    """A running domain with guestlink channels, a shut-off one, and one without channels."""
+    up = domains.define("ans-up")
+    off = domains.define("ans-off", start=False)
+    bare = domains.define("ans-bare", channels=False, start=False)
+    return up, off, bare
+
+
+def test_inventory_plugin_two_uris(fleet, work):
+    """Two URIs reaching the test libvirtd (the same daemon through two addresses, so every
+    domain exists "on both"): equal names are kept apart as NAME@LABEL, each with its own URI;
+    groups by hypervisor and state; a domain without channels is not listed; a host of either URI
+    runs a command; the shut-off one is UNREACHABLE at once, saying why."""
+    up, off, bare = fleet
+    tmp = work / "inventory"
+    tmp.mkdir()
+    src = tmp / "fleet.guestlink.yml"
+    src.write_text(json.dumps({
+        "plugin": "guestlink.guestlink.libvirt",
+        "uris": ["qemu:///system", {"uri": SECOND_URI, "name": "second"}],
+        "compose": {"ansible_python_interpreter": "'/usr/bin/python3'"},
+    }))
+    r = run([BIN / "ansible-inventory", "-i", src, "--list"], tmp)
+    assert r.returncode == 0, show(r)
+    inv = json.loads(r.stdout[r.stdout.index("{"):])
+    hostvars = inv["_meta"]["hostvars"]
+    for name in (up, off):
+        for label, uri in (("local", "qemu:///system"), ("second", SECOND_URI)):
+            hv = hostvars["%s@%s" % (name, label)]
+            assert hv["ansible_host"] == name and hv["ansible_guestlink_uri"] == uri
+            assert hv["ansible_connection"] == CONNECTION
+            assert hv["guestlink_hypervisor"] == label
+        assert name not in hostvars
+    assert not any(h.startswith(bare) for h in hostvars)
+    members = {g: set(v.get("hosts", [])) for g, v in inv.items() if g != "_meta"}
+    assert {up + "@local", up + "@second"} <= members["state_running"]
+    assert {off + "@local", off + "@second"} <= members["state_shut_off"]
+    assert {up + "@second", off + "@second"} <= members["hypervisor_second"]
+    assert not members["hypervisor_second"] & {up + "@local", off + "@local"}
+
+    # a command through each URI (the agent answers both), by group pattern
+    r = run([BIN / "ansible", "-i", src, "state_running:&guestlink", "--limit", up + "@*",
+             "-m", "raw", "-a", "hostname"], tmp, timeout=300)
+    assert r.returncode == 0, show(r)
+    assert r.stdout.count("guestlink-testvm") == 2, show(r)
+
+    start = time.monotonic()
+    r = run([BIN / "ansible", "-i", src, off + "@local", "-m", "raw", "-a", "true"], tmp)
+    assert r.returncode == 4 and "UNREACHABLE" in r.stdout, show(r)
+    assert "not running" in r.stdout and off in r.stdout, show(r)
+    assert time.monotonic() - start < 60
+
+
+def test_inventory_plugin_refuses_a_merge(fleet, work):
+    tmp = work / "inventory-never"
+    tmp.mkdir()
+    src = tmp / "fleet.guestlink.yml"
+    src.write_text(json.dumps({"plugin": "guestlink.guestlink.libvirt", "qualify": "never",
+                               "uris": ["qemu:///system", SECOND_URI]}))
+    r = run([BIN / "ansible-inventory", "-i", src, "--list"], tmp, ANSIBLE_INVENTORY_UNPARSED_FAILED=1)
+    assert r.returncode != 0 and "more than one hypervisor" in r.stdout, show(r)

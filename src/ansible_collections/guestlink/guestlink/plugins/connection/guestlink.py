@@ -170,7 +170,7 @@ try:
     from guestlink.host.client import Client, connect
     from guestlink.protocol.safetext import printable
     HAS_GUESTLINK = True
-    IMPORT_ERROR: t.Optional[ImportError] = None
+    IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # pragma: no cover - reported on first use
     HAS_GUESTLINK = False
     IMPORT_ERROR = exc
@@ -192,9 +192,9 @@ class Connection(ConnectionBase):
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
-        self._loop: t.Optional[asyncio.AbstractEventLoop] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_pid = 0
-        self._client: t.Optional["Client"] = None
+        self._client: "Client" | None = None
 
     # --- the private event loop -------------------------------------------------------------
 
@@ -219,7 +219,7 @@ class Connection(ConnectionBase):
         if not HAS_GUESTLINK:
             raise AnsibleError("the guestlink connection plugin needs the guestlink Python package "
                                "on the controller: pip install guestlink[ansible] (%s)" % IMPORT_ERROR)
-        if self._connected and self._client is not None and self._loop_pid == os.getpid():
+        if self._client is not None and self._loop_pid == os.getpid():
             return self
         started = time.monotonic()
         client = self._run(self._open())
@@ -242,7 +242,7 @@ class Connection(ConnectionBase):
                 self._target(), printable(holder),
                 "%d s" % queue_timeout if queue_timeout else "no limit"), host=host)
 
-        common: t.Dict[str, t.Any] = dict(timeout=timeout, reconnect=False,
+        common: dict[str, t.Any] = dict(timeout=timeout, reconnect=False,
                                           queue_timeout=queue_timeout, on_queue=queued)
         try:
             if ctl:
@@ -293,12 +293,12 @@ class Connection(ConnectionBase):
 
     # --- commands ---------------------------------------------------------------------------
 
-    def _exec_user(self) -> t.Dict[str, t.Any]:
+    def _exec_user(self) -> dict[str, t.Any]:
         user = self.get_option("remote_user")
         return {"user": user} if user else {}
 
-    def exec_command(self, cmd: str, in_data: t.Optional[bytes] = None,
-                     sudoable: bool = True) -> t.Tuple[int, bytes, bytes]:
+    def exec_command(self, cmd: str, in_data: bytes | None = None,
+                     sudoable: bool = True) -> tuple[int, bytes, bytes]:
         super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
         self._connect()
         display.vvv("EXEC %s" % to_text(cmd), host=self._play_context.remote_addr)
@@ -306,8 +306,8 @@ class Connection(ConnectionBase):
         return self._run(self._exec(to_text(cmd, errors="surrogate_or_strict"), in_data,
                                     want_password))
 
-    async def _exec(self, cmd: str, in_data: t.Optional[bytes],
-                    want_password: bool) -> t.Tuple[int, bytes, bytes]:
+    async def _exec(self, cmd: str, in_data: bytes | None,
+                    want_password: bool) -> tuple[int, bytes, bytes]:
         assert self._client is not None
         limit = int(self.get_option("command_timeout") or 0)
         stdin = in_data is not None or want_password
@@ -346,7 +346,7 @@ class Connection(ConnectionBase):
                 err.extend(b"\n[guestlink] %s truncated at %d bytes\n" % (name.encode(), OUTPUT_LIMIT))
         return rc, bytes(out), bytes(err)
 
-    async def _become_password(self, proc: t.Any, output: t.AsyncIterator[t.Tuple[str, bytes]],
+    async def _become_password(self, proc: t.Any, output: t.AsyncIterator[tuple[str, bytes]],
                                out: bytearray, err: bytearray) -> None:
         """A become method asks for a password: wait for its prompt (or for its success marker:
         no password was needed), write the password, then wait for success; a wrong or missing
@@ -422,7 +422,7 @@ class Connection(ConnectionBase):
     _MAY = {"put": 'd=$(dirname -- "$2") && [ -w "$d" ] && [ -x "$d" ] && id -u && id -g',
             "fetch": '[ -r "$2" ] && id -u && id -g'}
 
-    def _user_may(self, verb: str, path: str) -> t.Optional[t.Tuple[int, int]]:
+    def _user_may(self, verb: str, path: str) -> tuple[int, int] | None:
         """Transfers are made by the agent (root); with a remote_user, the user's own permissions
         are checked first (as ssh would apply them) -> the user's (uid, gid), None without one."""
         user = self.get_option("remote_user")
@@ -441,7 +441,7 @@ class Connection(ConnectionBase):
                 verb, path, user))
         return int(fields[0]), int(fields[1])
 
-    def _call(self, op: str, args: t.Dict[str, t.Any]) -> None:
+    def _call(self, op: str, args: dict[str, t.Any]) -> None:
         assert self._client is not None
         try:
             self._run(self._client.call(op, args))
