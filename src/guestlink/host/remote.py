@@ -29,6 +29,7 @@ import shlex
 import stat
 import subprocess
 import tempfile
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -214,17 +215,60 @@ class SshHop:
         except (IndexError, ValueError):
             return None
 
-    def ensure_master(self) -> None:
-        """Start the ControlMaster unless one runs (one at a time: a lock next to it)."""
+    def ensure_master(self) -> int:
+        """Start the ControlMaster unless one runs (one at a time: a lock next to it); its pid.
+        Remembered in this process for :data:`MASTER_MEMO` seconds (the CLI resolves twice)."""
+        memo = _masters.get(self.control_path)
+        if memo is not None and time.monotonic() - memo[1] < MASTER_MEMO:
+            return memo[0]
         with open(self.control_path + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.master_pid() is not None:
-                return
-            rc, _, err = self._ssh(["-o", "ControlMaster=yes", "-o", "ControlPersist=%d" % PERSIST,
-                                    "-o", "StreamLocalBindUnlink=yes", "-o",
-                                    "ServerAliveInterval=30", "-f", "-N"])
-            if rc != 0:
-                raise SshError("ssh to %s failed: %s" % (self.where, _last_line(err, rc)))
+            pid = self.master_pid()
+            if pid is None:
+                rc, _, err = self._ssh(["-o", "ControlMaster=yes", "-o",
+                                        "ControlPersist=%d" % PERSIST, "-o",
+                                        "StreamLocalBindUnlink=yes", "-o",
+                                        "ServerAliveInterval=30", "-f", "-N"])
+                if rc != 0:
+                    raise SshError("ssh to %s failed: %s" % (self.where, _last_line(err, rc)))
+                pid = self.master_pid()
+                if pid is None:
+                    raise SshError("ssh to %s: the control master did not start" % self.where)
+        _masters[self.control_path] = (pid, time.monotonic())
+        return pid
+
+    def _forwarded(self, remote: str, master: int) -> bool:
+        """Did this master already forward ``remote`` after checking it exists (a marker file
+        next to the local socket names the master)?"""
+        try:
+            with open(self.local_socket(remote) + ".ok") as f:
+                return f.read().strip() == str(master) and os.path.exists(self.local_socket(remote))
+        except (OSError, ValueError):
+            return False
+
+    def _mark_forwarded(self, remote: str, master: int) -> None:
+        marker = self.local_socket(remote) + ".ok"
+        with open(marker + ".tmp", "w") as f:
+            f.write("%d\n" % master)
+        os.replace(marker + ".tmp", marker)
+
+    def checked_forward(self, candidates: Sequence[str], what: str,
+                        hint: str = "") -> Tuple[str, str]:
+        """The first of ``candidates`` that is a socket on the hypervisor, forwarded: (remote,
+        local). The check costs a remote shell; a forward the running master already made after
+        its check is reused without one (so a second command pays only ``ssh -O check``)."""
+        master = self.ensure_master()
+        for remote in candidates:
+            if self._forwarded(remote, master):
+                return remote, self.local_socket(remote)
+        missing = self.missing_sockets(candidates)
+        present = [c for c in candidates if c not in missing]
+        if not present:
+            raise ForwardError("socket: no %s on %s (looked for %s)%s"
+                               % (what, self.where, ", ".join(candidates), hint))
+        local = self.forward(present[0])
+        self._mark_forwarded(present[0], master)
+        return present[0], local
 
     def run(self, command: Sequence[str]) -> Tuple[int, str, str]:
         """Run ``command`` (argv, quoted for the remote shell) on the hypervisor via the master."""
@@ -243,7 +287,7 @@ class SshHop:
         return local
 
     def missing_sockets(self, paths: Sequence[str]) -> List[str]:
-        """Which of ``paths`` are not sockets on the hypervisor (one ssh session)."""
+        """Which of ``paths`` are not sockets on the hypervisor (one remote shell)."""
         script = 'for p in "$@"; do [ -S "$p" ] || printf "%s\\n" "$p"; done'
         rc, out, err = self.run(["sh", "-c", script, "sh"] + list(paths))
         if rc != 0:
@@ -258,30 +302,38 @@ class SshHop:
         ``/system``; the URI as given otherwise (libvirt then runs its own ssh)."""
         if self.path.rstrip("/") != "/system" and not self.socket:
             return self.uri
-        self.ensure_master()
         candidates = (self.socket,) if self.socket else SYSTEM_SOCKETS
-        missing = self.missing_sockets(candidates)
-        present = [s for s in candidates if s not in missing]
-        if not present:
-            raise ForwardError("socket: no libvirt daemon socket on %s (looked for %s): is "
-                               "libvirtd (or virtqemud) running there?"
-                               % (self.where, ", ".join(candidates)))
-        remote = present[0]
-        local = self.forward(remote)
+        _, local = self.checked_forward(candidates, "libvirt daemon socket",
+                                        ": is libvirtd (or virtqemud) running there?")
         return "%s+unix://%s?socket=%s" % (self.driver, self.path,
                                            urllib.parse.quote(local, safe="/"))
 
     def channel_sockets(self, ctl: str, data: Optional[str]) -> Tuple[str, Optional[str]]:
         """Forward the domain's channel sockets (paths on the hypervisor); the local paths."""
-        self.ensure_master()
+        master = self.ensure_master()
         wanted = [ctl] + ([data] if data else [])
-        missing = self.missing_sockets(wanted)
+        todo = [p for p in wanted if not self._forwarded(p, master)]
+        missing = self.missing_sockets(todo) if todo else []
         if ctl in missing:
-            raise ForwardError("socket: the domain's control socket %s is not there on %s (is "
-                               "the domain running?)" % (ctl, self.where))
-        local_ctl = self.forward(ctl)
-        local_data = self.forward(data) if data and data not in missing else None
-        return local_ctl, local_data
+            raise ForwardError("socket: no control channel socket %s on %s: is the domain "
+                               "running?" % (ctl, self.where))
+        local: Dict[str, Optional[str]] = {}
+        for path in wanted:
+            if path in missing:
+                local[path] = None  # file transfers will say the data channel is missing
+            elif path in todo:
+                local[path] = self.forward(path)
+                self._mark_forwarded(path, master)
+            else:
+                local[path] = self.local_socket(path)
+        local_ctl = local[ctl]
+        assert local_ctl is not None
+        return local_ctl, local[data] if data else None
+
+
+#: control path -> (master pid, when checked): ensure_master's memo in this process.
+_masters: Dict[str, Tuple[int, float]] = {}
+MASTER_MEMO = 5.0
 
 
 def _last_line(stderr: str, rc: int) -> str:
