@@ -10,9 +10,13 @@
 * ``-f 4`` against two VMs, two ansible-playbook runs at once against one VM;
 * the connection to a VM whose agent does not answer fails at once as UNREACHABLE.
 
+* the libvirt inventory plugin against the test libvirtd through two URIs, one of them
+  qemu+ssh:// to a real sshd on 127.0.0.1 (test_remote_e2e.py's fixture), and a playbook through
+  each.
+
 The collection is found the way a user's is: ansible-core scans ``sys.path`` for
 ``ansible_collections/`` and the editable install puts ``src/`` there (no
-ANSIBLE_COLLECTIONS_PATH). The libvirt inventory plugin's test is tests/vm/test_ansible_inventory_e2e.py.
+ANSIBLE_COLLECTIONS_PATH).
 """
 
 import hashlib
@@ -130,9 +134,11 @@ def test_upstream_connection_target(vms, work, pipelining):
     assert r.returncode == 0, show(r)
     assert "SUCCESS: Connection vars not found" in r.stdout
     recaps = [ln for ln in r.stdout.splitlines() if ln.startswith("vm1 ") and "ok=" in ln]
-    assert len(recaps) == 3 and all("failed=0" in ln and "unreachable=0" in ln for ln in recaps), \
-        show(r)
-    assert "ok=13 " in recaps[0]
+    # test_connection.yml's recap (the reset_connection playbooks run only a meta task: no
+    # recap line; test.sh's `set -e` fails on their exit status)
+    assert recaps and "ok=13 " in recaps[0] and "failed=0" in recaps[0] and \
+        "unreachable=0" in recaps[0], show(r)
+    assert r.stdout.count("META: reset connection") >= 2, show(r)
     # the plugin really was used, and pipelining really was on or off: without it every module
     # is uploaded (PUT of an AnsiballZ file), with it only the copied file is
     puts = [ln for ln in r.stdout.splitlines() if ln.startswith("<vm1> PUT ")]
@@ -218,11 +224,10 @@ def test_connect_cost_is_milliseconds(vms, work):
 
 
 
-# --- the inventory plugin against the real test libvirtd ----------------------------------------
+# --- the inventory plugin against the real test libvirtd, and a "remote" hypervisor -------------
 
-from test_libvirt_e2e import domains, libvirtd  # noqa: E402,F401  (fixtures: libvirtd, domains)
-
-SECOND_URI = "qemu+unix:///system?socket=/run/libvirt/libvirt-sock"
+from test_libvirt_e2e import domains, libvirtd  # noqa: E402,F401  (fixtures)
+from test_remote_e2e import sshd  # noqa: E402,F401  (fixture: a real sshd on 127.0.0.1)
 
 
 @pytest.fixture(scope="module")
@@ -234,26 +239,28 @@ def fleet(domains):
     return up, off, bare
 
 
-def test_inventory_plugin_two_uris(fleet, work):
-    """Two URIs reaching the test libvirtd (the same daemon through two addresses, so every
-    domain exists "on both"): equal names are kept apart as NAME@LABEL, each with its own URI;
-    groups by hypervisor and state; a domain without channels is not listed; a host of either URI
-    runs a command; the shut-off one is UNREACHABLE at once, saying why."""
+def test_inventory_plugin_two_hypervisors(fleet, sshd, work):
+    """Two hypervisors: qemu:///system and qemu+ssh://root@127.0.0.1:PORT/system (a real sshd in
+    front of the same test libvirtd, as test_remote_e2e.py does), so every domain exists on both:
+    equal names are kept apart as NAME@LABEL, each with its own URI; groups by hypervisor and
+    state; a domain without channels is not listed; a playbook runs on the VM through each
+    hypervisor; the shut-off one is UNREACHABLE at once, saying why."""
     up, off, bare = fleet
     tmp = work / "inventory"
     tmp.mkdir()
+    ssh_env = sshd["env"]
     src = tmp / "fleet.guestlink.yml"
     src.write_text(json.dumps({
         "plugin": "guestlink.guestlink.libvirt",
-        "uris": ["qemu:///system", {"uri": SECOND_URI, "name": "second"}],
+        "uris": ["qemu:///system", {"uri": sshd["uri"], "name": "hv2"}],
         "compose": {"ansible_python_interpreter": "'/usr/bin/python3'"},
     }))
-    r = run([BIN / "ansible-inventory", "-i", src, "--list"], tmp)
+    r = run([BIN / "ansible-inventory", "-i", src, "--list"], tmp, **ssh_env)
     assert r.returncode == 0, show(r)
     inv = json.loads(r.stdout[r.stdout.index("{"):])
     hostvars = inv["_meta"]["hostvars"]
     for name in (up, off):
-        for label, uri in (("local", "qemu:///system"), ("second", SECOND_URI)):
+        for label, uri in (("local", "qemu:///system"), ("hv2", sshd["uri"])):
             hv = hostvars["%s@%s" % (name, label)]
             assert hv["ansible_host"] == name and hv["ansible_guestlink_uri"] == uri
             assert hv["ansible_connection"] == CONNECTION
@@ -261,29 +268,34 @@ def test_inventory_plugin_two_uris(fleet, work):
         assert name not in hostvars
     assert not any(h.startswith(bare) for h in hostvars)
     members = {g: set(v.get("hosts", [])) for g, v in inv.items() if g != "_meta"}
-    assert {up + "@local", up + "@second"} <= members["state_running"]
-    assert {off + "@local", off + "@second"} <= members["state_shut_off"]
-    assert {up + "@second", off + "@second"} <= members["hypervisor_second"]
-    assert not members["hypervisor_second"] & {up + "@local", off + "@local"}
+    assert {up + "@local", up + "@hv2"} <= members["state_running"]
+    assert {off + "@local", off + "@hv2"} <= members["state_shut_off"]
+    assert {up + "@hv2", off + "@hv2"} <= members["hypervisor_hv2"]
+    assert not members["hypervisor_hv2"] & {up + "@local", off + "@local"}
 
-    # a command through each URI (the agent answers both), by group pattern
-    r = run([BIN / "ansible", "-i", src, "state_running:&guestlink", "--limit", up + "@*",
-             "-m", "raw", "-a", "hostname"], tmp, timeout=300)
+    # a playbook on the running VM through each hypervisor (-f 4: both at once, queued on the
+    # VM's lock), selected by group
+    r = run([BIN / "ansible-playbook", "-f", "4", "-i", src, PLAYBOOKS / "parallel.yml",
+             "-e", "target=state_running", "-e", "tag=inv", "--limit", up + "@*"], tmp,
+            timeout=300, **ssh_env)
     assert r.returncode == 0, show(r)
-    assert r.stdout.count("guestlink-testvm") == 2, show(r)
+    for label in ("local", "hv2"):
+        assert any(ln.startswith("%s@%s " % (up, label)) and "failed=0" in ln
+                   and "unreachable=0" in ln for ln in r.stdout.splitlines()), show(r)
 
     start = time.monotonic()
-    r = run([BIN / "ansible", "-i", src, off + "@local", "-m", "raw", "-a", "true"], tmp)
+    r = run([BIN / "ansible", "-i", src, off + "@local", "-m", "raw", "-a", "true"], tmp, **ssh_env)
     assert r.returncode == 4 and "UNREACHABLE" in r.stdout, show(r)
     assert "not running" in r.stdout and off in r.stdout, show(r)
     assert time.monotonic() - start < 60
 
 
-def test_inventory_plugin_refuses_a_merge(fleet, work):
+def test_inventory_plugin_refuses_a_merge(fleet, sshd, work):
     tmp = work / "inventory-never"
     tmp.mkdir()
     src = tmp / "fleet.guestlink.yml"
     src.write_text(json.dumps({"plugin": "guestlink.guestlink.libvirt", "qualify": "never",
-                               "uris": ["qemu:///system", SECOND_URI]}))
-    r = run([BIN / "ansible-inventory", "-i", src, "--list"], tmp, ANSIBLE_INVENTORY_UNPARSED_FAILED=1)
+                               "uris": ["qemu:///system", sshd["uri"]]}))
+    r = run([BIN / "ansible-inventory", "-i", src, "--list"], tmp,
+            ANSIBLE_INVENTORY_UNPARSED_FAILED=1, **sshd["env"])
     assert r.returncode != 0 and "more than one hypervisor" in r.stdout, show(r)
