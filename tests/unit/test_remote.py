@@ -102,3 +102,12 @@ def test_unreachable_hypervisor_is_one_line_naming_ssh(monkeypatch, tmp_path, ca
     assert code == 69 and err.count("\n") == 1, err
     assert err.startswith("guestlink: error: ssh to root@127.0.0.1:%d failed: " % port)
     assert "Connection refused" in err
+
+
+@pytest.mark.parametrize("path", ["rel.sock", "/a:b.sock", "/a\nb", "/a\x7fb", ""])
+def test_socket_paths_ssh_cannot_forward_are_refused_before_ssh(monkeypatch, tmp_path, path):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ssh: it must not get that far
+    hop = R.SshHop.parse("qemu+ssh://hv/system")
+    with pytest.raises(R.ForwardError, match="^socket: cannot forward"):
+        hop.forward(path)

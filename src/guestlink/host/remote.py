@@ -279,6 +279,12 @@ class SshHop:
 
     def forward(self, remote: str) -> str:
         """Forward the hypervisor's unix socket ``remote`` to a local one; its path."""
+        if (not remote.startswith("/") or ":" in remote
+                or any(ord(c) < 0x20 or ord(c) == 0x7F for c in remote)):
+            # ssh -L splits at ':'; a relative path would be relative to sshd's directory
+            raise ForwardError("socket: cannot forward %r from %s: ssh forwards only absolute "
+                               "socket paths without ':' or control characters"
+                               % (remote, self.where))
         local = self.local_socket(remote)
         rc, _, err = self._ssh(["-O", "forward", "-L", "%s:%s" % (local, remote)])
         if rc != 0:
