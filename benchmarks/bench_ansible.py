@@ -138,6 +138,28 @@ def run_playbook(work, label, hostvars, pb):
             "tail": r.stdout[-2000:] if r.returncode else ""}
 
 
+def connect_costs(work, hostvars, count=5):
+    """Each task's worker connects afresh: the plugin's own -vvv line gives each connect's cost
+    (libvirt look-up of the domain's sockets + socket + handshake), over ``count`` ad-hoc runs."""
+    inv = work / "connect.ini"
+    inv.write_text("[bench]\n%s %s\n" % (NAME, " ".join("%s=%s" % kv for kv in hostvars.items())))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "GUESTLINK_"))}
+    env.update({"ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCAL_TEMP": str(work / "ansible-local"),
+                "ANSIBLE_HOME": str(work / "ansible-home")})
+    costs, walls = [], []
+    for _ in range(count):
+        start = time.monotonic()
+        r = subprocess.run([str(Path(sys.executable).parent / "ansible"), "-vvv", "-i", str(inv),
+                            "bench", "-m", "raw", "-a", "true"], env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        walls.append(time.monotonic() - start)
+        costs += [float(ln.rsplit(" in ", 1)[1].split()[0]) for ln in r.stdout.splitlines()
+                  if "GUESTLINK CONNECTED" in ln]
+    return {"connect_ms_median": statistics.median(costs) if costs else None,
+            "connect_ms_max": max(costs) if costs else None, "samples": len(costs),
+            "adhoc_raw_wall_s_median": statistics.median(walls)}
+
+
 def summarize(run):
     tasks = run["tasks"]
     cmds = [tasks[k]["seconds"] for k in tasks if k.startswith("command ") and
@@ -269,6 +291,8 @@ def main():
             "guestlink_pipelining": dict(common, ansible_connection="guestlink.guestlink.guestlink",
                                          ansible_guestlink_uri=URI, ansible_pipelining="true"),
         }
+        log("connect cost (ansible -vvv -m raw, 5 runs)")
+        result["connect"] = connect_costs(work, runs["guestlink_pipelining"])
         for label, hostvars in runs.items():
             if files["back"].exists():
                 files["back"].unlink()
@@ -320,6 +344,10 @@ def main():
                                              fmt(result["ratios"][k], "%.1f")))
     print("%-22s %13.1fs %13.1fs %15.1fs" % ("whole playbook", base["total_s"], g0["total_s"],
                                               gl_["total_s"]))
+    c = result["connect"]
+    print("guestlink connect per task (libvirt look-up + socket + handshake): median %s ms, "
+          "max %s ms (%d connects)" % (fmt(c["connect_ms_median"], "%.1f"),
+                                       fmt(c["connect_ms_max"], "%.1f"), c["samples"]))
     for name, goal in (("command", GOAL_COMMAND), ("copy 64 MiB", GOAL_BULK),
                        ("fetch 64 MiB", GOAL_BULK)):
         got = result["ratios"][name]

@@ -97,7 +97,7 @@ options:
       - name: ANSIBLE_TIMEOUT
     vars:
       - name: ansible_guestlink_timeout
-    keyword:
+    cli:
       - name: timeout
   command_timeout:
     description:

@@ -14,7 +14,8 @@ description:
     C(guestlink.guestlink.guestlink) connection.
   - Each host gets C(ansible_host) (the domain name), C(ansible_guestlink_uri) (its hypervisor),
     C(guestlink_uuid), C(guestlink_state), C(guestlink_hypervisor), C(guestlink_has_data_channel).
-  - Groups C(guestlink), C(hypervisor_<label>), C(state_<state>) (C(state_running),
+  - Groups C(guestlink), C(hypervisor_<label>), C(state_<state>) (other characters than letters,
+    digits and _ as _; C(state_running),
     C(state_shut_off), ...), plus the usual C(groups)/C(keyed_groups)/C(compose).
   - A domain name that exists on more than one hypervisor is never merged into one host. With
     O(qualify=auto) each of them is named C(<domain>@<label>); unique names stay plain.
@@ -83,7 +84,6 @@ import typing as t
 from urllib.parse import urlsplit
 
 from ansible.errors import AnsibleParserError
-from ansible.inventory.group import to_safe_group_name
 from ansible.plugins.inventory import BaseInventoryPlugin, Constructable
 from ansible.utils.display import Display
 
@@ -95,6 +95,11 @@ CONNECTION = "guestlink.guestlink.guestlink"
 def _label(uri: str) -> str:
     host = urlsplit(uri).hostname
     return re.sub(r"[^A-Za-z0-9_.-]", "_", host) if host else "local"
+
+
+def _group(name: str) -> str:
+    """A valid group name whatever TRANSFORM_INVALID_GROUP_CHARS says ("shut off" -> shut_off)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
 class InventoryModule(BaseInventoryPlugin, Constructable):
@@ -171,8 +176,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
             if qualify == "always" or counts[name] > 1:
                 name = "%s@%s" % (row.name, label)
             host = self.inventory.add_host(name, group="guestlink")
-            state_group = self.inventory.add_group(to_safe_group_name("state_" + row.state))
-            hv_group = self.inventory.add_group(to_safe_group_name("hypervisor_" + label))
+            state_group = self.inventory.add_group(_group("state_" + row.state))
+            hv_group = self.inventory.add_group(_group("hypervisor_" + label))
             self.inventory.add_child(state_group, host)
             self.inventory.add_child(hv_group, host)
             hostvars = {
