@@ -173,3 +173,44 @@ def test_an_old_agent_without_the_capability_gets_a_clear_error(capsys, tmp_path
     err = capsys.readouterr().err
     assert code == 70 and err.count("\n") == 1
     assert "cannot run a command as another user: update the agent" in err
+
+
+class NobodyHost(BareHost):
+    """The real agent running as nobody (not root), with an empty environment."""
+
+    def start(self, ctl_device=None, connect=True):
+        os.chmod(self.dir, 0o755)  # the agent opens it to read its config (not writable)
+        os.chmod(self.ctl, 0o777)
+        os.makedirs(os.path.dirname(self.sock_path), exist_ok=True)
+        os.chown(os.path.dirname(self.sock_path), NOBODY.pw_uid, NOBODY.pw_gid)
+        for path in (self.config, self.handlers_dir):
+            os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
+        self._log = open(self.log_path, "ab")
+        # the system's python: the test's may live where nobody cannot read (the agent is stdlib)
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        self.proc = subprocess.Popen([python, "-m", "guestlink.agent"] + self.args(ctl_device),
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+                                     env={"PYTHONPATH": os.path.abspath(SRC)}, cwd="/",
+                                     user=NOBODY.pw_uid, group=NOBODY.pw_gid, extra_groups=[])
+        if connect:
+            self.accept()
+        return self
+
+
+@pytest.mark.skipif(not ROOT, reason="starting the agent as nobody needs root")
+def test_a_non_root_agent_refuses_another_user_but_runs_its_own(tmp_path):
+    h = NobodyHost()
+    try:
+        h.start()
+        h.hello()
+        h.sync()
+        r = h.call("exec", {"argv": ["true"], "user": "root"})
+        assert r.code == "permission_denied"
+        assert r.message == ("cannot run as user 'root': the agent does not run as root (it runs "
+                             "as uid %d)" % NOBODY.pw_uid)
+        env = env_of(h.run(argv=["/usr/bin/env"], user="nobody"))  # itself: no switch needed
+        assert env["USER"] == "nobody" and env["HOME"] == NOBODY.pw_dir
+        assert env["PATH"] == agent_execs.USER_PATH
+        assert h.run(argv=["/usr/bin/id", "-u"]).stdout == b"%d\n" % NOBODY.pw_uid
+    finally:
+        h.close()
