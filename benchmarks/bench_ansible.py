@@ -160,6 +160,52 @@ def connect_costs(work, hostvars, count=5):
             "adhoc_raw_wall_s_median": statistics.median(walls)}
 
 
+def plugin_level(hostvars, files, work, count=COMMANDS):
+    """The connection plugins alone, driven through ansible-core's public plugin loader as a task's
+    worker drives them (a new connection per command), without the guest's module Python that
+    dominates a module task under TCG: ``count`` x (connect, exec_command("echo hi"), close), then
+    put_file of 1 MiB and 64 MiB and fetch_file of 64 MiB (verified)."""
+    from ansible.playbook.play_context import PlayContext
+    from ansible.plugins.loader import connection_loader, init_plugin_loader
+
+    init_plugin_loader()
+    name = hostvars["ansible_connection"]
+    varopts = dict(hostvars, inventory_hostname=NAME)
+
+    def conn():
+        c = connection_loader.get(name, PlayContext(), None)
+        c.set_options(var_options=varopts)
+        return c
+
+    execs = []
+    for _ in range(count):
+        start = time.monotonic()
+        c = conn()
+        rc, out, err = c.exec_command("echo hi")
+        c.close()
+        execs.append(time.monotonic() - start)
+        if rc != 0 or out.strip() != b"hi":
+            raise RuntimeError("%s: exec_command gave %r %r %r" % (name, rc, out, err))
+    res = {"exec_median_s": statistics.median(execs), "exec_min_s": min(execs)}
+    back = work / ("%s.plugin-back" % name.rsplit(".", 1)[-1])
+    for key, src, mib in (("put 1 MiB", files["1m"], 1), ("put 64 MiB", files["64m"], 64)):
+        c = conn()
+        start = time.monotonic()
+        c.put_file(str(src), "/tmp/plugin-%d" % mib)
+        res[key] = time.monotonic() - start
+        c.close()
+    c = conn()
+    start = time.monotonic()
+    c.fetch_file("/tmp/plugin-64", str(back))
+    res["fetch 64 MiB"] = time.monotonic() - start
+    c.exec_command("rm -f /tmp/plugin-1 /tmp/plugin-64")
+    c.close()
+    res["fetch_verified"] = (hashlib.sha256(back.read_bytes()).digest()
+                             == hashlib.sha256(files["64m"].read_bytes()).digest())
+    back.unlink()
+    return res
+
+
 def summarize(run):
     tasks = run["tasks"]
     cmds = [tasks[k]["seconds"] for k in tasks if k.startswith("command ") and
@@ -293,6 +339,12 @@ def main():
         }
         log("connect cost (ansible -vvv -m raw, 5 runs)")
         result["connect"] = connect_costs(work, runs["guestlink_pipelining"])
+        for label in ("libvirt_qemu", "guestlink"):
+            log("connection plugin alone: %s" % label)
+            try:
+                result["plugin_" + label] = plugin_level(runs[label], files, work)
+            except Exception as exc:
+                result["plugin_" + label] = {"error": "%s: %s" % (type(exc).__name__, exc)}
         for label, hostvars in runs.items():
             if files["back"].exists():
                 files["back"].unlink()
@@ -344,14 +396,34 @@ def main():
                                              fmt(result["ratios"][k], "%.1f")))
     print("%-22s %13.1fs %13.1fs %15.1fs" % ("whole playbook", base["total_s"], g0["total_s"],
                                               gl_["total_s"]))
+    pq, pg = result["plugin_libvirt_qemu"], result["plugin_guestlink"]
+    print()
+    print("Connection plugin alone (ansible-core plugin loader, no module Python in the guest):")
+    print("%-34s %14s %14s %8s" % ("operation", "libvirt_qemu", "guestlink", "ratio"))
+    if "error" in pq or "error" in pg:
+        print("  error: %s" % (pq.get("error") or pg.get("error")))
+    else:
+        print("%-34s %13.3fs %13.3fs %7.1fx" % (
+            "connect+exec+close (median of %d)" % COMMANDS, pq["exec_median_s"],
+            pg["exec_median_s"], pq["exec_median_s"] / pg["exec_median_s"]))
+        for k, mib in (("put 1 MiB", 1), ("put 64 MiB", 64), ("fetch 64 MiB", 64)):
+            print("%-34s %6.2fs %5.1fMB/s %6.2fs %5.1fMB/s %6.1fx" % (
+                k, pq[k], mib * 1.048576 / pq[k], pg[k], mib * 1.048576 / pg[k], pq[k] / pg[k]))
+        result["ratios"]["plugin exec"] = pq["exec_median_s"] / pg["exec_median_s"]
+        for k in ("put 1 MiB", "put 64 MiB", "fetch 64 MiB"):
+            result["ratios"]["plugin " + k] = pq[k] / pg[k]
+        print("fetch verified (sha256): libvirt_qemu %s, guestlink %s" % (
+            pq["fetch_verified"], pg["fetch_verified"]))
+    print()
     c = result["connect"]
     print("guestlink connect per task (libvirt look-up + socket + handshake): median %s ms, "
           "max %s ms (%d connects)" % (fmt(c["connect_ms_median"], "%.1f"),
                                        fmt(c["connect_ms_max"], "%.1f"), c["samples"]))
     for name, goal in (("command", GOAL_COMMAND), ("copy 64 MiB", GOAL_BULK),
-                       ("fetch 64 MiB", GOAL_BULK)):
-        got = result["ratios"][name]
-        print("goal %-14s >= %4.0fx: %s" % (name, goal, "PASS" if got and got >= goal else
+                       ("fetch 64 MiB", GOAL_BULK), ("plugin exec", GOAL_COMMAND),
+                       ("plugin put 64 MiB", GOAL_BULK), ("plugin fetch 64 MiB", GOAL_BULK)):
+        got = result["ratios"].get(name)
+        print("goal %-19s >= %4.0fx: %s" % (name, goal, "PASS" if got and got >= goal else
                                               "MISS (%s)" % fmt(got, "%.1fx")))
     for label in ("libvirt_qemu", "guestlink", "guestlink_pipelining"):
         if result[label]["exit"]:
