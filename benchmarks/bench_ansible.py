@@ -86,10 +86,16 @@ def log(msg):
     print("bench_ansible: " + msg, file=sys.stderr, flush=True)
 
 
+def _has_community_libvirt():
+    # a look at sys.path, not an import: ansible_collections must first be imported through
+    # ansible-core's collection finder (else "collection metadata was not loaded")
+    return any(os.path.isdir(os.path.join(p, "ansible_collections", "community", "libvirt"))
+               for p in sys.path if p)
+
+
 def ensure_bench_extra():
     have = all(importlib.util.find_spec(m) for m in ("ansible", "libvirt"))
-    if have:
-        import ansible_collections.community.libvirt  # noqa: F401
+    if have and _has_community_libvirt():
         return
     log("installing the bench extra (ansible with community.libvirt, libvirt-python) into %s: "
         "pip install -e .[bench]" % sys.prefix)
@@ -160,6 +166,9 @@ def connect_costs(work, hostvars, count=5):
             "adhoc_raw_wall_s_median": statistics.median(walls)}
 
 
+_LOADER = []
+
+
 def plugin_level(hostvars, files, work, count=COMMANDS):
     """The connection plugins alone, driven through ansible-core's public plugin loader as a task's
     worker drives them (a new connection per command), without the guest's module Python that
@@ -168,7 +177,9 @@ def plugin_level(hostvars, files, work, count=COMMANDS):
     from ansible.playbook.play_context import PlayContext
     from ansible.plugins.loader import connection_loader, init_plugin_loader
 
-    init_plugin_loader()
+    if not _LOADER:
+        init_plugin_loader()
+        _LOADER.append(True)
     name = hostvars["ansible_connection"]
     varopts = dict(hostvars, inventory_hostname=NAME)
 
