@@ -184,7 +184,9 @@ def plugin_level(hostvars, files, work, count=COMMANDS):
     varopts = dict(hostvars, inventory_hostname=NAME)
 
     def conn():
-        c = connection_loader.get(name, PlayContext(), None)
+        pc = PlayContext()
+        pc.remote_addr = NAME  # as the task executor sets it (libvirt_qemu reads it)
+        c = connection_loader.get(name, pc, None)
         c.set_options(var_options=varopts)
         return c
 
