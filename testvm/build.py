@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -348,14 +348,17 @@ class CpioWriter:
         self.parts: List[bytes] = []
         self.ino = 1000
         self.dirs: set = set()
+        #: {path in the archive: (uid, gid)}; everything else belongs to root
+        self.owners: Dict[str, Tuple[int, int]] = {}
 
     def _entry(self, name: str, mode: int, data: bytes = b"", nlink: int = 1,
                rdev: tuple = (0, 0)) -> None:
         name = name.lstrip("/")
         nameb = name.encode() + b"\0"
         self.ino += 1
+        uid, gid = self.owners.get(name, (0, 0))
         hdr = "070701" + "".join(f"{x:08x}" for x in (
-            self.ino, mode, 0, 0, nlink, EPOCH, len(data), 0, 0, rdev[0], rdev[1], len(nameb), 0))
+            self.ino, mode, uid, gid, nlink, EPOCH, len(data), 0, 0, rdev[0], rdev[1], len(nameb), 0))
         buf = hdr.encode() + nameb
         buf += b"\0" * (-len(buf) % 4)
         buf += data
@@ -509,12 +512,17 @@ def _precompile(stage: Path, root: Path) -> str:
     return "none"
 
 
+#: The test guest's unprivileged user (etc/passwd below).
+GUEST_USER, GUEST_UID, GUEST_GID = "guest", 1000, 1000
+
 ETC_FILES = {
     "etc/hostname": HOSTNAME + "\n",
     "etc/hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{HOSTNAME}\n::1\tlocalhost\n",
-    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-    "etc/group": "root:x:0:\nnogroup:x:65534:\n",
-    "etc/shadow": "root::19000:0:99999:7:::\n",
+    # guest: the unprivileged user of the exec --user tests (home /home/guest, owned by it)
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+                  "guest:x:1000:1000:guest:/home/guest:/bin/sh\n",
+    "etc/group": "root:x:0:\nnogroup:x:65534:\nguest:x:1000:\nusers:x:100:guest\n",
+    "etc/shadow": "root::19000:0:99999:7:::\nguest:*:19000:0:99999:7:::\n",
     "etc/nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\nhosts: files\n",
     "etc/profile": "export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8\n",
     "etc/os-release.fallback": 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\n'
@@ -526,7 +534,7 @@ def _assemble(stage: Path, root: Path, kver: str) -> dict:
     info: dict = {}
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "lib", "lib64", "etc/guestlink/handlers.d",
               "etc/guestlink-testvm", "proc", "sys", "dev", "run", "tmp", "var/tmp", "var/log",
-              "var/lib", "root", "opt/guestlink", "mnt"):
+              "var/lib", "root", "opt/guestlink", "mnt", "home/guest"):
         (root / d).mkdir(parents=True, exist_ok=True)
     os.chmod(root / "tmp", 0o1777)
     os.chmod(root / "var/tmp", 0o1777)
@@ -674,6 +682,7 @@ def build_base(cache_dir: Path, versions: Mapping[str, str], key: str) -> Path:
         _log(f"assembling root filesystem (kernel {kver})")
         info = _assemble(stage, root, kver)
         w = CpioWriter()
+        w.owners["home/guest"] = (GUEST_UID, GUEST_GID)
         w.chardev("dev/console", 5, 1, 0o600)
         w.chardev("dev/null", 1, 3, 0o666)
         w.add_tree(root)

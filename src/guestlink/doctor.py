@@ -82,11 +82,14 @@ def check_qemu(which: Which = shutil.which) -> Item:
 def check_libvirt(uri: Optional[str] = None, backend: Optional[Callable] = None) -> Item:
     """Is libvirt reachable at ``uri`` with read-write rights (what attach and lookups need)?"""
     from . import libvirt as lv
+    from .host import remote
 
     where = lv.default_uri(uri)
     try:
         be = (backend or lv.backend)(uri)
         n = len(be.list_uuids())
+    except remote.RemoteHopError as exc:
+        return Item("libvirt", False, str(exc), _hop_fix(where))
     except lv.LibvirtPermissionDenied as exc:
         return Item("libvirt", False, str(exc),
                     "run as root, or add this user to the libvirt group (adduser USER libvirt, "
@@ -102,6 +105,19 @@ def check_libvirt(uri: Optional[str] = None, backend: Optional[Callable] = None)
         return Item("libvirt", False, str(exc), "see libvirtd's log; check the URI (--connect)")
     return Item("libvirt", True, "%s answers (via %s, as uid %d, read-write): %d domain%s"
                 % (where, be.name, os.geteuid(), n, "" if n == 1 else "s"))
+
+
+def _hop_fix(uri: str) -> str:
+    """The fix for a failed ssh hop to the hypervisor of ``uri``."""
+    from .host import remote
+
+    try:
+        hop = remote.SshHop.parse(uri)
+    except ValueError:
+        return "check the URI (--connect)"
+    return ("check that `%s` works (keys, host key, port; guestlink uses your OpenSSH "
+            "config and $%s) and that libvirtd runs there" % (
+                hop.manual_command(), remote.SSH_CONFIG_ENV))
 
 
 def probe_socket(path: str) -> Optional[str]:
@@ -143,9 +159,13 @@ def check_channels(domain: str, uri: Optional[str] = None,
     ``names``: the channel names given (None: as guestlink.libvirt chooses them)."""
     from . import libvirt as lv
 
+    from .host import remote
+
     name = "channels %s" % domain
     try:
         ctl, data = (resolve or lv.resolve_domain)(domain, uri, *names)
+    except remote.RemoteHopError as exc:
+        return Item(name, False, str(exc), _hop_fix(lv.default_uri(uri)))
     except lv.DomainNotFound as exc:
         return Item(name, False, str(exc), "check the name (virsh list --all) and --connect URI")
     except lv.DomainNotRunning as exc:

@@ -56,6 +56,8 @@ CONTROLLER_ALIAS = "ua-guestlink-vser"
 FALLBACK_URI = "qemu:///system"
 #: the channel name qemu-guest-agent listens on (libvirt's and every distribution's default)
 QGA_NAME = "org.qemu.guest_agent.0"
+#: guestlink's default libvirt URI, before $LIBVIRT_DEFAULT_URI.
+URI_ENV = "GUESTLINK_URI"
 #: longest AF_UNIX path (sun_path is 108 bytes, NUL-terminated)
 MAX_SOCKET_PATH = 107
 
@@ -133,8 +135,10 @@ def agent_error(message: str, domain: str, unresponsive: bool = False,
 
 
 def default_uri(uri: Optional[str] = None) -> str:
-    """``uri``, else $LIBVIRT_DEFAULT_URI, else ``qemu:///system`` (as virsh does)."""
-    return uri or os.environ.get("LIBVIRT_DEFAULT_URI") or FALLBACK_URI
+    """``uri``, else $GUESTLINK_URI, else $LIBVIRT_DEFAULT_URI, else ``qemu:///system`` (as virsh
+    does, with guestlink's own variable first)."""
+    return (uri or os.environ.get(URI_ENV) or os.environ.get("LIBVIRT_DEFAULT_URI")
+            or FALLBACK_URI)
 
 
 # --- XML generation ----------------------------------------------------------------------------
@@ -491,10 +495,24 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 
 
 class _Backend:
+    """``uri``: the URI as given (messages name it); ``connect_uri``: the one libvirt is opened
+    with (for an ssh URI, through the forwarded remote libvirt socket: guestlink.host.remote);
+    ``hop``: that ssh hop, which also forwards the domain's channel sockets."""
+
     name = "?"
 
     def __init__(self, uri: Optional[str]) -> None:
         self.uri = default_uri(uri)
+        self.connect_uri = self.uri
+        self.hop: Any = None
+        from .host import remote
+
+        if remote.is_ssh_uri(self.uri):
+            try:
+                self.hop = remote.SshHop.parse(self.uri)
+            except ValueError as exc:
+                raise LibvirtUnavailable(str(exc)) from None
+            self.connect_uri = self.hop.libvirt_uri()
 
 
 class VirshBackend(_Backend):
@@ -511,7 +529,7 @@ class VirshBackend(_Backend):
         self.virsh = found
 
     def _run(self, *args: str, domain: Optional[str] = None, timeout: float = 60) -> str:
-        cmd = [self.virsh, "-q", "-c", self.uri] + list(args)
+        cmd = [self.virsh, "-q", "-c", self.connect_uri] + list(args)
         try:
             r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, timeout=timeout)
@@ -631,7 +649,7 @@ class PythonBackend(_Backend):
     def conn(self) -> Any:
         if self._conn is None:
             try:
-                self._conn = self.lv.open(self.uri)
+                self._conn = self.lv.open(self.connect_uri)
             except self.lv.libvirtError as exc:
                 err = self._error(exc)
                 if type(err) is LibvirtError:
@@ -767,7 +785,10 @@ def resolve_domain(name: str, uri: Optional[str] = None, ctl_name: Optional[str]
         raise ValueError("resolve_domain() needs a domain name or UUID")
     be = backend_ or backend(uri)
     dom = parse_domain_xml(be.dumpxml(name))
-    return find_sockets(dom, ctl_name, data_name)
+    ctl, data = find_sockets(dom, ctl_name, data_name)
+    if be.hop is not None:  # paths on the remote hypervisor: forwarded over ssh
+        return be.hop.channel_sockets(ctl, data)
+    return ctl, data
 
 
 def resolver(name: str, uri: Optional[str] = None, ctl_name: Optional[str] = None,

@@ -15,10 +15,19 @@ Lifecycle and the decisions behind it:
   ends and replies; later output of the grandchild is lost (it gets EPIPE) and it is not killed.
 * Timeout: SIGTERM to the group, SIGKILL 2 s later; the reply says ``timed_out``. CANCEL and the
   end of the host session: SIGKILL to the group at once.
+* Environment: never the agent's own (under systemd it has no HOME). The child gets a login-like
+  one from the passwd entry of the user it runs as (:func:`login_env`: HOME, USER, LOGNAME,
+  SHELL, PATH, LANG=C.UTF-8), then the request's ``env`` on top; ``env_clear`` starts empty.
+* ``user``: only a root agent may run a command as another user. The child sets its groups
+  (initgroups), gid and uid, then changes to its working directory *as that user* (so a directory
+  the user may not enter is refused), before exec; a failed step comes back to the agent through
+  a close-on-exec pipe and becomes a precise error. Python 3.8 has no ``user=``/``group=`` for
+  subprocess, hence ``preexec_fn`` (the agent is single-threaded).
 """
 import errno
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import time
@@ -59,12 +68,56 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+USER_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def login_env(pw: Optional["pwd.struct_passwd"], uid: int) -> Dict[str, str]:
+    """The login-like environment of a user (``pw``: their passwd entry, None if they have none)."""
+    env = {"PATH": ROOT_PATH if uid == 0 else USER_PATH, "LANG": "C.UTF-8"}
+    if pw is None:
+        env["HOME"] = "/"
+        return env
+    env.update(HOME=pw.pw_dir or "/", USER=pw.pw_name, LOGNAME=pw.pw_name,
+               SHELL=pw.pw_shell or "/bin/sh")
+    return env
+
+
+def _own_passwd() -> Optional["pwd.struct_passwd"]:
+    try:
+        return pwd.getpwuid(os.geteuid())
+    except KeyError:
+        return None
+
+
+def run_as(name: Optional[str]) -> Optional["pwd.struct_passwd"]:
+    """The passwd entry to switch to for ``user`` (None: stay the agent's own user), or OpError."""
+    if name is None:
+        return None
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise OpError(codes.NOT_FOUND, "no user %r in the guest" % name)
+    if pw.pw_uid == os.geteuid() and os.geteuid() != 0:
+        return None  # already that user
+    if os.geteuid() != 0:
+        raise OpError(codes.PERMISSION_DENIED, "cannot run as user %r: the agent does not run as "
+                      "root (it runs as uid %d)" % (name, os.geteuid()))
+    return pw
+
+
 def parse_exec_args(args: Fields, config: Any) -> ExecSpec:
     """Validate the request's args (protocol.ops.ExecRequest) and apply this agent's defaults and
     limits; returns a dict for Exec."""
     req = ExecRequest.from_wire(args)
     argv = list(req.argv) if req.argv is not None else ["/bin/sh", "-c", req.shell]
-    env = {} if req.env_clear else dict(os.environ)
+    pw = run_as(req.user)
+    if req.env_clear:
+        env: Dict[str, str] = {}
+    elif pw is not None:
+        env = login_env(pw, pw.pw_uid)
+    else:
+        env = login_env(_own_passwd(), os.geteuid())
     env.update(req.env)
     timeout = req.timeout
     if config.max_timeout:
@@ -77,7 +130,31 @@ def parse_exec_args(args: Fields, config: Any) -> ExecSpec:
         "stdin": req.stdin,
         "timeout": timeout,
         "output_limit": min(limit, config.max_output),
+        "user": pw,
     }
+
+
+#: The steps of switching user in the child, as reported through the error pipe.
+_STEPS = ("initgroups", "setgid", "setuid", "chdir")
+
+
+def _switcher(pw: "pwd.struct_passwd", cwd: str, report_fd: int) -> Callable[[], None]:
+    """The child's preexec_fn: become ``pw`` (groups, gid, uid), then enter ``cwd`` as them. A
+    failed step writes ``STEP:ERRNO`` to ``report_fd`` (close-on-exec) and raises."""
+    def switch() -> None:
+        step = 0
+        try:
+            os.initgroups(pw.pw_name, pw.pw_gid)
+            step = 1
+            os.setgid(pw.pw_gid)
+            step = 2
+            os.setuid(pw.pw_uid)
+            step = 3
+            os.chdir(cwd)
+        except OSError as exc:
+            os.write(report_fd, ("%d:%d" % (step, exc.errno or 0)).encode("ascii"))
+            raise
+    return switch
 
 
 class _Reader:
@@ -123,11 +200,19 @@ class Exec:
                 raise OpError(codes.NOT_A_DIRECTORY, "working directory %s is not a directory" % cwd)
             raise OpError(codes.NOT_FOUND, "working directory %s does not exist" % cwd)
         program = spec["argv"][0]
+        pw = spec["user"]
+        report_r = report_w = -1
+        preexec: Optional[Callable[[], None]] = None
+        if pw is not None:
+            report_r, report_w = os.pipe()  # both close-on-exec
+            preexec = _switcher(pw, cwd, report_w)
         try:
             self.proc = subprocess.Popen(
                 spec["argv"], stdin=subprocess.PIPE if spec["stdin"] else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=spec["env"],
-                close_fds=True, start_new_session=True)
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd if pw is None else None,
+                env=spec["env"], close_fds=True, start_new_session=True, preexec_fn=preexec)
+        except subprocess.SubprocessError:
+            raise self._switch_error(pw, cwd, report_r)
         except FileNotFoundError:
             raise OpError(codes.NOT_FOUND, "program not found: %s" % program)
         except PermissionError as exc:
@@ -137,6 +222,10 @@ class Exec:
                 program, exc.strerror or exc))
         except (ValueError, TypeError) as exc:
             raise OpError(codes.BAD_REQUEST, "cannot execute %s: %s" % (program, exc))
+        finally:
+            for fd in (report_r, report_w):
+                if fd >= 0:
+                    os.close(fd)
         self.started = time.monotonic()
         self.pgid = self.proc.pid
         agent = self.agent
@@ -152,6 +241,22 @@ class Exec:
         if spec["timeout"] is not None:
             self._timers.append(agent.timers.call_later(spec["timeout"], self._on_timeout))
         log.debug("exec %d: started pid %d: %r", self.id, self.proc.pid, spec["argv"])
+
+    @staticmethod
+    def _switch_error(pw: "pwd.struct_passwd", cwd: str, report_fd: int) -> OpError:
+        """The preexec_fn failed: which step and why, from the report pipe."""
+        os.set_blocking(report_fd, False)
+        try:
+            step_s, _, err_s = os.read(report_fd, 64).decode("ascii").partition(":")
+            step, err = int(step_s), int(err_s)
+        except (OSError, ValueError):
+            return OpError(codes.INTERNAL, "cannot run as user %r: the switch failed" % pw.pw_name)
+        why = os.strerror(err)
+        if _STEPS[step] == "chdir":
+            return OpError(codes.errno_to_code(err), "user %r cannot enter working directory %s: "
+                           "%s" % (pw.pw_name, cwd, why))
+        return OpError(codes.errno_to_code(err), "cannot run as user %r: %s failed: %s"
+                       % (pw.pw_name, _STEPS[step], why))
 
     # -- output -------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from ..protocol import (CorruptFrame, Fields, Frame, FrameDecoder, FrameType, Ga
                         UnsupportedVersion, codes, frame_type_name)
 from ..protocol import messages as m
 from ..protocol.frames import DecoderEvent, encode_frame
-from ..protocol.ops import Pong
+from ..protocol.ops import EXEC_USER_CAPABILITY, Pong
 from ..protocol.session import (AgentSession, Ignored, Passed, Request, SendBytes, SessionEnded,
                                 SessionStarted)
 from . import power, sysinfo
@@ -623,7 +623,10 @@ class Agent:
 
     def capabilities(self) -> List[str]:
         ops = list(BUILTIN_OPS) + sorted(self.handlers)
-        return [op for op in ops if self.config.policy_allows(op)]
+        allowed = [op for op in ops if self.config.policy_allows(op)]
+        if "exec" in allowed:  # a feature of exec, not an op: says the agent knows exec's "user"
+            allowed.append(EXEC_USER_CAPABILITY)
+        return allowed
 
     def _queue_hello(self) -> None:
         self.outq.push(self.rules.hello())

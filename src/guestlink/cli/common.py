@@ -25,7 +25,11 @@ environment:
                                   channel names; else its guestlink metadata, else
                                   %s and %s)
   GUESTLINK_QGA                   default for --qga (a plain QEMU VM's qemu-ga socket)
-  LIBVIRT_DEFAULT_URI             default for --connect (else qemu:///system)
+  GUESTLINK_URI, LIBVIRT_DEFAULT_URI
+                                  default for -c/--connect, in this order (else
+                                  qemu:///system); qemu+ssh://[USER@]HOST[:PORT]/system
+                                  reaches a remote hypervisor through ssh
+  GUESTLINK_SSH_CONFIG            an ssh_config file for those ssh hops (ssh -F)
   GUESTLINK_DEBUG=1               an internal error prints its traceback too
 """ % (CTL_NAME, DATA_NAME)
 
@@ -229,7 +233,8 @@ def add_connect(p: Union[argparse.ArgumentParser, "argparse._ArgumentGroup"], wh
                 *flags: str) -> None:
     """``--connect URI`` (and ``flags``, e.g. ``-c``): the libvirt URI."""
     p.add_argument(*flags, "--connect", metavar="URI", dest="libvirt_uri",
-                   help="%s, as for virsh (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)"
+                   help="%s, as for virsh; qemu+ssh://[USER@]HOST[:PORT]/system goes through ssh "
+                        "(default: $GUESTLINK_URI, else $LIBVIRT_DEFAULT_URI, else qemu:///system)"
                         % what)
 
 
@@ -255,7 +260,7 @@ def vm_options() -> argparse.ArgumentParser:
     group.add_argument("--domain", metavar="DOMAIN",
                        help="a libvirt domain (name or UUID) instead of --ctl/--data "
                             "(default: $GUESTLINK_DOMAIN)")
-    add_connect(group, "libvirt URI for --domain")
+    add_connect(group, "libvirt URI for --domain", "-c")
     add_channel_names(group)
     group.add_argument("--queue-timeout", type=seconds, metavar="S",
                        help="a VM serves one guestlink command at a time: wait at most S seconds "

@@ -17,7 +17,7 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
         epilog=help_text(DOCTOR), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("domain", nargs="?", metavar="DOMAIN",
                    help="also check this libvirt domain's channel sockets")
-    add_connect(p, "libvirt URI")
+    add_connect(p, "libvirt URI", "-c")
     add_channel_names(p)
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {name, ok, detail, fix, optional}")

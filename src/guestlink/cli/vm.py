@@ -32,8 +32,13 @@ def add_parsers(parsers: VMParsers) -> None:
     p.set_defaults(timeout=None)
     p.add_argument("--connect-timeout", type=positive_seconds, default=10.0, metavar="S",
                    help="seconds to connect and get the command started (default 10)")
-    p.add_argument("--env", action="append", metavar="K=V", help="set an environment variable")
+    p.add_argument("--env", action="append", metavar="K=V",
+                   help="set an environment variable (repeatable; on top of the login-like "
+                        "HOME, USER, LOGNAME, SHELL, PATH, LANG of the user the command runs as)")
     p.add_argument("--cwd", metavar="DIR", help="working directory in the guest (default /)")
+    p.add_argument("-u", "--user", metavar="NAME",
+                   help="run as this guest user, with their groups and environment (the agent "
+                        "must run as root; default: the agent's user)")
     p.add_argument("--shell", action="store_true",
                    help="run CMD... joined by spaces through /bin/sh -c")
     mode = p.add_mutually_exclusive_group()
@@ -83,6 +88,13 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("exec needs a command: guestlink exec [OPTIONS] -- CMD [ARG...]")
         args.cmd = " ".join(command) if args.shell else command
         args.env_map = parse_pairs(args.env, "--env") or None
+        from ..host.execs import exec_request
+        from ..host.options import ExecOptions
+
+        try:  # the agent's checks of --env/--cwd/--user, before connecting
+            exec_request(args.cmd, ExecOptions(env=args.env_map, cwd=args.cwd, user=args.user))
+        except (ValueError, TypeError) as exc:
+            raise UsageError("exec: %s" % exc)
     elif args.command == "call":
         call_args: Dict[str, Any] = {}
         if args.json_args:
@@ -192,7 +204,8 @@ async def cmd_exec(vm: "AnyClient", args: argparse.Namespace) -> int:
     forward = _forward_stdin(args)
     pump_task: Optional[asyncio.Future[None]] = None
     async with vm.exec(cmd, stdin=forward, timeout=args.timeout, env=env, cwd=args.cwd,
-                       call_timeout=args.connect_timeout) as proc:
+                       call_timeout=args.connect_timeout,
+                       user=getattr(args, "user", None)) as proc:
         if forward:
             pump_task = asyncio.ensure_future(_StdinPump(asyncio.get_running_loop()).pump(proc))
         try:

@@ -399,18 +399,21 @@ class Client:
              env: Optional[Dict[str, str]] = None, env_clear: bool = False,
              cwd: Optional[PathLike] = None, shell: Optional[bool] = None,
              output_limit: Optional[int] = DEFAULT_OUTPUT_LIMIT,
-             call_timeout: Optional[float] = None) -> Process:
+             call_timeout: Optional[float] = None, user: Optional[str] = None) -> Process:
         """Start a command in the guest with streamed I/O; use as ``async with vm.exec(...) as p``.
 
         ``cmd``: a list (argv) or a str (shell command line). ``shell=True`` runs a list through the
         shell (joined with shlex), ``shell=False`` splits a str into argv. ``timeout``: the
         command's own time limit (killed by the agent; the result says ``timed_out``).
         ``call_timeout``: limit for the agent to start it (default: the client's timeout).
+        ``user``: run as this guest user, with their groups (needs a root agent). The command gets
+        a login-like environment for its user (HOME, USER, LOGNAME, SHELL, PATH, LANG=C.UTF-8),
+        ``env`` on top (``env_clear``: only ``env``); ``cwd`` defaults to /.
         Leaving the ``async with`` block before the command finished cancels it remotely.
         """
         return self.exec_with(cmd, ExecOptions(
             stdin=stdin, timeout=timeout, env=env, env_clear=env_clear, cwd=cwd, shell=shell,
-            output_limit=output_limit, call_timeout=call_timeout))
+            output_limit=output_limit, call_timeout=call_timeout, user=user))
 
     def exec_with(self, cmd: Command, options: ExecOptions) -> Process:
         """:meth:`exec` with its options as an :class:`~guestlink.host.options.ExecOptions`."""
@@ -420,19 +423,21 @@ class Client:
                   input: Optional[Any] = None, env: Optional[Dict[str, str]] = None,
                   cwd: Optional[PathLike] = None, shell: Optional[bool] = None,
                   env_clear: bool = False, output_limit: Optional[int] = DEFAULT_OUTPUT_LIMIT,
-                  call_timeout: Optional[float] = None) -> CompletedProcess:
+                  call_timeout: Optional[float] = None,
+                  user: Optional[str] = None) -> CompletedProcess:
         """Run a command in the guest and collect its output -> :class:`CompletedProcess`.
 
         ``input`` (bytes or str) is fed to its stdin (otherwise stdin is /dev/null). Output beyond
         ``output_limit`` bytes per stream is dropped and flagged ``stdout_truncated`` /
         ``stderr_truncated``. Raises CommandTimedOut (with the partial output) when ``timeout``
-        expired, and CommandFailed on a non-zero status when ``check`` is true.
+        expired, and CommandFailed on a non-zero status when ``check`` is true. ``user``, ``env``,
+        ``cwd``: as for :meth:`exec`.
         """
         if isinstance(input, str):
             input = input.encode("utf-8")
         options = ExecOptions(stdin=input is not None, timeout=timeout, env=env,
                               env_clear=env_clear, cwd=cwd, shell=shell,
-                              output_limit=output_limit, call_timeout=call_timeout)
+                              output_limit=output_limit, call_timeout=call_timeout, user=user)
         async with self.exec_with(cmd, options) as proc:
             if input is not None:
                 await proc.write(input)

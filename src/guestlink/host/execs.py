@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple, Union
 from ..protocol import STREAM_STDERR, STREAM_STDIN, STREAM_STDOUT, Fields, ProtocolViolation
 from ..protocol import messages as m
 from ..protocol.frames import MAX_ID
+from ..protocol.ops import EXEC_USER_CAPABILITY, ExecRequest, check_env
 from . import errors as E
 from .options import ExecOptions
 from .session import Call, Payload, Session
@@ -78,7 +79,13 @@ def exec_request(cmd: Command, options: ExecOptions) -> Dict[str, Any]:
     if env:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise TypeError("env must map str to str")
+        try:
+            check_env(dict(env))
+        except ProtocolViolation as exc:
+            raise ValueError(str(exc)) from None
         req["env"] = dict(env)
+    if options.user is not None:
+        req["user"] = options.user
     if options.env_clear:
         req["env_clear"] = True
     if options.cwd is not None:
@@ -93,6 +100,10 @@ def exec_request(cmd: Command, options: ExecOptions) -> Dict[str, Any]:
         req["timeout"] = timeout
     if options.output_limit is not None:
         req["output_limit"] = int(options.output_limit)
+    try:
+        ExecRequest.from_wire(req)  # the agent's own checks, before anything is sent
+    except ProtocolViolation as exc:
+        raise ValueError(str(exc).replace("exec: ", "", 1)) from None
     return req
 
 
@@ -149,6 +160,12 @@ class Process:
         if self._call is not None:
             raise RuntimeError("process already started")
         session = self._session
+        agent = session.agent
+        if ("user" in self._request and agent is not None
+                and EXEC_USER_CAPABILITY not in agent.capabilities):
+            raise E.UnknownCommand("unknown_command", "the guest agent (version %s) cannot run a "
+                                   "command as another user: update the agent in the guest"
+                                   % agent.version)
         loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._started = loop.create_future()

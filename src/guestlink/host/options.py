@@ -74,7 +74,10 @@ class ConnectOptions:
 
 @dataclass(frozen=True)
 class ExecOptions:
-    """How to run one command in the guest; see :meth:`guestlink.host.client.Client.exec`."""
+    """How to run one command in the guest; see :meth:`guestlink.host.client.Client.exec`.
+
+    The command gets a login-like environment for ``user`` (default: the agent's own user):
+    HOME, USER, LOGNAME, SHELL, PATH and LANG from its passwd entry, then ``env`` on top."""
 
     stdin: bool = False
     timeout: Optional[float] = None
@@ -84,3 +87,4 @@ class ExecOptions:
     shell: Optional[bool] = None
     output_limit: Optional[int] = DEFAULT_OUTPUT_LIMIT
     call_timeout: Optional[float] = None
+    user: Optional[str] = None

@@ -29,6 +29,19 @@ JSON = Dict[str, Any]
 
 #: Longest argument, shell command, environment value or working directory of an exec.
 MAX_ARG = 128 * 1024
+#: At most this many environment variables in one exec request, and at most this many characters
+#: in all their names and values together (below the 256 KiB JSON payload limit).
+MAX_ENV = 1024
+MAX_ENV_TOTAL = 192 * 1024
+#: Longest user name an exec may ask to run as (useradd's limit is 32; this leaves room).
+MAX_USER = 64
+#: The exec request's fields: an agent refuses any other, so a newer host's field never passes
+#: for done by an older agent.
+EXEC_FIELDS = frozenset(("argv", "shell", "env", "env_clear", "cwd", "stdin", "timeout",
+                         "output_limit", "user"))
+#: What an agent that runs commands as the user's login-like environment and knows ``user``
+#: adds to its capabilities (the host checks it before sending ``user``).
+EXEC_USER_CAPABILITY = "exec.user"
 #: Longest exec timeout accepted. A longer one is a mistake or an attack (2**64 s, 1e308 s): it
 #: is refused rather than clamped, so the caller learns its number was not taken as meant.
 MAX_EXEC_TIMEOUT = 365 * 86400.0
@@ -130,7 +143,10 @@ class Info:
 @dataclass(frozen=True)
 class ExecRequest:
     """The ``exec`` request: exactly one of ``argv`` (non-empty) and ``shell``. Fields left None
-    take the agent's defaults (cwd "/", its configured output limit, no timeout)."""
+    take the agent's defaults (cwd "/", its configured output limit, no timeout, the agent's own
+    user). The process gets a login-like environment for the user it runs as (HOME, USER,
+    LOGNAME, SHELL, PATH, LANG), then ``env`` on top; ``env_clear`` starts from nothing instead.
+    Unknown fields are refused (:data:`EXEC_FIELDS`)."""
 
     argv: Optional[Tuple[str, ...]] = None
     shell: Optional[str] = None
@@ -140,6 +156,7 @@ class ExecRequest:
     stdin: bool = False
     timeout: Optional[float] = None
     output_limit: Optional[int] = None
+    user: Optional[str] = None
 
     def to_wire(self) -> JSON:
         req: JSON = {}
@@ -159,11 +176,17 @@ class ExecRequest:
             req["timeout"] = self.timeout
         if self.output_limit is not None:
             req["output_limit"] = self.output_limit
+        if self.user is not None:
+            req["user"] = self.user
         return req
 
     @classmethod
     def from_wire(cls, obj: Any) -> "ExecRequest":
         args = _fields(obj, "exec")
+        unknown = sorted(set(args.obj) - EXEC_FIELDS)
+        if unknown:
+            raise ProtocolViolation("exec: unknown field %r (this agent does not support it)"
+                                    % unknown[0][:MAX_NAME])
         argv = args.str_list("argv", default=None, max_len=MAX_ARG)
         shell = args.str("shell", default=None, max_len=MAX_ARG)
         if (argv is None) == (shell is None):
@@ -172,18 +195,42 @@ class ExecRequest:
             raise ProtocolViolation("exec: 'argv' must not be empty")
         if any("\0" in a for a in (argv if argv is not None else [shell])):
             raise ProtocolViolation("exec: arguments must not contain NUL characters")
-        env = args.str_map("env", default={}, max_len=MAX_ARG)
-        for k, v in env.items():
-            if not k or "=" in k or "\0" in k or "\0" in v:
-                raise ProtocolViolation("exec: invalid environment variable name or value %r" % k)
+        env = args.str_map("env", default={}, max_items=MAX_ENV, max_len=MAX_ARG)
+        check_env(env)
+        user = args.str("user", default=None, max_len=MAX_USER)
+        if user is not None and (not user or not all(c.isalnum() or c in "._-" for c in user)
+                                 or user.startswith("-") or not user.isascii()):
+            raise ProtocolViolation("exec: invalid user name %r" % user)
+        cwd = args.str("cwd", default=None, max_len=MAX_ARG)
+        if cwd is not None and (not cwd or "\0" in cwd):
+            raise ProtocolViolation("exec: 'cwd' must be a non-empty path without NUL characters")
         return cls(
             argv=tuple(argv) if argv is not None else None, shell=shell, env=env,
             env_clear=args.bool("env_clear", default=False),
-            cwd=args.str("cwd", default=None),
+            cwd=cwd,
             stdin=args.bool("stdin", default=False),
             timeout=args.number("timeout", default=None, min=0, max=MAX_EXEC_TIMEOUT),
             output_limit=args.int("output_limit", default=None, min=0),
+            user=user,
         )
+
+
+def check_env(env: Dict[str, str]) -> None:
+    """An exec's environment, checked the same on both sides: names non-empty without ``=`` or
+    NUL, values without NUL, at most MAX_ENV variables and MAX_ENV_TOTAL characters in all."""
+    if len(env) > MAX_ENV:
+        raise ProtocolViolation("exec: more than %d environment variables" % MAX_ENV)
+    total = 0
+    for k, v in env.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ProtocolViolation("exec: environment names and values must be strings")
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise ProtocolViolation("exec: invalid environment variable name or value %r"
+                                    % k[:MAX_NAME])
+        total += len(k) + len(v) + 2
+    if total > MAX_ENV_TOTAL:
+        raise ProtocolViolation("exec: the environment is larger than %d characters"
+                                % MAX_ENV_TOTAL)
 
 
 @dataclass(frozen=True)
