@@ -279,6 +279,18 @@ def test_exec_stdin_exit_code_signal_and_output(sock):
     run(main())
 
 
+def test_exec_as_another_user_is_refused_before_anything_runs(sock):
+    """qemu-ga runs everything as itself: user= is refused (not silently run as root)."""
+    async def main():
+        async with FakeQga(sock) as fake:
+            async with await qga_client(sock) as vm:
+                before = len(fake.calls)
+                with pytest.raises(ValueError, match="not available through qemu-ga"):
+                    await vm.run(["id", "-u"], user="guest")
+                assert not [c for c in fake.calls[before:] if "guest-exec" in str(c)]
+    run(main())
+
+
 def test_exec_timeout_kills_the_process(sock):
     async def main():
         async with FakeQga(sock) as fake:

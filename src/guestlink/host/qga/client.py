@@ -67,6 +67,11 @@ def _argv(cmd: Command, options: ExecOptions) -> List[str]:
             argv = ["/bin/sh", "-c", " ".join(shlex.quote(a) for a in argv)]
     if not argv:
         raise ValueError("empty command")
+    if options.user is not None:
+        # qemu-ga runs every command as itself (root); su/sudo would need a shell string and
+        # their own prompts: a different user is guestlink's agent's job
+        raise ValueError("exec as user %r: not available through qemu-ga (enroll the VM for it: "
+                         "guestlink enroll DOMAIN)" % (options.user,))
     if options.env or options.env_clear:
         argv = (["env"] + (["-i"] if options.env_clear else [])
                 + ["%s=%s" % kv for kv in (options.env or {}).items()] + argv)
@@ -304,10 +309,10 @@ class QgaClient:
              env: Optional[Dict[str, str]] = None, env_clear: bool = False,
              cwd: Optional[PathLike] = None, shell: Optional[bool] = None,
              output_limit: Optional[int] = G.QGA_OUTPUT_CAP,
-             call_timeout: Optional[float] = None) -> QgaProcess:
+             call_timeout: Optional[float] = None, user: Optional[str] = None) -> QgaProcess:
         return self.exec_with(cmd, ExecOptions(
             stdin=stdin, timeout=timeout, env=env, env_clear=env_clear, cwd=cwd, shell=shell,
-            output_limit=output_limit, call_timeout=call_timeout))
+            output_limit=output_limit, call_timeout=call_timeout, user=user))
 
     def exec_with(self, cmd: Command, options: ExecOptions) -> QgaProcess:
         return QgaProcess(self, cmd, options)
@@ -316,12 +321,13 @@ class QgaClient:
                   input: Optional[Any] = None, env: Optional[Dict[str, str]] = None,
                   cwd: Optional[PathLike] = None, shell: Optional[bool] = None,
                   env_clear: bool = False, output_limit: Optional[int] = G.QGA_OUTPUT_CAP,
-                  call_timeout: Optional[float] = None) -> CompletedProcess:
+                  call_timeout: Optional[float] = None,
+                  user: Optional[str] = None) -> CompletedProcess:
         if isinstance(input, str):
             input = input.encode("utf-8")
         options = ExecOptions(stdin=input is not None, timeout=timeout, env=env,
                               env_clear=env_clear, cwd=cwd, shell=shell,
-                              output_limit=output_limit, call_timeout=call_timeout)
+                              output_limit=output_limit, call_timeout=call_timeout, user=user)
         async with self.exec_with(cmd, options) as proc:
             if input is not None:
                 await proc.write(input)

@@ -242,7 +242,9 @@ class Connection(ConnectionBase):
                 self._target(), printable(holder),
                 "%d s" % queue_timeout if queue_timeout else "no limit"), host=host)
 
-        common: dict[str, t.Any] = dict(timeout=timeout, reconnect=False,
+        # guestlink's own agent only: the qemu-ga fallback has no streamed stdin, no tree copies
+        # and no other users, which Ansible's module runs need
+        common: dict[str, t.Any] = dict(timeout=timeout, reconnect=False, via="guestlink",
                                           queue_timeout=queue_timeout, on_queue=queued)
         try:
             if ctl:
@@ -255,7 +257,9 @@ class Connection(ConnectionBase):
                 conn = connect(domain=domain, uri=self.get_option("uri"),
                                ctl_name=self.get_option("ctl_name"),
                                data_name=self.get_option("data_name"), **common)
-            return await conn
+            client = await conn
+            assert isinstance(client, Client)  # via="guestlink" never answers with a QgaClient
+            return client
         except GE.GuestlinkError as exc:
             raise AnsibleConnectionFailure("guestlink: cannot connect to %s: %s" % (
                 self._target(), exc)) from None
