@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
 from .._version import __version__
 from ..exitcodes import EXIT_INTERRUPTED, EXIT_USAGE
 from ..protocol.safetext import printable
-from . import agent, doctor, files, image, libvirt, vm
+from . import agent, doctor, files, image, libvirt, master, vm
 from .common import EPILOG, UsageError, VMParsers, exit_for, resolve_target
 
 #: The commands that run against a connected VM: name -> coroutine (client, args) -> exit status.
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_parser(sub)
     libvirt.add_parsers(sub)
     doctor.add_parser(sub)
+    master.add_parsers(sub)
     return parser
 
 
@@ -70,7 +71,8 @@ async def _run_vm_command(args: argparse.Namespace) -> int:
         else dict(ctl=target.ctl, data=target.data))
     try:
         async with connect(timeout=connect_timeout, reconnect=reconnect,
-                           queue_timeout=args.queue_timeout, on_queue=_say_queued, **where) as client:
+                           queue_timeout=args.queue_timeout, on_queue=_say_queued,
+                           **master_args(args), **where) as client:
             return await func(client, args)
     except E.PermissionDenied as exc:
         if not target.domain:
@@ -79,6 +81,13 @@ async def _run_vm_command(args: argparse.Namespace) -> int:
             "%s (libvirt domain %s: libvirt made the socket for its qemu user; run as root, or "
             "attach the channels with --socket-dir DIR you can reach)" % (exc, target.domain),
             exc.path, exc.errno) from None
+
+
+def master_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """connect()'s master= and persist= for a VM command's --persist (docs/master.md): start a
+    master unless --persist 0 (then only use a running one); $GUESTLINK_MASTER=0: never."""
+    persist = args.persist
+    return {"master": None if persist == 0 else True, "persist": persist}
 
 
 def _say_queued(holder: str) -> None:
@@ -164,6 +173,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return image.run(args)
     if args.command in libvirt.COMMANDS:
         return libvirt.run(args)
+    if args.command in master.COMMANDS:
+        return master.run(args)
 
     from ..host.errors import GuestlinkError
 

@@ -25,6 +25,8 @@ environment:
                                   channel names; else its guestlink metadata, else
                                   %s and %s)
   LIBVIRT_DEFAULT_URI             default for --connect (else qemu:///system)
+  GUESTLINK_MASTER=0              never use a guestlink master (docs/master.md)
+  GUESTLINK_PERSIST               default for --persist
   GUESTLINK_DEBUG=1               an internal error prints its traceback too
 """ % (CTL_NAME, DATA_NAME)
 
@@ -235,7 +237,21 @@ def vm_options() -> argparse.ArgumentParser:
     group.add_argument("--queue-timeout", type=seconds, metavar="S",
                        help="a VM serves one guestlink command at a time: wait at most S seconds "
                             "for the one using it (default: until it finishes; 0: fail at once)")
+    group.add_argument("--persist", type=persist_duration, default=None, metavar="DURATION",
+                       help="go through this user's guestlink master, starting one that stays "
+                            "DURATION after its last client (default $GUESTLINK_PERSIST, else "
+                            "60s; 0: only use one already running; $GUESTLINK_MASTER=0: never)")
     return vm_opts
+
+
+def persist_duration(value: str) -> float:
+    """--persist: 60, 60s, 5m, 1h, 0."""
+    from ..host.mastersock import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
 
 
 class VMParsers:

@@ -49,7 +49,8 @@ def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
             timeout: Optional[float] = DEFAULT_TIMEOUT, reconnect: bool = True,
             max_payload: Optional[int] = None, queue_size: int = DEFAULT_QUEUE_SIZE,
             queue_timeout: Optional[float] = None,
-            on_queue: Optional[Callable[[str], Any]] = None) -> "Connector":
+            on_queue: Optional[Callable[[str], Any]] = None,
+            master: Optional[bool] = None, persist: Optional[float] = None) -> "Connector":
     """Connect to the agent of one VM.
 
     ``ctl`` is the control channel's unix socket, ``data`` the data channel's (kept for file
@@ -67,6 +68,12 @@ def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
     calling ``on_queue(holder)`` once with a description of that client, for at most
     ``queue_timeout`` seconds (None: no limit; then VMInUse).
 
+    ``master``: go through this user's guestlink master (docs/master.md), which holds the VM's
+    session and serves any number of clients at once: None (the default) uses one when it is
+    running, True also starts one when none is (it stays ``persist`` seconds after its last
+    client; default $GUESTLINK_PERSIST, else 60), False never does; ``persist`` > 0 with None
+    starts one too. $GUESTLINK_MASTER=0 turns it off. Without a master everything works as above.
+
     Use as ``async with connect(...) as vm:`` or ``vm = await connect(...)`` (then ``await
     vm.close()``). The arguments make a :class:`~guestlink.host.options.ConnectOptions`;
     :func:`connect_with` takes one.
@@ -74,7 +81,8 @@ def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
     return connect_with(ConnectOptions(
         ctl=ctl, data=data, domain=domain, uri=uri, ctl_name=ctl_name, data_name=data_name,
         timeout=timeout, reconnect=reconnect, max_payload=max_payload, queue_size=queue_size,
-        queue_timeout=queue_timeout, on_queue=on_queue))
+        queue_timeout=queue_timeout, on_queue=on_queue,
+        master=master, persist=persist))
 
 
 def connect_with(options: ConnectOptions) -> "Connector":

@@ -40,6 +40,11 @@ class ConnectOptions:
     queue_size: int = DEFAULT_QUEUE_SIZE
     queue_timeout: Optional[float] = None
     on_queue: Optional[Callable[[str], Any]] = None
+    #: The guestlink master (docs/master.md): True use one (start one if none runs), False never,
+    #: None use a running one (start one only when ``persist`` > 0 is given).
+    master: Optional[bool] = None
+    #: Seconds a master started for this connection stays after its last client (0: never start).
+    persist: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.domain is not None:
@@ -54,6 +59,7 @@ class ConnectOptions:
         object.__setattr__(self, "timeout", check_timeout(self.timeout))
         object.__setattr__(self, "queue_timeout", check_timeout(self.queue_timeout,
                                                                 "queue_timeout"))
+        object.__setattr__(self, "persist", check_timeout(self.persist, "persist"))
 
 
 @dataclass(frozen=True)
