@@ -7,27 +7,45 @@ Every VM-facing command addresses the VM through common.resolve_target (``--ctl`
 """
 
 import argparse
-import asyncio
 import os
 import signal
 import sys
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Sequence
 
 from .._version import __version__
 from ..exitcodes import EXIT_INTERRUPTED, EXIT_USAGE
 from ..protocol.safetext import printable
-from . import agent, doctor, files, image, libvirt, master, vm
+from . import lean, vm
 from .common import EPILOG, UsageError, VMParsers, exit_for, resolve_target
+
+if TYPE_CHECKING:  # asyncio and the other command groups are imported when needed: a one-shot
+    import asyncio  # command through the master (guestlink.cli.lean) imports neither
+
+async def _cmd_cp(client: Any, args: argparse.Namespace) -> int:
+    from . import files
+
+    return await files.cmd_cp(client, args)
+
+
+async def _cmd_run(client: Any, args: argparse.Namespace) -> int:
+    from . import files
+
+    return await files.cmd_run(client, args)
+
 
 #: The commands that run against a connected VM: name -> coroutine (client, args) -> exit status.
 COMMANDS: Dict[str, Callable[[Any, argparse.Namespace], Awaitable[int]]] = {
     "ping": vm.cmd_ping, "info": vm.cmd_info, "exec": vm.cmd_exec, "send": vm.cmd_send,
     "listen": vm.cmd_listen, "call": vm.cmd_call, "shutdown": vm.cmd_shutdown,
-    "reboot": vm.cmd_reboot, "cp": files.cmd_cp, "run": files.cmd_run,
+    "reboot": vm.cmd_reboot, "cp": _cmd_cp, "run": _cmd_run,
 }
+#: The commands :mod:`.vm` parses (cp and run are :mod:`.files`').
+VM_COMMANDS = ("ping", "info", "exec", "send", "listen", "call", "shutdown", "reboot")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``command`` one of :mod:`.vm`'s, only theirs (the same
+    parsers: a one-shot command need not import the other groups to parse its arguments)."""
     parser = argparse.ArgumentParser(
         prog="guestlink",
         description="Messages, commands and files between a VM's host and its guest over "
@@ -37,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     vm_parsers = VMParsers(sub)
     vm.add_parsers(vm_parsers)
+    if command in VM_COMMANDS:
+        return parser
+    from . import agent, doctor, files, image, libvirt, master
+
     files.add_parsers(vm_parsers)
     agent.add_parsers(sub)
     image.add_parser(sub)
@@ -49,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad command lines before connecting (UsageError); normalise a few options."""
     if args.command in ("cp", "run"):
+        from . import files
+
         files.check_args(args)
     if args.command == "exec":
         vm.check_exec_domain(args)
-    resolve_target(args)
+    resolve_target(args, lookup=False)
     vm.check_args(args)
 
 
@@ -95,7 +119,7 @@ def _say_queued(holder: str) -> None:
     sys.stderr.flush()
 
 
-def _loop_error(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+def _loop_error(loop: "asyncio.AbstractEventLoop", context: Dict[str, Any]) -> None:
     """asyncio's last resort (an exception no task awaited): one escaped line, no traceback."""
     from ..agent.cli import debugging
 
@@ -108,6 +132,8 @@ def _loop_error(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> Non
 
 
 async def _main_async(args: argparse.Namespace) -> int:
+    import asyncio
+
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_error)
     task = asyncio.current_task()
@@ -159,27 +185,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "agent":
+        from . import agent
+
         return agent.run_agent(argv[1:])
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if args.command == "agent-bundle":
-        return agent.cmd_agent_bundle(args)
-    if args.command == "doctor":
-        return doctor.run(args)
-    if args.command == "image":
-        return image.run(args)
-    if args.command in libvirt.COMMANDS:
-        return libvirt.run(args)
-    if args.command in master.COMMANDS:
-        return master.run(args)
+    if args.command not in VM_COMMANDS:
+        from . import agent, doctor, image, libvirt, master
+
+        if args.command == "agent-bundle":
+            return agent.cmd_agent_bundle(args)
+        if args.command == "doctor":
+            return doctor.run(args)
+        if args.command == "image":
+            return image.run(args)
+        if args.command in libvirt.COMMANDS:
+            return libvirt.run(args)
+        if args.command in master.COMMANDS:
+            return master.run(args)
 
     from ..host.errors import GuestlinkError
 
     try:
         check_args(args)
+        if args.command in lean.LEAN:
+            status = lean.run(args, master_args(args))
+            if status is not None:
+                return status
+        import asyncio
+
         return asyncio.run(_main_async(args))
     except (UsageError, GuestlinkError) as exc:
         return exit_for(exc, args.command)

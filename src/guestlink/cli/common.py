@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Optional, TextIO, Union
 
 from .. import exitcodes as X
-from ..libvirt import CTL_NAME_ENV, DATA_NAME_ENV
-from ..protocol.ports import CTL_NAME, DATA_NAME
+from ..protocol.ports import CTL_NAME, CTL_NAME_ENV, DATA_NAME, DATA_NAME_ENV, names_given
 from ..protocol.safetext import printable
 
 ENVIRONMENT = """\
@@ -126,7 +125,8 @@ class Target:
     data_name: Optional[str] = None
 
 
-def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Target:
+def resolve_target(args: argparse.Namespace, domain: Optional[str] = None,
+                   lookup: bool = True) -> Target:
     """Turn the VM-addressing options into a Target.
 
     A libvirt domain (``guestlink COMMAND DOMAIN``, ``--domain``, or ``domain=`` from a ``VM:PATH``
@@ -134,7 +134,8 @@ def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Ta
     (:func:`guestlink.libvirt.resolve_domain`); else ``--ctl``/``--data``, else
     $GUESTLINK_CTL/$GUESTLINK_DATA, else $GUESTLINK_DOMAIN. A domain's channel names: as given
     (``--ctl-name``/``--data-name``, else $GUESTLINK_CTL_NAME/$GUESTLINK_DATA_NAME), else recorded
-    in its metadata, else the defaults.
+    in its metadata, else the defaults. ``lookup=False``: a domain is not looked up (``ctl`` is
+    empty; the guestlink master resolves it), everything else is checked as usual.
     """
     uri = getattr(args, "libvirt_uri", None)
     ctl, data = getattr(args, "ctl", None), getattr(args, "data", None)
@@ -148,6 +149,10 @@ def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Ta
         raise UsageError("give either a libvirt domain or --ctl/--data, not both")
     if not domain and not ctl and not os.environ.get("GUESTLINK_CTL"):
         domain = os.environ.get("GUESTLINK_DOMAIN") or None
+    if domain and not lookup:  # the guestlink master looks the domain up (and caches it)
+        given = names_given(getattr(args, "ctl_name", None), getattr(args, "data_name", None),
+                            os.environ)
+        return Target(ctl="", domain=domain, uri=uri, ctl_name=given[0], data_name=given[1])
     if domain:
         cache = args.__dict__.setdefault("_libvirt_targets", {})
         if (domain, uri) not in cache:
@@ -176,7 +181,7 @@ def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Ta
 def seconds(value: str, positive: bool = False) -> float:
     """A --timeout-like option: a finite number of seconds up to the library's MAX_TIMEOUT (inf,
     nan and huge values are usage errors, not tracebacks or never-ending waits)."""
-    from ..host.client import MAX_TIMEOUT
+    from ..host.timing import MAX_TIMEOUT
 
     try:
         number = float(value)

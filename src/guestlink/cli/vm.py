@@ -5,20 +5,22 @@ connection, Ctrl-C and errors are guestlink.cli.app's.
 """
 
 import argparse
-import asyncio
 import json
 import os
 import sys
-import threading
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 from ..exitcodes import EXIT_OK, EXIT_TIMEOUT
 from ..protocol.safetext import printable
 from .common import (UsageError, VMParsers, domain_arg, parse_pairs, positive_seconds, print_json,
                      text_fields)
 
-if TYPE_CHECKING:  # the host library is imported when a command runs, not for --help
+if TYPE_CHECKING:  # the host library (and asyncio) are imported when a command needs them:
+    # not for --help, nor on the lean path through the master (guestlink.cli.lean)
+    import asyncio
+
     from ..host import Client, CompletedProcess, Process
+    from ..protocol.ops import ExecResult
 
 
 def add_parsers(parsers: VMParsers) -> None:
@@ -132,7 +134,10 @@ async def cmd_info(vm: "Client", args: argparse.Namespace) -> int:
 class _StdinPump:
     """Reads local stdin in a daemon thread (never blocks exit) and feeds the remote stdin."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: "asyncio.AbstractEventLoop") -> None:
+        import asyncio
+        import threading
+
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self.loop = loop
         thread = threading.Thread(target=self._read, name="guestlink-stdin", daemon=True)
@@ -161,7 +166,7 @@ class _StdinPump:
             await proc.write(data)
 
 
-def _forward_stdin(args: argparse.Namespace) -> bool:
+def forward_stdin(args: argparse.Namespace) -> bool:
     if args.stdin_mode == "never":
         return False
     try:
@@ -171,7 +176,7 @@ def _forward_stdin(args: argparse.Namespace) -> bool:
     return bool(args.stdin_mode == "always" or not is_tty)
 
 
-def _exec_status(result: "CompletedProcess") -> int:
+def exec_status(result: Union["CompletedProcess", "ExecResult"]) -> int:
     if result.timed_out:
         return EXIT_TIMEOUT
     if result.signal:
@@ -182,7 +187,9 @@ def _exec_status(result: "CompletedProcess") -> int:
 async def cmd_exec(vm: "Client", args: argparse.Namespace) -> int:
     """Run ``args.cmd`` in the guest (also how ``run`` runs its script)."""
     cmd, env = args.cmd, args.env_map
-    forward = _forward_stdin(args)
+    forward = forward_stdin(args)
+    import asyncio
+
     pump_task: Optional[asyncio.Future[None]] = None
     async with vm.exec(cmd, stdin=forward, timeout=args.timeout, env=env, cwd=args.cwd,
                        call_timeout=args.connect_timeout) as proc:
@@ -198,23 +205,30 @@ async def cmd_exec(vm: "Client", args: argparse.Namespace) -> int:
         finally:
             if pump_task is not None:
                 pump_task.cancel()
+    return exec_report(result, args, result.stdout, result.stderr)
+
+
+def exec_report(result: Union["CompletedProcess", "ExecResult"], args: argparse.Namespace,
+                stdout: bytes = b"", stderr: bytes = b"") -> int:
+    """The end of an exec (both paths): the JSON result, or the timeout and truncation notes
+    after the streamed output; -> the exit status."""
     if args.json:
         obj: Dict[str, Any] = {"returncode": result.returncode, "signal": result.signal,
                                "timed_out": result.timed_out, "duration": result.duration,
                                "stdout_truncated": result.stdout_truncated,
                                "stderr_truncated": result.stderr_truncated}
-        obj.update(text_fields("stdout", result.stdout))
-        obj.update(text_fields("stderr", result.stderr))
+        obj.update(text_fields("stdout", stdout))
+        obj.update(text_fields("stderr", stderr))
         print_json(obj)
     elif result.timed_out:
         print("guestlink: error: the command ran past --timeout %g s and was killed in the guest"
               % args.timeout, file=sys.stderr)
     if not args.json:
-        _say_truncated(result)
-    return _exec_status(result)
+        say_truncated(result)
+    return exec_status(result)
 
 
-def _say_truncated(result: "CompletedProcess") -> None:
+def say_truncated(result: Union["CompletedProcess", "ExecResult"]) -> None:
     """Streamed output cut at the output limit must not pass for the whole output."""
     cut = [name for name, flag in (("stdout", result.stdout_truncated),
                                    ("stderr", result.stderr_truncated)) if flag]

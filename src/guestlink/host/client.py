@@ -31,7 +31,7 @@ from .agentinfo import AgentInfo, parse_info
 from .execs import Command, CompletedProcess, Process
 from .messages import Message, Subscription
 from .options import (DEFAULT_OUTPUT_LIMIT, DEFAULT_QUEUE_SIZE, ConnectOptions, ExecOptions,
-                      PathLike)
+                      PathLike, check_call, check_publish)
 from .session import Call, Resolver, Runstate, Session
 from .timing import DEFAULT_TIMEOUT, MAX_TIMEOUT, check_timeout, wait_within
 
@@ -209,11 +209,7 @@ class Client:
 
         Arguments named like a keyword of this method can be passed as a dict positionally.
         """
-        if not isinstance(op, str) or not m.OP_RE.match(op):
-            raise ValueError("invalid command name %r" % (op,))
-        merged = dict(args or {})
-        merged.update(kwargs)
-        return await self.session.request(op, merged, timeout)
+        return await self.session.request(op, check_call(op, args, kwargs), timeout)
 
     async def shutdown(self, *, timeout: Optional[float] = None) -> None:
         """Ask the guest to power off (the agent answers first)."""
@@ -227,15 +223,7 @@ class Client:
 
     async def publish(self, topic: str, data: Any, *, timeout: Optional[float] = None) -> int:
         """Send a topic message to the guest; returns how many local subscribers got it."""
-        try:
-            m.check_topic(topic)
-        except ProtocolViolation as exc:
-            raise ValueError(str(exc)) from None
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        data = bytes(data)
-        if len(data) > m.MAX_MESSAGE_DATA:
-            raise ValueError("message of %d bytes exceeds %d" % (len(data), m.MAX_MESSAGE_DATA))
+        data = check_publish(topic, data)
         session = self.session
         deadline = session.deadline(timeout)
         call = Call("publish")

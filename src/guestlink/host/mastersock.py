@@ -25,7 +25,6 @@ import os
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import time
 from typing import Any, Dict, NamedTuple, Optional, Tuple
@@ -281,6 +280,8 @@ def attach_args(ctl: Optional[str] = None, data: Optional[str] = None, *,
 def start_master(persist: float, timeout: float = START_TIMEOUT) -> bool:
     """Start ``guestlink master serve --persist P --detach`` (it returns once the master listens,
     or finds one already running) -> whether it reported success."""
+    import subprocess  # only here: most commands find the master running
+
     cmd = [sys.executable, "-m", "guestlink", "master", "serve", "--persist", "%gs" % persist,
            "--detach"]
     try:

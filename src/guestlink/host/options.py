@@ -6,17 +6,24 @@ them passes the object instead of repeating the argument list.
 """
 
 import os
+import shlex
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
+from ..protocol import ProtocolViolation
+from ..protocol import messages as m
 from .timing import DEFAULT_TIMEOUT, check_timeout
 
 #: Bytes per output stream that run() keeps in memory (and asks the agent to send) by default.
 DEFAULT_OUTPUT_LIMIT = 64 * 1024 * 1024
+#: Extra time the host allows past an exec's own timeout for the agent's SIGTERM/SIGKILL grace.
+EXEC_KILL_GRACE = 2.0
 #: Messages a subscription buffers before it drops the oldest.
 DEFAULT_QUEUE_SIZE = 1024
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: A command for the guest: a list (argv) or a str (a shell command line).
+Command = Union[str, List[str]]
 
 
 @dataclass(frozen=True)
@@ -74,3 +81,70 @@ class ExecOptions:
     shell: Optional[bool] = None
     output_limit: Optional[int] = DEFAULT_OUTPUT_LIMIT
     call_timeout: Optional[float] = None
+
+
+def exec_request(cmd: Command, options: ExecOptions) -> Dict[str, Any]:
+    """The ``exec`` REQUEST's arguments for ``cmd`` (ValueError/TypeError before anything is sent)."""
+    shell = options.shell
+    req: Dict[str, Any] = {}
+    if isinstance(cmd, (bytes, bytearray)):
+        raise TypeError("cmd must be a str (shell command line) or a list of str (argv)")
+    if isinstance(cmd, str):
+        if shell is False:
+            argv = shlex.split(cmd)
+            if not argv:
+                raise ValueError("empty command")
+            req["argv"] = argv
+        else:
+            req["shell"] = cmd
+    else:
+        argv = [str(a) if not isinstance(a, str) else a for a in cmd]
+        if not argv:
+            raise ValueError("empty command")
+        if shell:
+            req["shell"] = " ".join(shlex.quote(a) for a in argv)
+        else:
+            req["argv"] = argv
+    env = options.env
+    if env:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise TypeError("env must map str to str")
+        req["env"] = dict(env)
+    if options.env_clear:
+        req["env_clear"] = True
+    if options.cwd is not None:
+        req["cwd"] = str(options.cwd)
+    if options.stdin:
+        req["stdin"] = True
+    timeout = options.timeout
+    if timeout is not None:
+        seconds = check_timeout(timeout)
+        if seconds is not None and seconds <= 0:
+            raise ValueError("timeout must be positive")
+        req["timeout"] = timeout
+    if options.output_limit is not None:
+        req["output_limit"] = int(options.output_limit)
+    return req
+
+
+def check_call(op: str, args: Optional[Mapping[str, Any]], kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """A user-defined command's name and merged arguments, checked (ValueError) before sending."""
+    if not isinstance(op, str) or not m.OP_RE.match(op):
+        raise ValueError("invalid command name %r" % (op,))
+    merged = dict(args or {})
+    merged.update(kwargs)
+    return merged
+
+
+def check_publish(topic: str, data: Any) -> bytes:
+    """A topic message's topic and data (str: UTF-8), checked (ValueError) before sending."""
+    try:
+        m.check_topic(topic)
+    except ProtocolViolation as exc:
+        raise ValueError(str(exc)) from None
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    data = bytes(data)
+    if len(data) > m.MAX_MESSAGE_DATA:
+        raise ValueError("message of %d bytes exceeds %d" % (len(data), m.MAX_MESSAGE_DATA))
+    return data
