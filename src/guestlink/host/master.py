@@ -45,7 +45,7 @@ from ..protocol.safetext import printable
 from . import errors as E
 from . import mastersock as MS
 from .options import ConnectOptions
-from .session import Call, Payload, Resolver, Session
+from .session import Call, Payload, Resolver, Runstate, Session
 from .timing import wait_within
 
 log = logging.getLogger("guestlink.master")
@@ -91,6 +91,7 @@ class _VM:
 
     def _opened(self, task: "asyncio.Task[None]") -> None:
         if task.cancelled() or task.exception() is not None:
+            self.closed = True  # the session closed itself; its attachers report why
             self.master.drop_vm(self)
 
     def _message(self, topic: str, data: bytes) -> None:
@@ -110,6 +111,8 @@ class _VM:
                 peer.close()
 
     def _gone(self, error: Optional[BaseException]) -> None:
+        if not self.opening.done():
+            return  # the open failed: each attaching peer gets its error (_first_request)
         for peer in list(self.peers):
             peer.close()
         self.master.drop_vm(self)
@@ -219,7 +222,13 @@ class _Peer:
             self.forget_calls()  # a new session of the peer: the old one's calls are over
             self.nonce = nonce
             self.synced = False
-        if self.acking is None or self.acking.done():
+        vm = self.vm
+        assert vm is not None
+        agent = vm.session.agent
+        if vm.session.runstate is Runstate.RUNNING and agent is not None:
+            self.synced = True  # at once: the peer's next frames are requests
+            self.send(m.encode_sync_ack(nonce, dict(agent)))
+        elif self.acking is None or self.acking.done():
             self.acking = asyncio.get_running_loop().create_task(self._ack())
 
     async def _ack(self) -> None:
