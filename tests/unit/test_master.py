@@ -78,6 +78,18 @@ def d(tmp_path, monkeypatch):
         pass
 
 
+async def in_agent(agent, fn, *args):
+    """``fn(*args)`` in the agent's loop, awaited from another loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, on_agent_loop, agent, fn, *args)
+
+
+def on_agent_loop(agent, fn, *args):
+    """Call ``fn(*args)`` in the event loop of a ThreadedAgent's ``agent`` (never another's)."""
+    async def go():
+        return fn(*args)
+    return asyncio.run_coroutine_threadsafe(go(), agent.server.get_loop()).result(10)
+
+
 def cli(*argv, env=None, **kw):
     env = dict(os.environ if env is None else env, PYTHONPATH=SRC)
     return subprocess.run([sys.executable, "-m", "guestlink"] + list(argv), env=env,
@@ -128,7 +140,7 @@ def test_messages_fan_out_to_every_subscriber(d):
             b = await guestlink.connect(ctl=ctl, master=True)
             sa, sb, other = a.subscribe("t"), b.subscribe("t"), b.subscribe("u")
             await a.ping(), await b.ping()  # both synchronised
-            await asyncio.get_running_loop().run_in_executor(None, tm.call, agent.push, "t", b"x1")
+            await in_agent(agent, agent.push, "t", b"x1")
             got = [(await sa.get(5)).data, (await sb.get(5)).data]
             delivered = await a.publish("host.t", "hi")
             with pytest.raises(asyncio.TimeoutError):
@@ -194,7 +206,7 @@ def test_agent_restart_fails_calls_in_flight_then_clients_go_on(d):
         async def main():
             c = await guestlink.connect(ctl=ctl, master=True)
             proc = await c.exec(["sleep", "30"]).start()
-            await asyncio.get_running_loop().run_in_executor(None, tm.call, agent.restart)
+            await in_agent(agent, agent.restart)
             with pytest.raises(E.ConnectionLost):
                 await proc.wait()
             assert await c.ping() >= 0  # re-synchronised through the master
@@ -211,7 +223,7 @@ def test_vm_socket_closing_ends_one_shot_clients_and_the_master_reconnects(d):
         async def main():
             c = await guestlink.connect(ctl=ctl, master=True, reconnect=False)
             proc = await c.exec(["sleep", "30"]).start()
-            await asyncio.get_running_loop().run_in_executor(None, tm.call, agent.drop)
+            await in_agent(agent, agent.drop)
             with pytest.raises(E.ConnectionLost):
                 await proc.wait()
             await c.close()
@@ -447,3 +459,20 @@ def test_the_master_socket_speaks_the_agent_protocol_after_attach(d):
     assert kinds == [(FrameType.ERROR, 7), (FrameType.SYNC_ACK, 0), (FrameType.RESPONSE, 8)]
     assert m.parse_error(frames[0].payload)[0] == "not_ready"
     assert m.parse_sync_ack(frames[1].payload)[0] == "ab" * 16
+
+
+def test_a_reconnecting_client_attaches_again_after_the_vm_socket_closed(d):
+    ctl = os.path.join(d, "ctl.sock")
+    with ThreadedAgent(ctl) as agent, ThreadedMaster(os.path.join(d, "m.sock")) as tm:
+        async def main():
+            c = await guestlink.connect(ctl=ctl, master=True, reconnect=True)
+            sub = c.subscribe("t")
+            await c.ping()
+            await in_agent(agent, agent.drop)
+            assert await c.ping(timeout=10) >= 0  # waited for the re-attach, then answered
+            await in_agent(agent, agent.push, "t", b"back")
+            got = (await sub.get(5)).data
+            await c.close()
+            return got
+        assert asyncio.run(main()) == b"back"
+    assert len(agent.conns) == 2

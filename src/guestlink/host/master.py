@@ -498,12 +498,25 @@ class Master:
 
     def _caching(self, key: Tuple[str, Optional[str], Optional[str], Optional[str]],
                  lookup: Resolver) -> Resolver:
+        """The VM session's resolver (called in a thread before each reconnection): the domain
+        may have restarted with new socket paths; the cache and the VM's key follow them."""
+        loop = asyncio.get_running_loop()
+
         def resolve() -> Tuple[Optional[str], Optional[str]]:
-            ctl, data = lookup()  # the domain may have restarted with new socket paths
+            ctl, data = lookup()
             if ctl is not None:
-                self.domains[key] = (ctl, data)
+                loop.call_soon_threadsafe(self._moved, key, ctl, data)
             return ctl, data
         return resolve
+
+    def _moved(self, key: Tuple[str, Optional[str], Optional[str], Optional[str]], ctl: str,
+               data: Optional[str]) -> None:
+        self.domains[key] = (ctl, data)
+        for old, vm in list(self.vms.items()):
+            if vm.domain == key and old != ctl and ctl not in self.vms:
+                del self.vms[old]
+                vm.ctl = ctl
+                self.vms[ctl] = vm
 
     def drop_vm(self, vm: _VM) -> None:
         if self.vms.get(vm.ctl) is vm:

@@ -274,7 +274,14 @@ class Session:
 
     async def _open_conn(self, resolve: bool = True) -> _Conn:
         if resolve and self.via_master:
-            await self._attach_master()
+            try:
+                await self._attach_master()
+            except E.ProtocolError:
+                raise
+            except E.GuestlinkError as exc:  # the VM is not back yet: the reconnect loop retries
+                if isinstance(exc, E.ConnectError):
+                    raise
+                raise E.ConnectError(str(exc), self.ctl) from None
         elif resolve and self._resolver is not None:
             await self._resolve()
             if self._vmlock is not None and self._vmlock.ctl != self.ctl:
