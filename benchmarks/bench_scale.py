@@ -51,6 +51,8 @@ P99_GOAL_MS = 50.0
 #: An idle session costs no wakeups: over the whole idle window the holder may wake a few
 #: times for its own reasons (none per session).
 IDLE_WAKEUPS_GOAL = 2
+#: Seconds between the last ping and the idle window (see run_holder).
+IDLE_SETTLE = 1.5
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -409,7 +411,9 @@ def run_holder(f: Fleet, rounds: int, idle_seconds: float, master: Optional[bool
         pinged = h.expect("pinged")
         h.expect("idle")
         pid = idle_pid or h.proc.pid
-        time.sleep(0.5)  # let the last replies' bookkeeping settle
+        # Settle first: a session's handshake leaves one SYNC resend timer (1 s, then it ends)
+        # and a finished request its cancelled deadline; the window measures the steady state.
+        time.sleep(IDLE_SETTLE)
         idle = idle_cost(pid, idle_seconds, f.count)
         h.say("ping")
         after = h.expect("pinged")
