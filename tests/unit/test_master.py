@@ -476,3 +476,18 @@ def test_a_reconnecting_client_attaches_again_after_the_vm_socket_closed(d):
             return got
         assert asyncio.run(main()) == b"back"
     assert len(agent.conns) == 2
+
+
+def test_a_vm_held_by_a_direct_client_is_reported_in_use(d):
+    ctl = os.path.join(d, "ctl.sock")
+    with ThreadedAgent(ctl), ThreadedMaster(os.path.join(d, "m.sock")):
+        async def main():
+            direct = await guestlink.connect(ctl=ctl, master=False)
+            assert not direct.session.via_master
+            with pytest.raises(E.VMInUse, match="in use by pid %d" % os.getpid()):
+                await guestlink.connect(ctl=ctl, master=True, timeout=1)
+            await direct.close()
+            late = await guestlink.connect(ctl=ctl, master=True, timeout=5)  # its turn now
+            assert late.session.via_master and await late.ping() >= 0
+            await late.close()
+        asyncio.run(main())

@@ -105,7 +105,18 @@ def _serve(args: argparse.Namespace, persist: float, ready_fd: Optional[int]) ->
                          % (master.holder() or "?"))
         ready(b"A")
         return X.EXIT_OK
-    asyncio.run(master.serve(lambda: ready(b"R")))
+    try:  # one socket per VM and per client: raise the soft limit on open files to the hard one
+        import resource
+
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+    try:
+        asyncio.run(master.serve(lambda: ready(b"R")))
+    except OSError as exc:
+        fail("master serve: cannot listen on %s: %s" % (master.path, exc.strerror or exc))
+        return X.EXIT_CANTCREAT
     return X.EXIT_OK
 
 

@@ -77,9 +77,11 @@ class _VM:
         self.idle: Optional[asyncio.TimerHandle] = None
         self.last_used = time.monotonic()
         self.closed = False
+        #: who held the VM when this session had to queue for it (a direct client)
+        self.holder: Optional[str] = None
         self.session = Session(
             ConnectOptions(ctl=ctl, data=data, timeout=timeout or SESSION_TIMEOUT, reconnect=True,
-                           queue_timeout=queue_timeout, master=False),
+                           queue_timeout=queue_timeout, master=False, on_queue=self._queued),
             resolver, on_message=self._message, on_gone=self._gone, on_lost=self._lost)
         self.opening: "asyncio.Task[None]" = asyncio.get_running_loop().create_task(
             self.session.open())
@@ -88,6 +90,9 @@ class _VM:
     @property
     def data(self) -> Optional[str]:
         return self.session.data
+
+    def _queued(self, holder: str) -> None:
+        self.holder = holder
 
     def _opened(self, task: "asyncio.Task[None]") -> None:
         if task.cancelled() or task.exception() is not None:
@@ -630,9 +635,15 @@ class Master:
             peer.send(m.encode_response(frame.id, {"ctl": vm.ctl, "data": vm.data}))
             return True
         except asyncio.TimeoutError:
+            held = peer.vm
             exc: BaseException = E.AgentNotResponding(
                 "the guest agent did not answer on %s within the timeout (is the agent running "
-                "in the guest?)" % (peer.vm.ctl if peer.vm else "?"))
+                "in the guest?)" % (held.ctl if held else "?"))
+            if (held is not None and held.holder is not None
+                    and held.session.runstate is Runstate.CONNECTING):
+                exc = E.VMInUse("%s is in use by %s (a client without the guestlink master); the "
+                                "master is waiting for it" % (held.ctl, printable(held.holder)),
+                                held.ctl)
         except (ProtocolViolation, ValueError) as err:
             exc = E.ConnectError("bad request to the guestlink master: %s" % err)
         except E.GuestlinkError as err:
