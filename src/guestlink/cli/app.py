@@ -53,10 +53,11 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="guestlink " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if command in VM_COMMANDS:
+        vm.add_parsers(VMParsers(sub, only=command))
+        return parser
     vm_parsers = VMParsers(sub)
     vm.add_parsers(vm_parsers)
-    if command in VM_COMMANDS:
-        return parser
     from . import agent, doctor, files, image, libvirt, master
 
     files.add_parsers(vm_parsers)

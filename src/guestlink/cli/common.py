@@ -262,13 +262,19 @@ def persist_duration(value: str) -> float:
 class VMParsers:
     """Adds VM commands to the top-level subparsers, each with the VM options and the epilog."""
 
-    def __init__(self, sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    def __init__(self, sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+                 only: Optional[str] = None) -> None:
         self.sub = sub
         self.parent = vm_options()
+        #: parse one command line: only this command's parser is attached (the others are built
+        #: on throwaway parsers, which costs less than attaching them)
+        self.only = only
 
     def add(self, name: str, help: str,
             timeout_help: Optional[str] = "seconds to connect and get an answer (default 10)",
             json: bool = True) -> argparse.ArgumentParser:
+        if self.only is not None and name != self.only:
+            return argparse.ArgumentParser(add_help=False)
         p = self.sub.add_parser(name, help=help, description=help, parents=[self.parent],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         if timeout_help:

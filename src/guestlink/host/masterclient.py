@@ -14,17 +14,19 @@ import os
 import select
 import socket
 import time
-from typing import Any, Callable, Coroutine, Dict, List, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Dict, List, Optional, TypeVar
 
 from ..protocol import ProtocolViolation
 from ..protocol import messages as m
 from ..protocol import session as rules
 from ..protocol.frames import STREAM_STDIN, MAX_ID
-from ..protocol.ops import ExecResult
 from . import errors as E
 from . import mastersock as MS
 from .agentinfo import AgentInfo, parse_info
 from .options import check_call, check_publish
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..protocol.ops import ExecResult
 
 T = TypeVar("T")
 #: What an exec's output goes to: (stream number 1|2, bytes).
@@ -32,6 +34,11 @@ Output = Callable[[int, bytes], None]
 #: stdin is sent in STREAM frames of at most this many bytes (as the asyncio Process).
 STREAM_CHUNK = 64 * 1024
 SYNC_INTERVAL = 1.0
+
+
+def new_nonce() -> str:
+    """A handshake nonce: 128 random bits from os.urandom (as secrets, without its imports)."""
+    return os.urandom(16).hex()
 
 
 def drive(coro: Coroutine[Any, Any, T]) -> T:
@@ -68,7 +75,7 @@ class Link:
         self.sock = sock
         self.ctl = reply.get("ctl")
         self.data = reply.get("data")
-        self.machine = rules.HostSession()
+        self.machine = rules.HostSession(nonce_factory=new_nonce)
         self.agent: Optional[AgentInfo] = None
         sock.setblocking(True)
 
@@ -224,10 +231,12 @@ class Link:
     # --- exec ---------------------------------------------------------------------------------
 
     def exec(self, request: Dict[str, Any], output: Output, stdin_fd: Optional[int],
-             start_timeout: Optional[float], wait_timeout: Optional[float]) -> ExecResult:
+             start_timeout: Optional[float], wait_timeout: Optional[float]) -> "ExecResult":
         """Run one exec: ``output(stream, bytes)`` as it arrives, local ``stdin_fd`` forwarded
         (when the request has ``stdin``) once the process started; -> its result. Ctrl-C
         (KeyboardInterrupt) cancels it in the guest and waits briefly for the agent."""
+        from ..protocol.ops import ExecResult
+
         id_ = self.machine.allocate_id()
         self._write(m.encode_request(id_, "exec", request))
         deadline = None if start_timeout is None else time.monotonic() + start_timeout

@@ -6,7 +6,6 @@ them passes the object instead of repeating the argument list.
 """
 
 import os
-import shlex
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
@@ -85,6 +84,8 @@ class ExecOptions:
 
 def exec_request(cmd: Command, options: ExecOptions) -> Dict[str, Any]:
     """The ``exec`` REQUEST's arguments for ``cmd`` (ValueError/TypeError before anything is sent)."""
+    import shlex
+
     shell = options.shell
     req: Dict[str, Any] = {}
     if isinstance(cmd, (bytes, bytearray)):

@@ -56,7 +56,6 @@ What the host does with each event (exactly what host/client.py did before this 
 Agent side: :class:`AgentSession` (see its docstring) — used by the guest agent and the tests'
 fake agent.
 """
-import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Union
 
@@ -177,6 +176,8 @@ HostEvent = Union[SendBytes, Synchronised, HandshakeFailed, SessionLost, Respons
 
 def new_nonce() -> str:
     """A fresh handshake nonce: 128 random bits."""
+    import secrets  # here: a client that brings its own nonce_factory never imports hashlib
+
     return secrets.token_hex(16)
 
 
