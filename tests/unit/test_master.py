@@ -491,3 +491,40 @@ def test_a_vm_held_by_a_direct_client_is_reported_in_use(d):
             assert late.session.via_master and await late.ping() >= 0
             await late.close()
         asyncio.run(main())
+
+
+def test_ctrl_c_during_a_lean_exec_cancels_it_in_the_guest(d):
+    ctl = os.path.join(d, "ctl.sock")
+    with ThreadedAgent(ctl) as agent, ThreadedMaster(os.path.join(d, "m.sock")):
+        env = dict(os.environ, PYTHONPATH=SRC)
+        proc = subprocess.Popen([sys.executable, "-m", "guestlink", "exec", "--ctl", ctl, "-n",
+                                 "--", "sleep", "60"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline() == b"sleeping\n"
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(15) == 130
+            assert b"Traceback" not in proc.stderr.read()
+        finally:
+            proc.kill()
+            proc.wait()
+        assert len(agent.cancels) == 1
+
+
+def test_group_mode_opens_the_socket_to_one_group(d):
+    import grp
+    import stat
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    sock = os.path.join(d, "g.sock")
+    master = Master(5, path=sock, group=group)
+    assert master.take_lock()
+    listener = master.bind()
+    try:
+        st = os.stat(sock)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getgid()
+        assert master._allowed(12345, os.getgid()) and not master._allowed(12345, 54321)
+    finally:
+        listener.close()
+    with pytest.raises(ValueError, match="no such group"):
+        Master(5, path=sock, group="no-such-group-here")
