@@ -56,9 +56,11 @@ MAX_PEER_BUFFER = 128 << 20
 FIRST_REQUEST_TIMEOUT = 10.0
 #: Bytes a first request (attach) may take.
 MAX_FIRST_REQUEST = 64 << 10
-#: Most VMs and peers one master serves (a bound on what a local client can make it hold).
+#: Most VMs, peers, and calls in flight per peer one master holds (bounds on what a local client
+#: can make it hold).
 MAX_VMS = 4096
 MAX_PEERS = 16384
+MAX_CALLS = 65536
 #: Default timeout of a VM's session (the handshake; relayed calls carry the client's own).
 SESSION_TIMEOUT = 10.0
 
@@ -263,6 +265,9 @@ class _Peer:
         if cid in self.calls:
             self.send(m.encode_error(cid, codes.BAD_REQUEST, "request id %d is already in flight"
                                      % cid))
+            return
+        if len(self.calls) >= MAX_CALLS:
+            self.send(m.encode_error(cid, codes.BUSY, "more than %d requests in flight" % MAX_CALLS))
             return
         send = self.send
 
