@@ -240,8 +240,9 @@ def vm_options() -> argparse.ArgumentParser:
     add_connect(group, "libvirt URI for --domain")
     add_channel_names(group)
     group.add_argument("--queue-timeout", type=seconds, metavar="S",
-                       help="a VM serves one guestlink command at a time: wait at most S seconds "
-                            "for the one using it (default: until it finishes; 0: fail at once)")
+                       help="a VM serves one connection at a time (the master's, or one "
+                            "command's without a master): wait at most S seconds for the one "
+                            "using it (default: until it finishes; 0: fail at once)")
     group.add_argument("--persist", type=persist_duration, default=None, metavar="DURATION",
                        help="go through this user's guestlink master, starting one that stays "
                             "DURATION after its last client (default $GUESTLINK_PERSIST, else "
