@@ -218,6 +218,7 @@ def test_client_killed_mid_exec_kills_its_guest_process(m: Master) -> None:
         pid = int(wait_until("the guest process started",
                              lambda: m.sh("cat /tmp/killme.pid 2>/dev/null || true").strip()))
         assert m.sh("kill -0 %d && echo running" % pid) == "running\n"
+        assert client.poll() is None and vm_clients(m) >= 1  # the exec is the master's client
         client.kill()
         client.wait(10)
         wait_until("the guest process was killed",
