@@ -18,6 +18,10 @@ row is a whole process, started and waited for from this process (wall time,
 - ``virsh qemu-agent-command DOMAIN '{"execute":"guest-ping"}'``;
 - the library on a held connection (``await vm.ping()``), for reference.
 
+In two phases, because a running master holds the VM (and its lock: direct clients would queue
+behind it): first without a master (direct rows, ssh, virsh), then with one (master rows, ssh,
+virsh); each master ratio uses the ssh/virsh figures of its own phase.
+
 Then 8 concurrent clients, each running ``guestlink ping DOMAIN`` ``--concurrent-runs`` times
 (with the master, without, and virsh's ping): p50/p99 of all their commands.
 
@@ -149,61 +153,82 @@ def run(args, workdir):
     virsh_ping = ["virsh", "-c", C.LIBVIRT_URI, "qemu-agent-command", DOMAIN, VIRSH_PING]
     retry(lambda: timed(virsh_ping, expect=b'"return"'), 60, "virsh qemu-agent-command")
 
-    log(args, "starting a guestlink master")
+    common = {
+        "ssh_cm_true": (ssh_cm, None, None),
+        "ssh_fresh_true": (ssh_fresh, None, None),
+        "virsh_guest_ping": (virsh_ping, None, b'"return"'),
+    }
+    direct = {
+        "gl_exec_direct": (gl + ["exec", DOMAIN, "--", "true"], direct_env, None),
+        "gl_ping_direct": (gl + ["ping", DOMAIN], direct_env, b"pong"),
+    }
+    through_master = {
+        "gl_exec_master": (gl + ["exec", DOMAIN, "--", "true"], master_env, None),
+        "gl_ping_master": (gl + ["ping", DOMAIN], master_env, b"pong"),
+    }
+    # Two phases: a running master holds the VM (and its lock), so direct clients would queue
+    # behind it; ssh and virsh are measured in both, interleaved with the guestlink rows.
+    res["phases"] = {}
+    log(args, "phase 1, no master: %d interleaved rounds" % args.runs)
+    res["phases"]["no_master"] = measure_phase(args, dict(direct, **common))
+    res["rows_held"] = summary(asyncio.run(held_ping_times(200)))
+    res["phases"]["no_master"]["concurrent"] = measure_concurrent(args, {
+        "gl_ping_direct": direct["gl_ping_direct"], "virsh_guest_ping": common["virsh_guest_ping"]})
+
+    log(args, "phase 2, a guestlink master running: %d interleaved rounds" % args.runs)
     r = subprocess.run(gl + ["master", "serve", "--detach", "--persist", "10m"], env=master_env,
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
         raise RuntimeError("guestlink master serve --detach failed: %s" % r.stderr)
     try:
-        rows = {
-            "gl_exec_master": (gl + ["exec", DOMAIN, "--", "true"], master_env, None),
-            "gl_exec_direct": (gl + ["exec", DOMAIN, "--", "true"], direct_env, None),
-            "gl_ping_master": (gl + ["ping", DOMAIN], master_env, b"pong"),
-            "gl_ping_direct": (gl + ["ping", DOMAIN], direct_env, b"pong"),
-            "ssh_cm_true": (ssh_cm, None, None),
-            "ssh_fresh_true": (ssh_fresh, None, None),
-            "virsh_guest_ping": (virsh_ping, None, b'"return"'),
-        }
-        for argv, env, expect in rows.values():  # warm-up: page cache, the master's session
-            for _ in range(2):
-                timed(argv, env, expect)
+        res["phases"]["master"] = measure_phase(args, dict(through_master, **common))
         status = json.loads(subprocess.run(gl + ["master", "status", "--json"], env=master_env,
                                            capture_output=True, text=True).stdout or "{}")
         res["master_status"] = {"pid": status.get("pid"), "vms": len(status.get("vms") or [])}
-        times = {k: [] for k in rows}
-        log(args, "%d interleaved rounds of %d commands" % (args.runs, len(rows)))
-        for _ in range(args.runs):
-            for name, (argv, env, expect) in rows.items():
-                times[name].append(timed(argv, env, expect))
-        res["rows"] = {k: summary(v) for k, v in times.items()}
-        res["rows"]["library_held_ping"] = summary(asyncio.run(held_ping_times(200)))
-
-        log(args, "%d concurrent clients" % CONCURRENT)
-        conc = {"gl_ping_master": rows["gl_ping_master"],
-                "gl_ping_direct": rows["gl_ping_direct"],
-                "virsh_guest_ping": rows["virsh_guest_ping"]}
-        res["concurrent"] = {}
-        for name, (argv, env, expect) in conc.items():
-            def client(_i, argv=argv, env=env, expect=expect):
-                return [timed(argv, env, expect) for _ in range(args.concurrent_runs)]
-            t0 = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(CONCURRENT) as pool:
-                per = list(pool.map(client, range(CONCURRENT)))
-            wall = time.perf_counter() - t0
-            s = summary([t for p in per for t in p])
-            s["wall_s"] = wall
-            res["concurrent"][name] = s
+        res["phases"]["master"]["concurrent"] = measure_concurrent(args, {
+            "gl_ping_master": through_master["gl_ping_master"],
+            "virsh_guest_ping": common["virsh_guest_ping"]})
     finally:
         subprocess.run(gl + ["master", "stop"], env=master_env, stdin=subprocess.DEVNULL,
                        capture_output=True, timeout=60)
         subprocess.run(["ssh", "-o", "ControlPath=%s" % cm_path, "-O", "exit", "x"],
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
 
-    rw = res["rows"]
-    res["ratio_exec_master_ssh_cm"] = rw["gl_exec_master"]["median_ms"] / rw["ssh_cm_true"]["median_ms"]
-    res["ratio_ping_master_virsh"] = (rw["gl_ping_master"]["median_ms"]
-                                      / rw["virsh_guest_ping"]["median_ms"])
+    pm = res["phases"]["master"]["rows"]
+    res["ratio_exec_master_ssh_cm"] = pm["gl_exec_master"]["median_ms"] / pm["ssh_cm_true"]["median_ms"]
+    res["ratio_ping_master_virsh"] = (pm["gl_ping_master"]["median_ms"]
+                                      / pm["virsh_guest_ping"]["median_ms"])
     return res
+
+
+def measure_phase(args, rows):
+    """Two warm-ups of each row, then ``args.runs`` rounds, each running every row once."""
+    for argv, env, expect in rows.values():  # page cache; the master's session to the VM
+        for _ in range(2):
+            timed(argv, env, expect)
+    times = {k: [] for k in rows}
+    for _ in range(args.runs):
+        for name, (argv, env, expect) in rows.items():
+            times[name].append(timed(argv, env, expect))
+    return {"rows": {k: summary(v) for k, v in times.items()}}
+
+
+def measure_concurrent(args, rows):
+    """CONCURRENT clients at once, each running the row's command ``args.concurrent_runs``
+    times: p50/p99 over all their commands, and the wall time."""
+    log(args, "%d concurrent clients: %s" % (CONCURRENT, ", ".join(rows)))
+    out = {}
+    for name, (argv, env, expect) in rows.items():
+        def client(_i, argv=argv, env=env, expect=expect):
+            return [timed(argv, env, expect) for _ in range(args.concurrent_runs)]
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(CONCURRENT) as pool:
+            per = list(pool.map(client, range(CONCURRENT)))
+        wall = time.perf_counter() - t0
+        s = summary([t for p in per for t in p])
+        s["wall_s"] = wall
+        out[name] = s
+    return out
 
 
 LABELS = {
@@ -226,24 +251,35 @@ def print_table(res):
                                                             g["nic"]))
     print("host: %s, %d CPUs, load %.2f at start, python %s" % (
         res["host"]["cpu"], res["host"]["cpus"], res["host"]["loadavg_1m"], res["host"]["python"]))
-    print("whole process, wall time; %d interleaved runs per row after 2 warm-ups" % res["runs"])
+    print("whole process, wall time; %d interleaved rounds per phase after 2 warm-ups; ratios "
+          "against the same phase's ssh/virsh" % res["runs"])
     print()
-    rw = res["rows"]
-    ssh, virsh = rw["ssh_cm_true"]["median_ms"], rw["virsh_guest_ping"]["median_ms"]
-    print("%-42s %9s %9s %9s  %9s %9s" % ("command", "median", "p90", "min", "/ssh CM", "/virsh"))
-    for key in ("gl_exec_master", "gl_exec_direct", "ssh_cm_true", "ssh_fresh_true",
-                "gl_ping_master", "gl_ping_direct", "virsh_guest_ping", "library_held_ping"):
-        s = rw[key]
-        print("%-42s %6.1f ms %6.1f ms %6.1f ms  %8.2fx %8.2fx" % (
-            LABELS[key], s["median_ms"], s["p90_ms"], s["min_ms"], s["median_ms"] / ssh,
-            s["median_ms"] / virsh))
+    print("%-44s %9s %9s %9s  %8s %8s" % ("command", "median", "p90", "min", "/ssh CM", "/virsh"))
+    order = ("gl_exec_master", "gl_exec_direct", "ssh_cm_true", "ssh_fresh_true",
+             "gl_ping_master", "gl_ping_direct", "virsh_guest_ping")
+    for phase, title in (("master", "-- phase 2: a guestlink master running"),
+                         ("no_master", "-- phase 1: no master (GUESTLINK_MASTER=0)")):
+        rw = res["phases"][phase]["rows"]
+        ssh, virsh = rw["ssh_cm_true"]["median_ms"], rw["virsh_guest_ping"]["median_ms"]
+        print(title)
+        for key in order:
+            if key in rw:
+                s = rw[key]
+                print("%-44s %6.1f ms %6.1f ms %6.1f ms  %7.2fx %7.2fx" % (
+                    LABELS[key], s["median_ms"], s["p90_ms"], s["min_ms"], s["median_ms"] / ssh,
+                    s["median_ms"] / virsh))
+    h = res["rows_held"]
+    print("%-44s %6.2f ms %6.2f ms %6.2f ms" % (LABELS["library_held_ping"], h["median_ms"],
+                                               h["p90_ms"], h["min_ms"]))
     print()
-    print("%d concurrent clients, %d commands each:" % (res["concurrent_clients"],
-                                                         res["concurrent_runs"]))
-    print("%-42s %9s %9s %9s %9s" % ("command", "p50", "p99", "max", "wall"))
-    for key, s in res["concurrent"].items():
-        print("%-42s %6.1f ms %6.1f ms %6.1f ms %7.2f s" % (LABELS[key], s["median_ms"],
-                                                         s["p99_ms"], s["max_ms"], s["wall_s"]))
+    print("%d concurrent clients, %d commands each (whole processes):" % (
+        res["concurrent_clients"], res["concurrent_runs"]))
+    print("%-44s %9s %9s %9s %9s" % ("command", "p50", "p99", "max", "wall"))
+    for phase in ("master", "no_master"):
+        for key, s in res["phases"][phase]["concurrent"].items():
+            print("%-44s %6.1f ms %6.1f ms %6.1f ms %7.2f s" % (
+                LABELS[key] + (" (ph. 2)" if key == "virsh_guest_ping" and phase == "master"
+                               else ""), s["median_ms"], s["p99_ms"], s["max_ms"], s["wall_s"]))
     print()
     print("%-46s %-10s %-8s %s" % ("goal", "value", "goal", "result"))
     e, p = res["ratio_exec_master_ssh_cm"], res["ratio_ping_master_virsh"]
