@@ -548,51 +548,44 @@ def _sock_alive(path):
         return False
 
 
-@contextlib.contextmanager
-def libvirtd_running(logdir):
-    """Start virtlogd and libvirtd (as tests/vm/test_libvirt_e2e.py's fixture) unless a libvirtd
-    answers on qemu:///system already; stop what was started at the end."""
-    import subprocess
-    started = []
-
-    def answers():
-        try:
-            return virsh("version", check=False, timeout=20).returncode == 0
-        except Exception:
-            return False
-
+def libvirt_answers():
     try:
-        if not answers():
-            os.makedirs("/var/log/libvirt", exist_ok=True)
-            for daemon, sock in (("virtlogd", "/run/libvirt/virtlogd-sock"),
-                                 ("libvirtd", "/run/libvirt/libvirt-sock")):
-                if daemon == "virtlogd" and _sock_alive(sock):
-                    continue
-                log = open(Path(logdir) / (daemon + ".log"), "wb")
-                proc = subprocess.Popen([daemon], stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-                started.append((proc, log))
-                deadline = time.monotonic() + 60
-                while not _sock_alive(sock):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("%s did not start (status %s)" % (daemon, proc.poll()))
-                    time.sleep(0.1)
-            deadline = time.monotonic() + 60
-            while not answers():
-                if time.monotonic() > deadline:
-                    raise RuntimeError("libvirtd does not answer on %s" % LIBVIRT_URI)
-                time.sleep(0.5)
-        yield LIBVIRT_URI
-    finally:
-        for proc, log in reversed(started):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except Exception:
-                    proc.kill()
-                    proc.wait()
-            log.close()
+        return virsh("version", check=False, timeout=20).returncode == 0
+    except Exception:
+        return False
+
+
+def ensure_libvirtd(logdir=None):
+    """Start virtlogd and libvirtd (as tests/vm/test_libvirt_e2e.py's fixture does) unless a
+    libvirtd answers on qemu:///system. What it starts is left running: on a shared machine
+    other runs may be using the daemon by the time this benchmark ends (and a test fixture that
+    started it may stop it under us: so this is called again right before a domain is defined).
+    """
+    import subprocess
+    if libvirt_answers():
+        return
+    logdir = Path(logdir or tempfile.mkdtemp(prefix="glbench-libvirtd-"))
+    os.makedirs("/var/log/libvirt", exist_ok=True)
+    for daemon, sock in (("virtlogd", "/run/libvirt/virtlogd-sock"),
+                         ("libvirtd", "/run/libvirt/libvirt-sock")):
+        if _sock_alive(sock):
+            continue
+        log = open(logdir / (daemon + ".log"), "ab")
+        proc = subprocess.Popen([daemon], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while not _sock_alive(sock):
+            if proc.poll() is not None and not _sock_alive(sock):
+                break  # another run may have started it meanwhile: checked below
+            if time.monotonic() > deadline:
+                raise RuntimeError("%s did not start (status %s)" % (daemon, proc.poll()))
+            time.sleep(0.1)
+    deadline = time.monotonic() + 60
+    while not libvirt_answers():
+        if time.monotonic() > deadline:
+            raise RuntimeError("libvirtd does not answer on %s" % LIBVIRT_URI)
+        time.sleep(0.5)
 
 
 DOMAIN_XML = """<domain type='qemu'>
@@ -646,6 +639,7 @@ def bench_domain(name, agent_pyz, extra_files=None, ports=(), network=False, age
     import shutil
     from testvm import guest_files, kernel_cmdline, write_initrd
     from testvm.vm import QEMU, QEMU_CPU
+    ensure_libvirtd()
     virsh("destroy", name, check=False)
     virsh("undefine", name, check=False)
     # qemu runs as libvirt-qemu: what it reads lives in a world-traversable directory
@@ -669,6 +663,7 @@ def bench_domain(name, agent_pyz, extra_files=None, ports=(), network=False, age
                                for i, n in enumerate(names, start=1)),
             interface=USER_NET_XML if network else "")
         (workdir / "domain.xml").write_text(xml)
+        ensure_libvirtd()  # the write_initrd above takes seconds: check again
         virsh("define", workdir / "domain.xml")
         try:
             virsh("start", name)

@@ -309,11 +309,11 @@ def main(argv=None):
         extra = dict(C.qga_files())
         extra.update(C.ssh_files(pub))
         C.ensure_base()
-        with C.libvirtd_running(workdir):
-            log(args, "booting the libvirt domain %s" % DOMAIN)
-            with C.bench_domain(DOMAIN, pyz, extra_files=extra, ports=[C.QGA_PORT], network=True,
-                                agent_args=["--log-level", "info"]):
-                res = run(args, workdir)
+        C.ensure_libvirtd(workdir)
+        log(args, "booting the libvirt domain %s" % DOMAIN)
+        with C.bench_domain(DOMAIN, pyz, extra_files=extra, ports=[C.QGA_PORT], network=True,
+                            agent_args=["--log-level", "info"]):
+            res = run(args, workdir)
     except Exception as exc:
         print("bench_oneshot: could not run: %s: %s" % (type(exc).__name__, exc), file=sys.stderr)
         return 1
