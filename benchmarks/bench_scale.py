@@ -78,8 +78,11 @@ def proc_sample(pid: int) -> Dict[str, float]:
         fields = f.read().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15)
     voluntary = involuntary = 0
+    run_ns = 0
     for tid in os.listdir("/proc/%d/task" % pid):
         try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+                run_ns += int(f.read().split()[0])  # time on the CPU, ns (finer than ticks)
             with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
                 for line in f:
                     if line.startswith("voluntary_ctxt_switches:"):
@@ -88,7 +91,7 @@ def proc_sample(pid: int) -> Dict[str, float]:
                         involuntary += int(line.split()[1])
         except OSError:
             continue
-    return {"time": time.monotonic(), "cpu_s": cpu, "voluntary": voluntary,
+    return {"time": time.monotonic(), "cpu_s": cpu, "run_ns": run_ns, "voluntary": voluntary,
             "involuntary": involuntary, "rss_kb": rss_kb(pid)}
 
 
@@ -101,12 +104,13 @@ def rss_kb(pid: int) -> int:
 
 
 def idle_cost(pid: int, seconds: float, sessions: int) -> Dict[str, Any]:
-    """What ``pid`` spends while idle for ``seconds``: CPU, wakeups, per session."""
+    """What ``pid`` spends while idle for ``seconds``: CPU (its threads' schedstat run time,
+    ns), wakeups (context switches), per session."""
     a = proc_sample(pid)
     time.sleep(seconds)
     b = proc_sample(pid)
     dt = b["time"] - a["time"]
-    cpu = b["cpu_s"] - a["cpu_s"]
+    cpu = (b["run_ns"] - a["run_ns"]) / 1e9
     wakeups = (b["voluntary"] - a["voluntary"]) + (b["involuntary"] - a["involuntary"])
     return {"seconds": round(dt, 2), "cpu_ms": cpu * 1000,
             "cpu_us_per_session_per_s": cpu * 1e6 / sessions / dt,
@@ -415,8 +419,10 @@ def run_holder(f: Fleet, rounds: int, idle_seconds: float, master: Optional[bool
         # and a finished request its cancelled deadline; the window measures the steady state.
         time.sleep(IDLE_SETTLE)
         idle = idle_cost(pid, idle_seconds, f.count)
+        before = proc_sample(pid)
         h.say("ping")
         after = h.expect("pinged")
+        busy = proc_sample(pid)
         h.expect("idle")
         h.say("quit")
         h.expect("closed")
@@ -429,7 +435,8 @@ def run_holder(f: Fleet, rounds: int, idle_seconds: float, master: Optional[bool
             "latency": latency_summary(pinged["times"]), "pings": len(pinged["times"]),
             "pings_after_idle": len(after["times"]),
             "latency_after_idle": latency_summary(after["times"]),
-            "idle_pid": pid, "idle": idle}
+            "idle_pid": pid, "idle": idle,
+            "cpu_us_per_ping": (busy["run_ns"] - before["run_ns"]) / 1000 / len(after["times"])}
 
 
 # --- the benchmark -----------------------------------------------------------------------------
@@ -517,9 +524,9 @@ def print_table(res: Dict[str, Any]) -> None:
     print("%d rounds of every session pinged concurrently; idle window %g s" % (
         res["rounds"], res["idle_seconds"]))
     print()
-    head = "%-34s %9s %9s %9s %9s %10s %11s %9s %9s"
-    print(head % ("holder", "connect", "p50", "p99", "max", "RSS", "RSS/sess", "CPU/sess",
-                  "wakeups"))
+    head = "%-34s %9s %9s %9s %9s %10s %11s %9s %9s %9s"
+    print(head % ("holder", "connect", "p50", "p99", "max", "RSS", "RSS/sess", "CPU/ping",
+                  "idle CPU", "wakeups"))
     base = None
     for key, name in (("library", "library, one asyncio process"),
                       ("master", "control master (figures: master)")):
@@ -536,12 +543,13 @@ def print_table(res: Dict[str, Any]) -> None:
         else:
             rss = idle["rss_kb"]
             per = r.get("master_rss_per_session_kb") or float("nan")
-        print("%-34s %7.2f s %6.1f ms %6.1f ms %6.1f ms %7.1f MiB %8.1f KiB %6.1f µs %9d" % (
-            name, r["connect_seconds"], lat["p50_ms"], lat["p99_ms"], lat["max_ms"], rss / 1024,
-            per, idle["cpu_us_per_session_per_s"], idle["wakeups"]))
-    print("(latency: each ping's round trip, all %d sessions at once; CPU/sess: CPU time per idle "
-          "session per second; wakeups: context switches of the holder over the idle window)"
-          % res["vms"])
+        print("%-34s %7.2f s %6.1f ms %6.1f ms %6.1f ms %7.1f MiB %8.1f KiB %6.0f µs %6.2f µs %9d"
+              % (name, r["connect_seconds"], lat["p50_ms"], lat["p99_ms"], lat["max_ms"],
+                 rss / 1024, per, r["cpu_us_per_ping"], idle["cpu_us_per_session_per_s"],
+                 idle["wakeups"]))
+    print("(latency: each ping's round trip, all %d sessions at once; CPU/ping: the holder's CPU "
+          "per ping in a round; idle CPU: per idle session per second; wakeups: context switches "
+          "of the holder over the idle window; CPU from /proc/PID/task/*/schedstat)" % res["vms"])
     print()
     print("%-44s %-14s %-10s %s" % ("metric", "value", "goal", "result"))
     for key in ("library", "master"):
