@@ -528,3 +528,16 @@ def test_group_mode_opens_the_socket_to_one_group(d):
         listener.close()
     with pytest.raises(ValueError, match="no such group"):
         Master(5, path=sock, group="no-such-group-here")
+
+
+def test_when_no_master_can_start_clients_connect_directly(d, monkeypatch):
+    ctl = os.path.join(d, "ctl.sock")
+    monkeypatch.setenv(MS.SOCKET_ENV, os.path.join(d, "no", "such", "dir", "m.sock"))
+    with ThreadedAgent(ctl):
+        async def main():
+            c = await guestlink.connect(ctl=ctl, master=True, persist=5)
+            assert not c.session.via_master and await c.ping() >= 0
+            await c.close()
+        asyncio.run(main())
+        done = cli("exec", "--ctl", ctl, "--", "echo", "direct")
+        assert done.returncode == 0 and done.stdout == "direct\n", done.stderr
