@@ -253,6 +253,9 @@ def print_table(res):
         res["host"]["cpu"], res["host"]["cpus"], res["host"]["loadavg_1m"], res["host"]["python"]))
     print("whole process, wall time; %d interleaved rounds per phase after 2 warm-ups; ratios "
           "against the same phase's ssh/virsh" % res["runs"])
+    ms = res.get("master_status") or {}
+    print("phase 2's master: pid %s holding %s VM session(s) (guestlink master status)" % (
+        ms.get("pid"), ms.get("vms")))
     print()
     print("%-44s %9s %9s %9s  %8s %8s" % ("command", "median", "p90", "min", "/ssh CM", "/virsh"))
     order = ("gl_exec_master", "gl_exec_direct", "ssh_cm_true", "ssh_fresh_true",
