@@ -23,7 +23,6 @@ from ..protocol.frames import STREAM_STDIN, MAX_ID
 from . import errors as E
 from . import mastersock as MS
 from .agentinfo import AgentInfo, parse_info
-from .options import check_call, check_publish
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..protocol.ops import ExecResult
@@ -216,9 +215,13 @@ class Link:
 
     async def call(self, op: str, args: Optional[Dict[str, Any]] = None, /, *,
                    timeout: Optional[float] = None, **kwargs: Any) -> Dict[str, Any]:
+        from .options import check_call
+
         return self.request(op, check_call(op, args, kwargs), timeout)
 
     async def publish(self, topic: str, data: Any, *, timeout: Optional[float] = None) -> int:
+        from .options import check_publish
+
         body = check_publish(topic, data)
         payload = self._call(lambda id_: m.encode_message(topic, body, id=id_), "publish", timeout)
         try:
