@@ -541,3 +541,22 @@ def test_when_no_master_can_start_clients_connect_directly(d, monkeypatch):
         asyncio.run(main())
         done = cli("exec", "--ctl", ctl, "--", "echo", "direct")
         assert done.returncode == 0 and done.stdout == "direct\n", done.stderr
+
+
+def test_garbage_or_an_unknown_first_request_gets_nothing_but_eof(d):
+    sock = os.path.join(d, "m.sock")
+    with ThreadedMaster(sock):
+        s = MS.connect_socket(sock)
+        s.sendall(os.urandom(100 << 10))  # no frame in the first 64 KiB: dropped
+        s.settimeout(10)
+        assert s.recv(100) == b""
+        s.close()
+        s = MS.connect_socket(sock)
+        with pytest.raises(E.ConnectError, match="unknown master request"):
+            MS.first_request(s, "master.nosuch", {}, 10)
+        s.close()
+        s = MS.connect_socket(sock)
+        with pytest.raises(E.ConnectError, match="bad request"):
+            MS.first_request(s, MS.OP_ATTACH, {"vm": {"ctl": "relative.sock"}}, 10)
+        s.close()
+        assert MS.request(MS.OP_STATUS, {}, path=sock)["vms"] == []  # still serving
