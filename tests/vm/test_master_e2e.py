@@ -210,6 +210,22 @@ def test_eight_clients_fifty_execs_each(m: Master) -> None:
     assert len(m.status()["vms"]) == 1
 
 
+def test_eight_one_shot_cli_clients_at_once(m: Master) -> None:
+    """The lean one-shot path (blocking client, no asyncio) under concurrency: 8 shell loops of
+    ``guestlink exec`` processes, each output and exit status its own."""
+    m.serve()
+    loop = ('for j in 0 1 2 3 4; do "$@" exec -- sh -c \'echo "o $0 $1"; exit $1\' "$I" "$j"; '
+            'echo "rc $?"; done')
+    procs = [subprocess.Popen(["sh", "-c", loop, "sh"] + m.argv(), env=dict(m.env, I=str(i)),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(8)]
+    for i, p in enumerate(procs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert out == "".join("o %d %d\nrc %d\n" % (i, j, j) for j in range(5)), (out, err)
+    assert len(m.status()["vms"]) == 1
+
+
 def test_client_killed_mid_exec_kills_its_guest_process(m: Master) -> None:
     m.sh("rm -f /tmp/killme.pid")
     master_pid = m.serve()
