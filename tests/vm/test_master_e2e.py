@@ -326,6 +326,9 @@ def test_another_uid_is_refused(m: Master) -> None:
     assert outs["root"] == "served pid %d" % pid
     assert outs["nobody"].startswith("refused") and "ermission" in outs["nobody"], outs
     assert outs["nobody+dac"].startswith("refused"), outs
+    # refused by the master's SO_PEERCRED check, not by the file system (its detached log)
+    log = Path(m.socket).with_name("master.log").read_text()
+    assert "refusing a client of uid %d" % NOBODY in log, log[-2000:]
     assert m.pid() == pid  # and it still serves its owner
 
 
