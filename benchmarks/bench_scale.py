@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import resource
+import select
 import shutil
 import signal
 import statistics
@@ -255,19 +256,24 @@ class Fleet:
                  "--handlers-dir", str(self.dir / "handlers"), "--log-level", self.log_level],
                 stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, env=env,
                 start_new_session=True))
-        seen = set()
+        seen: set = set()
         deadline = time.monotonic() + timeout
+        fd = self.relay.stdout.fileno()
+        pending = b""
         while len(seen) < self.count:
-            # the relay prints "agent I" for each connection; readline blocks, so the deadline
-            # is checked per line (a dead agent shows up below)
-            line = self.relay.stdout.readline()
-            if not line:
-                raise RuntimeError("the relay exited (status %s)" % self.relay.poll())
-            seen.add(int(line.split()[1]))
+            # the relay prints "agent I" for each connection; read its pipe with a timeout so
+            # that agents that died (or never connect) fail the start instead of hanging it
             dead = [i for i, p in enumerate(self.agents) if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError("%d of %d agents connected; exited: %s; log tail:\n%s" % (
                     len(seen), self.count, dead[:10], self.log_tail()))
+            if not select.select([fd], [], [], 1.0)[0]:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError("the relay exited (status %s)" % self.relay.poll())
+            *lines, pending = (pending + chunk).split(b"\n")
+            seen.update(int(line.split()[1]) for line in lines if line.startswith(b"agent "))
         return self
 
     def log_tail(self, size: int = 3000) -> str:

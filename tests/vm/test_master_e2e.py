@@ -281,14 +281,14 @@ def test_stale_socket_of_a_sigkilled_master_does_not_block(m: Master) -> None:
 
 
 def test_idle_master_exits(m: Master) -> None:
-    m.gl("ping", "--persist", "2s", check=True)
+    m.gl("ping", "--persist", "5s", check=True)
     pid = m.pid()
     t0 = time.monotonic()
     wait_until("the idle master exited", lambda: not alive(pid), timeout=60)
     waited = time.monotonic() - t0
     assert not os.path.exists(m.socket)
     assert m.status() == {"running": False}
-    assert waited < 45  # persist 2 s (VM session, then master): sanity bound only
+    assert waited < 60  # persist 5 s (VM session, then master): sanity bound only
 
 
 PEER = r'''
