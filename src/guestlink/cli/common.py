@@ -3,15 +3,14 @@
 output and the progress bar. Imports nothing of the command groups (they import this)."""
 
 import argparse
-import base64
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Optional, TextIO, Union
 
 from .. import exitcodes as X
+from ..protocol.frames import Value
 from ..protocol.ports import CTL_NAME, CTL_NAME_ENV, DATA_NAME, DATA_NAME_ENV, names_given
 from ..protocol.safetext import printable
 
@@ -111,18 +110,24 @@ def local_error(exc: OSError) -> str:
 
 # --- VM addressing ----------------------------------------------------------------------------
 
-@dataclass
-class Target:
-    """How to reach one VM's channels."""
+class Target(Value):
+    """How to reach one VM's channels (a :class:`~guestlink.protocol.frames.Value`: immutable,
+    compared by its fields)."""
 
+    __slots__ = ("ctl", "data", "domain", "uri", "ctl_name", "data_name")
     ctl: str
-    data: Optional[str] = None
-    domain: Optional[str] = None   # the libvirt domain the paths were read from
-    uri: Optional[str] = None      # its libvirt URI (--connect; None: the default)
+    data: Optional[str]
+    domain: Optional[str]      # the libvirt domain the paths were read from
+    uri: Optional[str]         # its libvirt URI (--connect; None: the default)
     # the domain's channel names as given (--ctl-name/$GUESTLINK_CTL_NAME...); None: its metadata's,
     # else the defaults (guestlink.libvirt.choose_names), read again on every reconnection
-    ctl_name: Optional[str] = None
-    data_name: Optional[str] = None
+    ctl_name: Optional[str]
+    data_name: Optional[str]
+
+    def __init__(self, ctl: str, data: Optional[str] = None, domain: Optional[str] = None,
+                 uri: Optional[str] = None, ctl_name: Optional[str] = None,
+                 data_name: Optional[str] = None) -> None:
+        self._init(ctl, data, domain, uri, ctl_name, data_name)
 
 
 def resolve_target(args: argparse.Namespace, domain: Optional[str] = None,
@@ -300,6 +305,8 @@ def text_fields(name: str, data: bytes) -> Dict[str, str]:
     try:
         return {name: data.decode("utf-8")}
     except UnicodeDecodeError:
+        import base64  # only here: not on a one-shot command's path
+
         return {name: data.decode("utf-8", "replace"),
                 name + "_base64": base64.b64encode(data).decode("ascii")}
 

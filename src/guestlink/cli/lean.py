@@ -11,7 +11,6 @@ caller then takes the asyncio path (which connects directly).
 
 import argparse
 import sys
-from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional
 
 from . import vm
@@ -49,6 +48,8 @@ def run(args: argparse.Namespace, master: Dict[str, Any]) -> Optional[int]:
 
 
 def _exec(link: Any, args: argparse.Namespace) -> int:
+    from dataclasses import replace  # ExecResult is a dataclass: only exec needs it
+
     from ..host.options import DEFAULT_OUTPUT_LIMIT, EXEC_KILL_GRACE, ExecOptions, exec_request
     from ..host.timing import DEFAULT_TIMEOUT
 
