@@ -48,8 +48,6 @@ def run(args: argparse.Namespace, master: Dict[str, Any]) -> Optional[int]:
 
 
 def _exec(link: Any, args: argparse.Namespace) -> int:
-    from dataclasses import replace  # ExecResult is a dataclass: only exec needs it
-
     from ..host.options import DEFAULT_OUTPUT_LIMIT, EXEC_KILL_GRACE, ExecOptions, exec_request
     from ..host.timing import DEFAULT_TIMEOUT
 
@@ -80,7 +78,7 @@ def _exec(link: Any, args: argparse.Namespace) -> int:
     result = link.exec(request, output, sys.stdin.fileno() if forward else None,
                        args.connect_timeout, wait)
     if result.signal is None and result.returncode < 0:
-        result = replace(result, signal=-result.returncode)
-    result = replace(result, stdout_truncated=result.stdout_truncated or cut[1],
-                     stderr_truncated=result.stderr_truncated or cut[2])
+        result = result.replace(signal=-result.returncode)
+    result = result.replace(stdout_truncated=result.stdout_truncated or cut[1],
+                            stderr_truncated=result.stderr_truncated or cut[2])
     return vm.exec_report(result, args, b"".join(kept[1]), b"".join(kept[2]))

@@ -1,4 +1,5 @@
-"""The options of a connection and of a command, each in one dataclass.
+"""The options of a connection and of a command, each in one immutable value (a frozen
+:class:`~guestlink.protocol.frames.Value`).
 
 The public API keeps its keyword arguments (``connect(ctl=..., timeout=...)``,
 ``vm.exec(cmd, stdin=True, ...)``): those entry points build these objects, and everything under
@@ -6,11 +7,11 @@ them passes the object instead of repeating the argument list.
 """
 
 import os
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 from ..protocol import ProtocolViolation
 from ..protocol import messages as m
+from ..protocol.frames import Value
 from .timing import DEFAULT_TIMEOUT, check_timeout
 
 #: Bytes per output stream that run() keeps in memory (and asks the agent to send) by default.
@@ -25,8 +26,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 Command = Union[str, List[str]]
 
 
-@dataclass(frozen=True)
-class ConnectOptions:
+class ConnectOptions(Value):
     """How to reach one VM's agent; see :func:`guestlink.host.client.connect` for each field.
 
     Either ``ctl`` (and ``data``) socket paths, or a libvirt ``domain`` (``uri``, ``ctl_name``,
@@ -34,52 +34,70 @@ class ConnectOptions:
     TypeError on construction, before anything is opened.
     """
 
-    ctl: Optional[PathLike] = None
-    data: Optional[PathLike] = None
-    domain: Optional[str] = None
-    uri: Optional[str] = None
-    ctl_name: Optional[str] = None
-    data_name: Optional[str] = None
-    timeout: Optional[float] = DEFAULT_TIMEOUT
-    reconnect: bool = True
-    max_payload: Optional[int] = None
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    queue_timeout: Optional[float] = None
-    on_queue: Optional[Callable[[str], Any]] = None
+    __slots__ = ("ctl", "data", "domain", "uri", "ctl_name", "data_name", "timeout", "reconnect",
+                 "max_payload", "queue_size", "queue_timeout", "on_queue", "master", "persist")
+    ctl: Optional[PathLike]
+    data: Optional[PathLike]
+    domain: Optional[str]
+    uri: Optional[str]
+    ctl_name: Optional[str]
+    data_name: Optional[str]
+    timeout: Optional[float]
+    reconnect: bool
+    max_payload: Optional[int]
+    queue_size: int
+    queue_timeout: Optional[float]
+    on_queue: Optional[Callable[[str], Any]]
     #: The guestlink master (docs/master.md): True use one (start one if none runs), False never,
     #: None use a running one (start one only when ``persist`` > 0 is given).
-    master: Optional[bool] = None
+    master: Optional[bool]
     #: Seconds a master started for this connection stays after its last client (0: never start).
-    persist: Optional[float] = None
+    persist: Optional[float]
 
-    def __post_init__(self) -> None:
-        if self.domain is not None:
-            if self.ctl or self.data:
+    def __init__(self, ctl: Optional[PathLike] = None, data: Optional[PathLike] = None,
+                 domain: Optional[str] = None, uri: Optional[str] = None,
+                 ctl_name: Optional[str] = None, data_name: Optional[str] = None,
+                 timeout: Optional[float] = DEFAULT_TIMEOUT, reconnect: bool = True,
+                 max_payload: Optional[int] = None, queue_size: int = DEFAULT_QUEUE_SIZE,
+                 queue_timeout: Optional[float] = None,
+                 on_queue: Optional[Callable[[str], Any]] = None, master: Optional[bool] = None,
+                 persist: Optional[float] = None) -> None:
+        if domain is not None:
+            if ctl or data:
                 raise ValueError("connect(): give either domain= or ctl=/data=, not both")
-        elif self.ctl_name or self.data_name:
+        elif ctl_name or data_name:
             raise ValueError("connect(): ctl_name=/data_name= name a libvirt domain's channels; "
                              "they need domain=")
-        elif not self.ctl:
+        elif not ctl:
             raise ValueError("connect() needs the control socket path (ctl=...)")
-        # frozen: the validated float replaces the caller's value
-        object.__setattr__(self, "timeout", check_timeout(self.timeout))
-        object.__setattr__(self, "queue_timeout", check_timeout(self.queue_timeout,
-                                                                "queue_timeout"))
-        object.__setattr__(self, "persist", check_timeout(self.persist, "persist"))
+        # the validated floats replace the caller's values
+        timeout = check_timeout(timeout)
+        queue_timeout = check_timeout(queue_timeout, "queue_timeout")
+        persist = check_timeout(persist, "persist")
+        self._init(ctl, data, domain, uri, ctl_name, data_name, timeout, reconnect, max_payload,
+                   queue_size, queue_timeout, on_queue, master, persist)
 
 
-@dataclass(frozen=True)
-class ExecOptions:
+class ExecOptions(Value):
     """How to run one command in the guest; see :meth:`guestlink.host.client.Client.exec`."""
 
-    stdin: bool = False
-    timeout: Optional[float] = None
-    env: Optional[Mapping[str, str]] = None
-    env_clear: bool = False
-    cwd: Optional[PathLike] = None
-    shell: Optional[bool] = None
-    output_limit: Optional[int] = DEFAULT_OUTPUT_LIMIT
-    call_timeout: Optional[float] = None
+    __slots__ = ("stdin", "timeout", "env", "env_clear", "cwd", "shell", "output_limit",
+                 "call_timeout")
+    stdin: bool
+    timeout: Optional[float]
+    env: Optional[Mapping[str, str]]
+    env_clear: bool
+    cwd: Optional[PathLike]
+    shell: Optional[bool]
+    output_limit: Optional[int]
+    call_timeout: Optional[float]
+
+    def __init__(self, stdin: bool = False, timeout: Optional[float] = None,
+                 env: Optional[Mapping[str, str]] = None, env_clear: bool = False,
+                 cwd: Optional[PathLike] = None, shell: Optional[bool] = None,
+                 output_limit: Optional[int] = DEFAULT_OUTPUT_LIMIT,
+                 call_timeout: Optional[float] = None) -> None:
+        self._init(stdin, timeout, env, env_clear, cwd, shell, output_limit, call_timeout)
 
 
 def exec_request(cmd: Command, options: ExecOptions) -> Dict[str, Any]:

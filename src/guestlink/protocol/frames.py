@@ -22,7 +22,7 @@ request it belonged to can be failed instead of hanging.
 import enum
 import struct
 import zlib
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, TypeVar, Union
 
 MAGIC = b"\x89GLK"
 VERSION = 1
@@ -71,13 +71,17 @@ STREAM_STDERR = 2
 FLAG_EOF = 0x100
 
 
+_V = TypeVar("_V", bound="Value")
+
+
 class Value:
     """Base of the protocol's small immutable values (the decoder's and the session machines'
     events): what a frozen dataclass with ``__slots__`` gives (fields in ``__slots__`` order, ``==``
     by type and fields, ``hash``, ``repr``, assignment raises AttributeError), without importing
     dataclasses (and inspect, ast, ...) on the one-shot CLI path, where the import and the
     decorating cost more than the command's own work. Subclasses list their fields in
-    ``__slots__``, annotate them, and store them with :meth:`_init` in a typed ``__init__``."""
+    ``__slots__``, annotate them, and store them with :meth:`_init` in a typed ``__init__`` whose
+    parameters are the fields; :meth:`replace` is ``dataclasses.replace``."""
 
     __slots__: Tuple[str, ...] = ()
 
@@ -87,6 +91,13 @@ class Value:
 
     def _values(self) -> Tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
+
+    def replace(self: _V, **changes: Any) -> _V:
+        """A copy with ``changes`` (``dataclasses.replace``; the ``__init__`` takes the fields by
+        their names)."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return type(self)(**values)
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
