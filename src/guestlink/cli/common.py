@@ -272,15 +272,16 @@ class VMParsers:
                  only: Optional[str] = None) -> None:
         self.sub = sub
         self.parent = vm_options()
-        #: parse one command line: only this command's parser is attached (the others are built
-        #: on throwaway parsers, which costs less than attaching them)
+        #: parse one command line: only this command's parser is built (see :meth:`wants`)
         self.only = only
+
+    def wants(self, name: str) -> bool:
+        """Whether this parse needs command ``name``'s parser (every one unless ``only``)."""
+        return self.only is None or name == self.only
 
     def add(self, name: str, help: str,
             timeout_help: Optional[str] = "seconds to connect and get an answer (default 10)",
             json: bool = True) -> argparse.ArgumentParser:
-        if self.only is not None and name != self.only:
-            return argparse.ArgumentParser(add_help=False)
         p = self.sub.add_parser(name, help=help, description=help, parents=[self.parent],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         if timeout_help:

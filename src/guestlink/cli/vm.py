@@ -24,44 +24,54 @@ if TYPE_CHECKING:  # the host library (and asyncio) are imported when a command 
 
 
 def add_parsers(parsers: VMParsers) -> None:
-    domain_arg(parsers.add("ping", "check that the agent answers; print the round-trip time"))
-    domain_arg(parsers.add("info", "describe the guest (OS, kernel, addresses, agent)"))
+    # a one-shot command builds only its own parser (parsers.wants): the others cost more than
+    # the parse itself
+    for name, help in (("ping", "check that the agent answers; print the round-trip time"),
+                       ("info", "describe the guest (OS, kernel, addresses, agent)")):
+        if parsers.wants(name):
+            domain_arg(parsers.add(name, help))
 
-    p = parsers.add("exec", "run a command in the guest, streaming its output",
-                    timeout_help="kill the command after S seconds (exit status 124)")
-    p.set_defaults(timeout=None)
-    p.add_argument("--connect-timeout", type=positive_seconds, default=10.0, metavar="S",
-                   help="seconds to connect and get the command started (default 10)")
-    p.add_argument("--env", action="append", metavar="K=V", help="set an environment variable")
-    p.add_argument("--cwd", metavar="DIR", help="working directory in the guest (default /)")
-    p.add_argument("--shell", action="store_true",
-                   help="run CMD... joined by spaces through /bin/sh -c")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("-i", "--stdin", dest="stdin_mode", action="store_const", const="always",
-                      help="forward local stdin even when it is a terminal")
-    mode.add_argument("-n", "--no-stdin", dest="stdin_mode", action="store_const", const="never",
-                      help="do not forward local stdin (the command reads /dev/null)")
-    p.set_defaults(stdin_mode="auto")
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="[DOMAIN] -- CMD [ARG...]",
-                   help="the command; local stdin is forwarded when it is not a terminal; one "
-                        "word before -- names a libvirt domain (options go before it)")
+    if parsers.wants("exec"):
+        p = parsers.add("exec", "run a command in the guest, streaming its output",
+                        timeout_help="kill the command after S seconds (exit status 124)")
+        p.set_defaults(timeout=None)
+        p.add_argument("--connect-timeout", type=positive_seconds, default=10.0, metavar="S",
+                       help="seconds to connect and get the command started (default 10)")
+        p.add_argument("--env", action="append", metavar="K=V", help="set an environment variable")
+        p.add_argument("--cwd", metavar="DIR", help="working directory in the guest (default /)")
+        p.add_argument("--shell", action="store_true",
+                       help="run CMD... joined by spaces through /bin/sh -c")
+        mode = p.add_mutually_exclusive_group()
+        mode.add_argument("-i", "--stdin", dest="stdin_mode", action="store_const", const="always",
+                          help="forward local stdin even when it is a terminal")
+        mode.add_argument("-n", "--no-stdin", dest="stdin_mode", action="store_const",
+                          const="never", help="do not forward local stdin (the command reads "
+                                              "/dev/null)")
+        p.set_defaults(stdin_mode="auto")
+        p.add_argument("argv", nargs=argparse.REMAINDER, metavar="[DOMAIN] -- CMD [ARG...]",
+                       help="the command; local stdin is forwarded when it is not a terminal; one "
+                            "word before -- names a libvirt domain (options go before it)")
 
-    p = parsers.add("send", "send a topic message to the guest's subscribers")
-    p.add_argument("topic")
-    p.add_argument("message", metavar="DATA|-", help="the message, or - to read it from stdin")
+    if parsers.wants("send"):
+        p = parsers.add("send", "send a topic message to the guest's subscribers")
+        p.add_argument("topic")
+        p.add_argument("message", metavar="DATA|-", help="the message, or - to read it from stdin")
 
-    p = parsers.add("listen", "print the guest's messages on a topic",
-                    timeout_help="seconds to connect (default 10)")
-    p.add_argument("topic")
-    p.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
+    if parsers.wants("listen"):
+        p = parsers.add("listen", "print the guest's messages on a topic",
+                        timeout_help="seconds to connect (default 10)")
+        p.add_argument("topic")
+        p.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
 
-    p = parsers.add("call", "call a user-defined agent command; print its JSON result")
-    p.add_argument("op")
-    p.add_argument("--arg", action="append", metavar="K=V", help="a string argument")
-    p.add_argument("--json-args", metavar="JSON", help="arguments as one JSON object")
+    if parsers.wants("call"):
+        p = parsers.add("call", "call a user-defined agent command; print its JSON result")
+        p.add_argument("op")
+        p.add_argument("--arg", action="append", metavar="K=V", help="a string argument")
+        p.add_argument("--json-args", metavar="JSON", help="arguments as one JSON object")
 
-    domain_arg(parsers.add("shutdown", "power the guest off", json=False))
-    domain_arg(parsers.add("reboot", "reboot the guest", json=False))
+    for name, help in (("shutdown", "power the guest off"), ("reboot", "reboot the guest")):
+        if parsers.wants(name):
+            domain_arg(parsers.add(name, help, json=False))
 
 
 def check_exec_domain(args: argparse.Namespace) -> None:

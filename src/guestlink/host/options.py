@@ -102,14 +102,14 @@ class ExecOptions(Value):
 
 def exec_request(cmd: Command, options: ExecOptions) -> Dict[str, Any]:
     """The ``exec`` REQUEST's arguments for ``cmd`` (ValueError/TypeError before anything is sent)."""
-    import shlex
-
     shell = options.shell
     req: Dict[str, Any] = {}
     if isinstance(cmd, (bytes, bytearray)):
         raise TypeError("cmd must be a str (shell command line) or a list of str (argv)")
     if isinstance(cmd, str):
         if shell is False:
+            import shlex  # here and below: an argv as given (the CLI's exec) needs no shlex
+
             argv = shlex.split(cmd)
             if not argv:
                 raise ValueError("empty command")
@@ -121,6 +121,8 @@ def exec_request(cmd: Command, options: ExecOptions) -> Dict[str, Any]:
         if not argv:
             raise ValueError("empty command")
         if shell:
+            import shlex
+
             req["shell"] = " ".join(shlex.quote(a) for a in argv)
         else:
             req["argv"] = argv
