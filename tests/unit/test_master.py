@@ -418,6 +418,33 @@ def test_one_shot_commands_through_a_master_do_not_import_asyncio(d):
         assert done.returncode == 0 and done.stdout == b"piped\n", done.stderr
 
 
+#: What the lean path must never import (issue 14: the one-shot CLI as cheap as possible):
+#: asyncio and the asyncio host modules, and dataclasses (with inspect, ast, dis, tokenize...):
+#: the protocol's events and messages are protocol.frames.Value classes.
+HEAVY = ("asyncio", "dataclasses", "inspect", "ast", "base64", "hashlib", "secrets", "subprocess",
+         "guestlink.host.client", "guestlink.host.session", "guestlink.libvirt")
+
+
+def test_the_lean_path_imports_only_what_it_uses(d):
+    """The modules a one-shot command through a master imports (a guard on the start-up cost):
+    none of HEAVY, at most 20 guestlink modules for ping (23 for exec: + ops, options, timing)."""
+    ctl = os.path.join(d, "ctl.sock")
+    probe = ("import sys; before = set(sys.modules); from guestlink.cli import main; "
+             "code = main(sys.argv[1:]); import json; sys.stdout.flush(); "
+             "print(json.dumps(sorted(set(sys.modules) - before))); sys.exit(code)")
+    with ThreadedAgent(ctl), ThreadedMaster(os.path.join(d, "m.sock")):
+        env = dict(os.environ, PYTHONPATH=SRC, GUESTLINK_CTL=ctl)
+        for argv, most in ((["ping"], 20), (["exec", "--", "true"], 23)):
+            done = subprocess.run([sys.executable, "-c", probe] + argv, env=env, text=True,
+                                  capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+            assert done.returncode == 0, (argv, done.stderr)
+            imported = json.loads(done.stdout.splitlines()[-1])
+            assert [m for m in HEAVY if m in imported] == [], argv
+            ours = [m for m in imported if m.startswith("guestlink")]
+            assert len(ours) <= most, (argv, ours)
+            assert len(imported) <= 90, (argv, imported)
+
+
 def test_the_lean_path_resolves_a_domain_in_the_master_once(d, monkeypatch):
     from guestlink import libvirt
 
