@@ -8,7 +8,6 @@ Every VM-facing command addresses the VM through common.resolve_target (``--ctl`
 
 import argparse
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Sequence
 
@@ -134,6 +133,7 @@ def _loop_error(loop: "asyncio.AbstractEventLoop", context: Dict[str, Any]) -> N
 
 async def _main_async(args: argparse.Namespace) -> int:
     import asyncio
+    import signal  # here, as asyncio: the lean path needs neither
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_error)
@@ -229,6 +229,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
+        import signal
+
         return 128 + signal.SIGPIPE
     except OSError as exc:  # a local I/O failure (reading stdin, writing output)
         return exit_for(exc)
