@@ -242,3 +242,6 @@ def test_values_behave_as_frozen_dataclasses():
     assert r.replace(signal=9) == ExecResult(3, signal=9) and r.signal is None
     with pytest.raises(TypeError):
         r.replace(nosuch=1)
+    import copy
+    import pickle
+    assert copy.copy(a) == a and copy.deepcopy(r) == r and pickle.loads(pickle.dumps(a)) == a

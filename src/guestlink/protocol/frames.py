@@ -112,6 +112,9 @@ class Value:
         return "%s(%s)" % (type(self).__qualname__, ", ".join(
             "%s=%r" % (name, getattr(self, name)) for name in self.__slots__))
 
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:  # copy and pickle: rebuilt by __init__
+        return type(self), self._values()
+
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("cannot assign to field %r of a frozen %s" % (name, type(self).__name__))
 
