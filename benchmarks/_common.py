@@ -371,3 +371,312 @@ def vm_facts(vm, info=None):
 
 def dump_json(obj):
     return json.dumps(obj, indent=2, sort_keys=True)
+
+
+# --- ssh into the guest (benchmark only): dropbear, virtio-net, user-mode networking ----------
+
+#: Debian's dropbear (server and its key generator) and its libraries, from the cached .debs.
+DROPBEAR_PKGS = ["dropbear-bin", "libcrypt1", "libtomcrypt1", "libtommath1", "libgmp10", "zlib1g"]
+#: The guest's network driver: virtio_net (with failover, net_failover), from the guest kernel.
+NET_MODULES = ["virtio_net"]
+#: Where the overlay puts the network/sshd start script and the module list.
+SSH_SETUP = "/opt/bench/ssh-setup.sh"
+NET_MODULE_LIST = "/opt/bench/net-modules"
+
+#: Run in the guest through the agent (``start_ssh``): load virtio_net, configure the interface
+#: as QEMU's user-mode network expects (10.0.2.15/24, gateway 10.0.2.2), make an ed25519 host key
+#: (fast, even under TCG) and start dropbear on port 22: public-key logins only (-s), root
+#: allowed (the test bed has only root). Dropbear daemonizes itself (new session).
+SSH_SETUP_SCRIPT = r'''
+set -e
+kver=$(uname -r)
+for m in $(cat %(modules)s); do
+    insmod /lib/modules/$kver/$m 2>/dev/null || true
+done
+dev=
+for i in $(seq 50); do
+    for d in /sys/class/net/*; do
+        n=${d##*/}
+        [ "$n" = lo ] || dev=$n
+    done
+    [ -n "$dev" ] && break
+    sleep 0.1
+done
+[ -n "$dev" ] || { echo "no network interface after loading virtio_net" >&2; exit 1; }
+ip link set lo up
+ip link set "$dev" up
+ip addr add 10.0.2.15/24 dev "$dev"
+ip route add default via 10.0.2.2 || true
+mkdir -p /etc/dropbear
+chmod 700 /root/.ssh
+[ -f /etc/dropbear/ed25519 ] || dropbearkey -t ed25519 -f /etc/dropbear/ed25519 >/dev/null 2>&1
+dropbear -r /etc/dropbear/ed25519 -p 22 -s
+echo "$dev"
+''' % {"modules": NET_MODULE_LIST}
+
+
+def dropbear_files():
+    """{guest path: host path} for dropbear, dropbearkey and their libraries, or raise."""
+    from testvm import build as B
+    pol = B._policy(DROPBEAR_PKGS)
+    versions = {p: v["candidate"] for p, v in pol.items() if v.get("candidate")}
+    if "dropbear-bin" not in versions:
+        raise RuntimeError("apt knows no dropbear-bin candidate")
+    cache = REPO / ".cache" / "testvm" / "debs"
+    stage = Path(tempfile.mkdtemp(prefix="dropbear-stage-"))
+    B._unpack(B.fetch_debs(versions, cache), stage)
+    B._unpack(B.fetch_debs({"libc6": B.resolve_versions()["libc6"]}, cache), stage)
+    root = Path(tempfile.mkdtemp(prefix="dropbear-root-"))
+    binaries = [stage / "usr" / "sbin" / "dropbear", stage / "usr" / "bin" / "dropbearkey"]
+    if B._copy_libs(stage, root, binaries):
+        raise RuntimeError("dropbear's shared libraries could not all be found")
+    files = {"/usr/sbin/dropbear": str(binaries[0]), "/usr/bin/dropbearkey": str(binaries[1])}
+    for lib in (root / "lib" / B.MULTIARCH).iterdir():
+        files["/lib/%s/%s" % (B.MULTIARCH, lib.name)] = str(lib)
+    return files
+
+
+def net_module_files():
+    """{guest path: bytes} of virtio_net and its dependencies from the guest kernel's package,
+    plus the list (load order) the setup script insmods."""
+    from testvm import build as B
+    kpkg = B._kernel_package()
+    versions = B.resolve_versions()
+    cache = REPO / ".cache" / "testvm" / "debs"
+    stage = Path(tempfile.mkdtemp(prefix="kmod-stage-"))
+    try:
+        B._unpack(B.fetch_debs({kpkg: versions[kpkg]}, cache), stage)
+        moddirs = sorted((stage / "lib" / "modules").iterdir())
+        if not moddirs:
+            raise RuntimeError("no /lib/modules in %s" % kpkg)
+        moddir = moddirs[0]
+        files = {}
+        order = []
+        for rel, data in B.resolve_modules(moddir, NET_MODULES):
+            files["/lib/modules/%s/%s" % (moddir.name, rel)] = bytes(data)
+            order.append(rel)
+    finally:
+        import shutil
+        shutil.rmtree(stage, ignore_errors=True)
+    files[NET_MODULE_LIST] = ("\n".join(order) + "\n").encode()
+    return files
+
+
+def ssh_files(public_key):
+    """Everything the benchmark's ssh comparison adds to the guest: dropbear, virtio_net, the
+    setup script, and ``public_key`` (text of an ``id_ed25519.pub``) as root's authorized key."""
+    files = dict(dropbear_files())
+    files.update(net_module_files())
+    files[SSH_SETUP] = SSH_SETUP_SCRIPT.encode()
+    files["/root/.ssh/authorized_keys"] = public_key.encode() if isinstance(public_key, str) \
+        else public_key
+    return files
+
+
+async def start_ssh(client):
+    """Bring up the guest's network and dropbear (the overlay from ``ssh_files``); returns the
+    interface name."""
+    r = await client.run(["sh", SSH_SETUP], timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError("guest ssh setup failed (%d): %s" % (
+            r.returncode, (r.stderr or r.stdout).decode(errors="replace")[-1000:]))
+    return r.stdout.decode().split()[-1]
+
+
+def free_tcp_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_ssh_key(directory):
+    """An ed25519 key pair for the benchmark (``ssh-keygen``); returns (private key path,
+    public key text)."""
+    import subprocess
+    key = Path(directory) / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True,
+                   stdin=subprocess.DEVNULL)
+    return key, (Path(str(key) + ".pub")).read_text()
+
+
+def ssh_argv(key, port, control_path=None):
+    """``ssh`` options for the guest at 127.0.0.1:port (no host key checks: a throw-away guest);
+    with ``control_path``, connections reuse the ControlMaster there."""
+    argv = ["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes"]
+    if control_path:
+        argv += ["-o", "ControlMaster=auto", "-o", "ControlPath=%s" % control_path,
+                 "-o", "ControlPersist=600"]
+    return argv + ["root@127.0.0.1"]
+
+
+# --- libvirt (benchmark domains) ------------------------------------------------------------
+
+LIBVIRT_URI = "qemu:///system"
+
+
+def virsh(*args, check=True, timeout=60):
+    import subprocess
+    r = subprocess.run(["virsh", "-q", "-c", LIBVIRT_URI] + [str(a) for a in args],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError("virsh %s failed (%d): %s" % (" ".join(map(str, args)), r.returncode,
+                                                         r.stderr.strip()))
+    return r
+
+
+def _sock_alive(path):
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+        return True
+    except OSError:
+        return False
+
+
+def libvirt_answers():
+    try:
+        return virsh("version", check=False, timeout=20).returncode == 0
+    except Exception:
+        return False
+
+
+def ensure_libvirtd(logdir=None):
+    """Start virtlogd and libvirtd (as tests/vm/test_libvirt_e2e.py's fixture does) unless a
+    libvirtd answers on qemu:///system. What it starts is left running: on a shared machine
+    other runs may be using the daemon by the time this benchmark ends (and a test fixture that
+    started it may stop it under us: so this is called again right before a domain is defined).
+    """
+    import subprocess
+    if libvirt_answers():
+        return
+    logdir = Path(logdir or tempfile.mkdtemp(prefix="glbench-libvirtd-"))
+    os.makedirs("/var/log/libvirt", exist_ok=True)
+    for daemon, sock in (("virtlogd", "/run/libvirt/virtlogd-sock"),
+                         ("libvirtd", "/run/libvirt/libvirt-sock")):
+        if _sock_alive(sock):
+            continue
+        log = open(logdir / (daemon + ".log"), "ab")
+        proc = subprocess.Popen([daemon], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while not _sock_alive(sock):
+            if proc.poll() is not None and not _sock_alive(sock):
+                break  # another run may have started it meanwhile: checked below
+            if time.monotonic() > deadline:
+                raise RuntimeError("%s did not start (status %s)" % (daemon, proc.poll()))
+            time.sleep(0.1)
+    deadline = time.monotonic() + 60
+    while not libvirt_answers():
+        if time.monotonic() > deadline:
+            raise RuntimeError("libvirtd does not answer on %s" % LIBVIRT_URI)
+        time.sleep(0.5)
+
+
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <cpu mode='custom' match='exact' check='none'>
+    <model fallback='forbid'>{model}</model>
+{features}
+  </cpu>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{emulator}</emulator>
+    <serial type='file'><source path='{workdir}/console.log'/></serial>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+    <controller type='virtio-serial' index='0' ports='16'/>
+{channels}
+{interface}
+  </devices>
+</domain>
+"""
+
+CHANNEL_XML = """    <channel type='unix'>
+      <source mode='bind'/>
+      <target type='virtio' name='{name}'/>
+      <address type='virtio-serial' controller='0' bus='0' port='{port}'/>
+    </channel>"""
+
+#: QEMU's user-mode network (slirp) on a virtio-net NIC; the port forward is added at run time
+#: (HMP hostfwd_add), to 127.0.0.1 only.
+USER_NET_XML = """    <interface type='user'>
+      <model type='virtio'/>
+    </interface>"""
+
+
+@contextlib.contextmanager
+def bench_domain(name, agent_pyz, extra_files=None, ports=(), network=False, agent_args=(),
+                 memory=512, vcpus=2):
+    """Define and start a transient-ish libvirt domain (destroyed and undefined at the end)
+    booting the test guest under TCG, with the guestlink channels plus ``ports`` (e.g. qemu-ga's)
+    and, with ``network``, a user-mode virtio NIC. Yields (name, workdir)."""
+    import shutil
+    from testvm import guest_files, kernel_cmdline, write_initrd
+    from testvm.vm import QEMU, QEMU_CPU
+    ensure_libvirtd()
+    virsh("destroy", name, check=False)
+    virsh("undefine", name, check=False)
+    # qemu runs as libvirt-qemu: what it reads lives in a world-traversable directory
+    workdir = Path(tempfile.mkdtemp(prefix="glbench-dom-", dir="/tmp"))
+    workdir.chmod(0o755)
+    try:
+        base = write_initrd(workdir / "initrd.img", guest_files(agent_pyz, agent_args,
+                                                               extra_files))
+        shutil.copy(base.kernel, workdir / "vmlinuz")
+        for f in ("initrd.img", "vmlinuz"):
+            (workdir / f).chmod(0o644)
+        names = ["org.guestlink.ctl", "org.guestlink.data"] + list(ports)
+        xml = DOMAIN_XML.format(
+            name=name, memory=memory, vcpus=vcpus, kernel=workdir / "vmlinuz",
+            initrd=workdir / "initrd.img", cmdline=kernel_cmdline(len(names)),
+            model=QEMU_CPU.split(",")[0],
+            features="\n".join("    <feature policy='require' name='%s'/>" % f.lstrip("+")
+                               for f in QEMU_CPU.split(",")[1:]),
+            emulator=shutil.which(QEMU), workdir=workdir,
+            channels="\n".join(CHANNEL_XML.format(name=n, port=i)
+                               for i, n in enumerate(names, start=1)),
+            interface=USER_NET_XML if network else "")
+        (workdir / "domain.xml").write_text(xml)
+        ensure_libvirtd()  # the write_initrd above takes seconds: check again
+        virsh("define", workdir / "domain.xml")
+        try:
+            virsh("start", name)
+            yield name, workdir
+        finally:
+            virsh("destroy", name, check=False)
+            virsh("undefine", name, check=False)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def domain_hostfwd(name, host_port, guest_port=22):
+    """Forward 127.0.0.1:host_port to the guest's guest_port on the domain's user-mode NIC."""
+    r = virsh("qemu-monitor-command", name, "--hmp", "info network")
+    netdev = None
+    for line in r.stdout.splitlines():
+        line = line.strip(" \\_")
+        if line.startswith("hostnet") or ": index=" in line:
+            netdev = line.split(":")[0].strip()
+            if netdev.startswith("hostnet"):
+                break
+    if not netdev:
+        raise RuntimeError("no user-mode netdev in `info network`: %s" % r.stdout)
+    r = virsh("qemu-monitor-command", name, "--hmp",
+              "hostfwd_add %s tcp:127.0.0.1:%d-:%d" % (netdev, host_port, guest_port))
+    if r.stdout.strip():
+        raise RuntimeError("hostfwd_add: %s" % r.stdout.strip())

@@ -38,12 +38,9 @@ from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Se
                     Union, overload)
 
 from .host.errors import ConnectError
-from .protocol.ports import CTL_NAME, DATA_NAME
+from .protocol.ports import CTL_NAME, CTL_NAME_ENV, DATA_NAME, DATA_NAME_ENV, names_given
 from .protocol.safetext import printable
 
-#: environment defaults for --ctl-name / --data-name
-CTL_NAME_ENV = "GUESTLINK_CTL_NAME"
-DATA_NAME_ENV = "GUESTLINK_DATA_NAME"
 #: namespace of guestlink's element in a domain's <metadata>. Never change it: domains defined
 #: with it must keep working (a new layout gets a new URI, read alongside this one).
 METADATA_URI = "https://guestlink.invalid/xmlns/1"
@@ -363,9 +360,7 @@ def names_from_env(ctl_name: Optional[str] = None, data_name: Optional[str] = No
                    ) -> Tuple[Optional[str], Optional[str]]:
     """The names given on a command line, else $GUESTLINK_CTL_NAME / $GUESTLINK_DATA_NAME; None
     where neither says (then the domain's metadata, then the defaults decide)."""
-    env = os.environ if environ is None else environ
-    return (ctl_name or env.get(CTL_NAME_ENV) or None,
-            data_name or env.get(DATA_NAME_ENV) or None)
+    return names_given(ctl_name, data_name, os.environ if environ is None else environ)
 
 
 def choose_names(dom: Optional[DomainXML], ctl_name: Optional[str] = None,

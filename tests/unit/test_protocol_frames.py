@@ -217,3 +217,31 @@ def test_truncated_frame_swallows_what_follows_until_abandoned():
     assert frames_only(events) == [Frame(FrameType.HELLO, 0, 0, b'{"agent":"restarted"}')]
     assert not decoder.partial and decoder.buffered == 0
     assert decoder.abandon_partial() == []
+
+
+def test_values_behave_as_frozen_dataclasses():
+    """protocol.frames.Value (the events, ops messages, options): fields in order or by name,
+    == by type and fields, hash, repr, immutable, replace()."""
+    from guestlink.protocol.ops import ExecResult
+    from guestlink.protocol.session import HandshakeFailed, Response
+
+    a, b = Response(1, b"x"), Response(id=1, payload=b"x")
+    assert a == b and hash(a) == hash(b) and a != Response(2, b"x")
+    assert Response(1, b"x") != Garbage(1) and Garbage(3) == Garbage(3)
+    assert repr(a) == "Response(id=1, payload=b'x')"
+    assert repr(Frame(FrameType.REQUEST, 0, 7, b"ab")) == "Frame(REQUEST, flags=0x0, id=7, 2 bytes)"
+    with pytest.raises(AttributeError):
+        a.id = 2
+    with pytest.raises(AttributeError):
+        del a.id
+    with pytest.raises(AttributeError):
+        a.other = 1
+    assert HandshakeFailed(True, "m").details == {}
+    assert HandshakeFailed(True, "m").details is not HandshakeFailed(True, "m").details
+    r = ExecResult(3)
+    assert r.replace(signal=9) == ExecResult(3, signal=9) and r.signal is None
+    with pytest.raises(TypeError):
+        r.replace(nosuch=1)
+    import copy
+    import pickle
+    assert copy.copy(a) == a and copy.deepcopy(r) == r and pickle.loads(pickle.dumps(a)) == a

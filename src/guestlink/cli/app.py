@@ -7,27 +7,44 @@ Every VM-facing command addresses the VM through common.resolve_target (``--ctl`
 """
 
 import argparse
-import asyncio
 import os
-import signal
 import sys
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Sequence
 
 from .._version import __version__
 from ..exitcodes import EXIT_INTERRUPTED, EXIT_USAGE
 from ..protocol.safetext import printable
-from . import agent, doctor, enroll, files, image, libvirt, vm
+from . import lean, vm
 from .common import EPILOG, UsageError, VMParsers, exit_for, qga_notice, resolve_target
+
+if TYPE_CHECKING:  # asyncio and the other command groups are imported when needed: a one-shot
+    import asyncio  # command through the master (guestlink.cli.lean) imports neither
+
+async def _cmd_cp(client: Any, args: argparse.Namespace) -> int:
+    from . import files
+
+    return await files.cmd_cp(client, args)
+
+
+async def _cmd_run(client: Any, args: argparse.Namespace) -> int:
+    from . import files
+
+    return await files.cmd_run(client, args)
+
 
 #: The commands that run against a connected VM: name -> coroutine (client, args) -> exit status.
 COMMANDS: Dict[str, Callable[[Any, argparse.Namespace], Awaitable[int]]] = {
     "ping": vm.cmd_ping, "info": vm.cmd_info, "exec": vm.cmd_exec, "send": vm.cmd_send,
     "listen": vm.cmd_listen, "call": vm.cmd_call, "shutdown": vm.cmd_shutdown,
-    "reboot": vm.cmd_reboot, "cp": files.cmd_cp, "run": files.cmd_run,
+    "reboot": vm.cmd_reboot, "cp": _cmd_cp, "run": _cmd_run,
 }
+#: The commands :mod:`.vm` parses (cp and run are :mod:`.files`').
+VM_COMMANDS = ("ping", "info", "exec", "send", "listen", "call", "shutdown", "reboot")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``command`` one of :mod:`.vm`'s, only theirs (the same
+    parsers: a one-shot command need not import the other groups to parse its arguments)."""
     parser = argparse.ArgumentParser(
         prog="guestlink",
         description="Messages, commands and files between a VM's host and its guest over "
@@ -35,24 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="guestlink " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if command in VM_COMMANDS:
+        vm.add_parsers(VMParsers(sub, only=command))
+        return parser
     vm_parsers = VMParsers(sub)
     vm.add_parsers(vm_parsers)
+    from . import agent, doctor, enroll, files, image, libvirt, master
+
     files.add_parsers(vm_parsers)
     agent.add_parsers(sub)
     image.add_parser(sub)
     enroll.add_parser(sub)
     libvirt.add_parsers(sub)
     doctor.add_parser(sub)
+    master.add_parsers(sub)
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad command lines before connecting (UsageError); normalise a few options."""
     if args.command in ("cp", "run"):
+        from . import files
+
         files.check_args(args)
     if args.command == "exec":
         vm.check_exec_domain(args)
-    resolve_target(args)
+    resolve_target(args, lookup=False)
     vm.check_args(args)
 
 
@@ -72,7 +97,7 @@ async def _run_vm_command(args: argparse.Namespace) -> int:
     try:
         async with connect(timeout=connect_timeout, reconnect=reconnect,
                            queue_timeout=args.queue_timeout, on_queue=_say_queued, via=args.via,
-                           **where) as client:
+                           **master_args(args), **where) as client:
             if client.via == "qga":
                 qga_notice(client, target)
             return await func(client, args)
@@ -85,12 +110,19 @@ async def _run_vm_command(args: argparse.Namespace) -> int:
             exc.path, exc.errno) from None
 
 
+def master_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """connect()'s master= and persist= for a VM command's --persist (docs/master.md): start a
+    master unless --persist 0 (then only use a running one); $GUESTLINK_MASTER=0: never."""
+    persist = args.persist
+    return {"master": None if persist == 0 else True, "persist": persist}
+
+
 def _say_queued(holder: str) -> None:
     sys.stderr.write("guestlink: waiting for the VM: it is in use by %s\n" % printable(holder))
     sys.stderr.flush()
 
 
-def _loop_error(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+def _loop_error(loop: "asyncio.AbstractEventLoop", context: Dict[str, Any]) -> None:
     """asyncio's last resort (an exception no task awaited): one escaped line, no traceback."""
     from ..agent.cli import debugging
 
@@ -103,6 +135,9 @@ def _loop_error(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> Non
 
 
 async def _main_async(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal  # here, as asyncio: the lean path needs neither
+
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_error)
     task = asyncio.current_task()
@@ -154,27 +189,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "agent":
+        from . import agent
+
         return agent.run_agent(argv[1:])
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if args.command == "agent-bundle":
-        return agent.cmd_agent_bundle(args)
-    if args.command == "doctor":
-        return doctor.run(args)
-    if args.command == "image":
-        return image.run(args)
-    if args.command == "enroll":
-        return enroll.run(args)
-    if args.command in libvirt.COMMANDS:
-        return libvirt.run(args)
+    if args.command not in VM_COMMANDS:
+        from . import agent, doctor, enroll, image, libvirt, master
+
+        if args.command == "agent-bundle":
+            return agent.cmd_agent_bundle(args)
+        if args.command == "doctor":
+            return doctor.run(args)
+        if args.command == "image":
+            return image.run(args)
+        if args.command == "enroll":
+            return enroll.run(args)
+        if args.command in libvirt.COMMANDS:
+            return libvirt.run(args)
+        if args.command in master.COMMANDS:
+            return master.run(args)
 
     from ..host.errors import GuestlinkError
 
     try:
         check_args(args)
+        if args.command in lean.LEAN and args.via != "qga":
+            status = lean.run(args, master_args(args))
+            if status is not None:
+                return status
+        import asyncio
+
         return asyncio.run(_main_async(args))
     except (UsageError, GuestlinkError) as exc:
         return exit_for(exc, args.command)
@@ -186,6 +234,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
+        import signal
+
         return 128 + signal.SIGPIPE
     except OSError as exc:  # a local I/O failure (reading stdin, writing output)
         return exit_for(exc)

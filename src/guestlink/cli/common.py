@@ -3,17 +3,15 @@
 output and the progress bar. Imports nothing of the command groups (they import this)."""
 
 import argparse
-import base64
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Optional, TextIO, Union
 
 from .. import exitcodes as X
-from ..libvirt import CTL_NAME_ENV, DATA_NAME_ENV
-from ..protocol.ports import CTL_NAME, DATA_NAME
+from ..protocol.frames import Value
+from ..protocol.ports import CTL_NAME, CTL_NAME_ENV, DATA_NAME, DATA_NAME_ENV, names_given
 from ..protocol.safetext import printable
 
 ENVIRONMENT = """\
@@ -30,6 +28,8 @@ environment:
                                   qemu:///system); qemu+ssh://[USER@]HOST[:PORT]/system
                                   reaches a remote hypervisor through ssh
   GUESTLINK_SSH_CONFIG            an ssh_config file for those ssh hops (ssh -F)
+  GUESTLINK_MASTER=0              never use a guestlink master (docs/master.md)
+  GUESTLINK_PERSIST               default for --persist
   GUESTLINK_DEBUG=1               an internal error prints its traceback too
 """ % (CTL_NAME, DATA_NAME)
 
@@ -115,22 +115,30 @@ def local_error(exc: OSError) -> str:
 
 # --- VM addressing ----------------------------------------------------------------------------
 
-@dataclass
-class Target:
-    """How to reach one VM's channels."""
+class Target(Value):
+    """How to reach one VM's channels (a :class:`~guestlink.protocol.frames.Value`: immutable,
+    compared by its fields)."""
 
-    ctl: Optional[str]             # None: only qemu-ga is to be used (--via qga), or a domain
-    data: Optional[str] = None     # without guestlink channels (--via auto tries its qemu-ga)
-    domain: Optional[str] = None   # the libvirt domain the paths were read from
-    uri: Optional[str] = None      # its libvirt URI (--connect; None: the default)
+    __slots__ = ("ctl", "data", "domain", "uri", "ctl_name", "data_name", "qga")
+    ctl: Optional[str]         # None: only qemu-ga is to be used (--via qga), or a domain
+    data: Optional[str]        # without guestlink channels (--via auto tries its qemu-ga)
+    domain: Optional[str]      # the libvirt domain the paths were read from
+    uri: Optional[str]         # its libvirt URI (--connect; None: the default)
     # the domain's channel names as given (--ctl-name/$GUESTLINK_CTL_NAME...); None: its metadata's,
     # else the defaults (guestlink.libvirt.choose_names), read again on every reconnection
-    ctl_name: Optional[str] = None
-    data_name: Optional[str] = None
-    qga: Optional[str] = None      # a plain QEMU VM's qemu-ga socket (--qga, $GUESTLINK_QGA)
+    ctl_name: Optional[str]
+    data_name: Optional[str]
+    qga: Optional[str]         # a plain QEMU VM's qemu-ga socket (--qga, $GUESTLINK_QGA)
+
+    def __init__(self, ctl: Optional[str], data: Optional[str] = None,
+                 domain: Optional[str] = None, uri: Optional[str] = None,
+                 ctl_name: Optional[str] = None, data_name: Optional[str] = None,
+                 qga: Optional[str] = None) -> None:
+        self._init(ctl, data, domain, uri, ctl_name, data_name, qga)
 
 
-def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Target:
+def resolve_target(args: argparse.Namespace, domain: Optional[str] = None,
+                   lookup: bool = True) -> Target:
     """Turn the VM-addressing options into a Target.
 
     A libvirt domain (``guestlink COMMAND DOMAIN``, ``--domain``, or ``domain=`` from a ``VM:PATH``
@@ -141,6 +149,8 @@ def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Ta
     in its metadata, else the defaults. With ``--via auto`` a domain without guestlink channels,
     and with ``--via qga`` any domain, gives ``ctl=None``: its qemu-ga is reached through
     libvirt. For plain QEMU, ``--qga PATH`` or $GUESTLINK_QGA is qemu-ga's socket.
+    ``lookup=False``: a domain is not looked up (``ctl`` is empty; the guestlink master resolves
+    it), everything else is checked as usual.
     """
     uri = getattr(args, "libvirt_uri", None)
     via = getattr(args, "via", "guestlink")
@@ -159,6 +169,10 @@ def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Ta
                          "reached through libvirt")
     if not domain and not ctl and not os.environ.get("GUESTLINK_CTL"):
         domain = os.environ.get("GUESTLINK_DOMAIN") or None
+    if domain and not lookup:  # the guestlink master looks the domain up (and caches it)
+        given = names_given(getattr(args, "ctl_name", None), getattr(args, "data_name", None),
+                            os.environ)
+        return Target(ctl="", domain=domain, uri=uri, ctl_name=given[0], data_name=given[1])
     if domain:
         cache = args.__dict__.setdefault("_libvirt_targets", {})
         if (domain, uri) not in cache:
@@ -203,7 +217,7 @@ def resolve_target(args: argparse.Namespace, domain: Optional[str] = None) -> Ta
 def seconds(value: str, positive: bool = False) -> float:
     """A --timeout-like option: a finite number of seconds up to the library's MAX_TIMEOUT (inf,
     nan and huge values are usage errors, not tracebacks or never-ending waits)."""
-    from ..host.client import MAX_TIMEOUT
+    from ..host.timing import MAX_TIMEOUT
 
     try:
         number = float(value)
@@ -263,8 +277,13 @@ def vm_options() -> argparse.ArgumentParser:
     add_connect(group, "libvirt URI for --domain", "-c")
     add_channel_names(group)
     group.add_argument("--queue-timeout", type=seconds, metavar="S",
-                       help="a VM serves one guestlink command at a time: wait at most S seconds "
-                            "for the one using it (default: until it finishes; 0: fail at once)")
+                       help="a VM serves one connection at a time (the master's, or one "
+                            "command's without a master): wait at most S seconds for the one "
+                            "using it (default: until it finishes; 0: fail at once)")
+    group.add_argument("--persist", type=persist_duration, default=None, metavar="DURATION",
+                       help="go through this user's guestlink master, starting one that stays "
+                            "DURATION after its last client (default $GUESTLINK_PERSIST, else "
+                            "60s; 0: only use one already running; $GUESTLINK_MASTER=0: never)")
     return vm_opts
 
 
@@ -303,12 +322,29 @@ def qga_notice(client: Any, target: "Target") -> None:
     sys.stderr.flush()
 
 
+def persist_duration(value: str) -> float:
+    """--persist: 60, 60s, 5m, 1h, 0."""
+    from ..host.mastersock import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
 class VMParsers:
     """Adds VM commands to the top-level subparsers, each with the VM options and the epilog."""
 
-    def __init__(self, sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    def __init__(self, sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+                 only: Optional[str] = None) -> None:
         self.sub = sub
         self.parent = vm_options()
+        #: parse one command line: only this command's parser is built (see :meth:`wants`)
+        self.only = only
+
+    def wants(self, name: str) -> bool:
+        """Whether this parse needs command ``name``'s parser (every one unless ``only``)."""
+        return self.only is None or name == self.only
 
     def add(self, name: str, help: str,
             timeout_help: Optional[str] = "seconds to connect and get an answer (default 10)",
@@ -342,6 +378,8 @@ def text_fields(name: str, data: bytes) -> Dict[str, str]:
     try:
         return {name: data.decode("utf-8")}
     except UnicodeDecodeError:
+        import base64  # only here: not on a one-shot command's path
+
         return {name: data.decode("utf-8", "replace"),
                 name + "_base64": base64.b64encode(data).decode("ascii")}
 

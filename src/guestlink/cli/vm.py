@@ -5,68 +5,81 @@ connection, Ctrl-C and errors are guestlink.cli.app's.
 """
 
 import argparse
-import asyncio
 import json
 import os
 import sys
-import threading
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 from ..exitcodes import EXIT_OK, EXIT_TIMEOUT
 from ..protocol.safetext import printable
 from .common import (UsageError, VMParsers, domain_arg, parse_pairs, positive_seconds, print_json,
                      text_fields)
 
-if TYPE_CHECKING:  # the host library is imported when a command runs, not for --help
+if TYPE_CHECKING:  # the host library (and asyncio) are imported when a command needs them:
+    # not for --help, nor on the lean path through the master (guestlink.cli.lean)
+    import asyncio
+
     from ..host import Client, CompletedProcess
     from ..host.client import AnyClient
+    from ..protocol.ops import ExecResult
 
 
 def add_parsers(parsers: VMParsers) -> None:
-    domain_arg(parsers.add("ping", "check that the agent answers; print the round-trip time",
-                           via=True))
-    domain_arg(parsers.add("info", "describe the guest (OS, kernel, addresses, agent)", via=True))
+    # a one-shot command builds only its own parser (parsers.wants): the others cost more than
+    # the parse itself
+    for name, help in (("ping", "check that the agent answers; print the round-trip time"),
+                       ("info", "describe the guest (OS, kernel, addresses, agent)")):
+        if parsers.wants(name):
+            domain_arg(parsers.add(name, help, via=True))
 
-    p = parsers.add("exec", "run a command in the guest, streaming its output",
-                    timeout_help="kill the command after S seconds (exit status 124)", via=True)
-    p.set_defaults(timeout=None)
-    p.add_argument("--connect-timeout", type=positive_seconds, default=10.0, metavar="S",
-                   help="seconds to connect and get the command started (default 10)")
-    p.add_argument("--env", action="append", metavar="K=V",
-                   help="set an environment variable (repeatable; on top of the login-like "
-                        "HOME, USER, LOGNAME, SHELL, PATH, LANG of the user the command runs as)")
-    p.add_argument("--cwd", metavar="DIR", help="working directory in the guest (default /)")
-    p.add_argument("-u", "--user", metavar="NAME",
-                   help="run as this guest user, with their groups and environment (the agent "
-                        "must run as root; default: the agent's user)")
-    p.add_argument("--shell", action="store_true",
-                   help="run CMD... joined by spaces through /bin/sh -c")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("-i", "--stdin", dest="stdin_mode", action="store_const", const="always",
-                      help="forward local stdin even when it is a terminal")
-    mode.add_argument("-n", "--no-stdin", dest="stdin_mode", action="store_const", const="never",
-                      help="do not forward local stdin (the command reads /dev/null)")
-    p.set_defaults(stdin_mode="auto")
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="[DOMAIN] -- CMD [ARG...]",
-                   help="the command; local stdin is forwarded when it is not a terminal; one "
-                        "word before -- names a libvirt domain (options go before it)")
+    if parsers.wants("exec"):
+        p = parsers.add("exec", "run a command in the guest, streaming its output",
+                        timeout_help="kill the command after S seconds (exit status 124)",
+                        via=True)
+        p.set_defaults(timeout=None)
+        p.add_argument("--connect-timeout", type=positive_seconds, default=10.0, metavar="S",
+                       help="seconds to connect and get the command started (default 10)")
+        p.add_argument("--env", action="append", metavar="K=V",
+                       help="set an environment variable (repeatable; on top of the login-like "
+                            "HOME, USER, LOGNAME, SHELL, PATH, LANG of the user the command runs "
+                            "as)")
+        p.add_argument("--cwd", metavar="DIR", help="working directory in the guest (default /)")
+        p.add_argument("-u", "--user", metavar="NAME",
+                       help="run as this guest user, with their groups and environment (the agent "
+                            "must run as root; default: the agent's user)")
+        p.add_argument("--shell", action="store_true",
+                       help="run CMD... joined by spaces through /bin/sh -c")
+        mode = p.add_mutually_exclusive_group()
+        mode.add_argument("-i", "--stdin", dest="stdin_mode", action="store_const", const="always",
+                          help="forward local stdin even when it is a terminal")
+        mode.add_argument("-n", "--no-stdin", dest="stdin_mode", action="store_const",
+                          const="never", help="do not forward local stdin (the command reads "
+                                              "/dev/null)")
+        p.set_defaults(stdin_mode="auto")
+        p.add_argument("argv", nargs=argparse.REMAINDER, metavar="[DOMAIN] -- CMD [ARG...]",
+                       help="the command; local stdin is forwarded when it is not a terminal; one "
+                            "word before -- names a libvirt domain (options go before it)")
 
-    p = parsers.add("send", "send a topic message to the guest's subscribers")
-    p.add_argument("topic")
-    p.add_argument("message", metavar="DATA|-", help="the message, or - to read it from stdin")
+    if parsers.wants("send"):
+        p = parsers.add("send", "send a topic message to the guest's subscribers")
+        p.add_argument("topic")
+        p.add_argument("message", metavar="DATA|-", help="the message, or - to read it from stdin")
 
-    p = parsers.add("listen", "print the guest's messages on a topic",
-                    timeout_help="seconds to connect (default 10)")
-    p.add_argument("topic")
-    p.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
+    if parsers.wants("listen"):
+        p = parsers.add("listen", "print the guest's messages on a topic",
+                        timeout_help="seconds to connect (default 10)")
+        p.add_argument("topic")
+        p.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
 
-    p = parsers.add("call", "call a user-defined agent command; print its JSON result")
-    p.add_argument("op")
-    p.add_argument("--arg", action="append", metavar="K=V", help="a string argument")
-    p.add_argument("--json-args", metavar="JSON", help="arguments as one JSON object")
+    if parsers.wants("call"):
+        p = parsers.add("call", "call a user-defined agent command; print its JSON result")
+        p.add_argument("op")
+        p.add_argument("--arg", action="append", metavar="K=V", help="a string argument")
+        p.add_argument("--json-args", metavar="JSON", help="arguments as one JSON object")
 
-    domain_arg(parsers.add("shutdown", "power the guest off", json=False))
-    domain_arg(parsers.add("reboot", "reboot the guest", json=False))
+    for name, help in (("shutdown", "power the guest off"), ("reboot", "reboot the guest")):
+        if parsers.wants(name):
+            domain_arg(parsers.add(name, help, json=False))
 
 
 def check_exec_domain(args: argparse.Namespace) -> None:
@@ -151,7 +164,10 @@ async def cmd_info(vm: "AnyClient", args: argparse.Namespace) -> int:
 class _StdinPump:
     """Reads local stdin in a daemon thread (never blocks exit) and feeds the remote stdin."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: "asyncio.AbstractEventLoop") -> None:
+        import asyncio
+        import threading
+
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self.loop = loop
         thread = threading.Thread(target=self._read, name="guestlink-stdin", daemon=True)
@@ -180,7 +196,7 @@ class _StdinPump:
             await proc.write(data)
 
 
-def _forward_stdin(args: argparse.Namespace) -> bool:
+def forward_stdin(args: argparse.Namespace) -> bool:
     if args.stdin_mode == "never":
         return False
     try:
@@ -190,7 +206,7 @@ def _forward_stdin(args: argparse.Namespace) -> bool:
     return bool(args.stdin_mode == "always" or not is_tty)
 
 
-def _exec_status(result: "CompletedProcess") -> int:
+def exec_status(result: Union["CompletedProcess", "ExecResult"]) -> int:
     if result.timed_out:
         return EXIT_TIMEOUT
     if result.signal:
@@ -201,7 +217,9 @@ def _exec_status(result: "CompletedProcess") -> int:
 async def cmd_exec(vm: "AnyClient", args: argparse.Namespace) -> int:
     """Run ``args.cmd`` in the guest (also how ``run`` runs its script)."""
     cmd, env = args.cmd, args.env_map
-    forward = _forward_stdin(args)
+    forward = forward_stdin(args)
+    import asyncio
+
     pump_task: Optional[asyncio.Future[None]] = None
     async with vm.exec(cmd, stdin=forward, timeout=args.timeout, env=env, cwd=args.cwd,
                        call_timeout=args.connect_timeout,
@@ -218,23 +236,30 @@ async def cmd_exec(vm: "AnyClient", args: argparse.Namespace) -> int:
         finally:
             if pump_task is not None:
                 pump_task.cancel()
+    return exec_report(result, args, result.stdout, result.stderr, via=vm.via)
+
+
+def exec_report(result: Union["CompletedProcess", "ExecResult"], args: argparse.Namespace,
+                stdout: bytes = b"", stderr: bytes = b"", via: str = "guestlink") -> int:
+    """The end of an exec (both paths): the JSON result, or the timeout and truncation notes
+    after the streamed output; -> the exit status."""
     if args.json:
         obj: Dict[str, Any] = {"returncode": result.returncode, "signal": result.signal,
                                "timed_out": result.timed_out, "duration": result.duration,
                                "stdout_truncated": result.stdout_truncated,
                                "stderr_truncated": result.stderr_truncated}
-        obj.update(text_fields("stdout", result.stdout))
-        obj.update(text_fields("stderr", result.stderr))
+        obj.update(text_fields("stdout", stdout))
+        obj.update(text_fields("stderr", stderr))
         print_json(obj)
     elif result.timed_out:
         print("guestlink: error: the command ran past --timeout %g s and was killed in the guest"
               % args.timeout, file=sys.stderr)
     if not args.json:
-        _say_truncated(result, vm.via)
-    return _exec_status(result)
+        say_truncated(result, via)
+    return exec_status(result)
 
 
-def _say_truncated(result: "CompletedProcess", via: str = "guestlink") -> None:
+def say_truncated(result: Union["CompletedProcess", "ExecResult"], via: str = "guestlink") -> None:
     """Streamed output cut at the output limit must not pass for the whole output."""
     cut = [name for name, flag in (("stdout", result.stdout_truncated),
                                    ("stderr", result.stderr_truncated)) if flag]

@@ -4,7 +4,6 @@
 import collections.abc
 from typing import Any, Dict, Iterator, Mapping
 
-from ..protocol.ops import Info
 
 
 class AgentInfo(collections.abc.Mapping):
@@ -46,4 +45,6 @@ class AgentInfo(collections.abc.Mapping):
 def parse_info(reply: Dict[str, Any]) -> Dict[str, Any]:
     """The ``info`` reply's fields, validated (ProtocolViolation otherwise): the checks are
     :class:`guestlink.protocol.ops.Info`'s, the agent's own definition of the reply."""
+    from ..protocol.ops import Info  # here: the lean one-shot path parses no info reply
+
     return Info.from_wire(reply).to_wire()

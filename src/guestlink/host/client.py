@@ -21,7 +21,6 @@ in :mod:`.execs`, topic messages in :mod:`.messages`, files in :mod:`.transfer`,
 
 import asyncio
 import collections
-import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Generator, Optional, Set, Union
 
@@ -33,7 +32,7 @@ from .agentinfo import AgentInfo, parse_info
 from .execs import Command, CompletedProcess, Process
 from .messages import Message, Subscription
 from .options import (DEFAULT_OUTPUT_LIMIT, DEFAULT_QUEUE_SIZE, VIA_AUTO, VIA_GUESTLINK, VIA_QGA,
-                      ConnectOptions, ExecOptions, PathLike)
+                      ConnectOptions, ExecOptions, PathLike, check_call, check_publish)
 from .session import Call, Resolver, Runstate, Session
 from .timing import DEFAULT_TIMEOUT, MAX_TIMEOUT, check_timeout, wait_within
 
@@ -57,6 +56,7 @@ def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
             max_payload: Optional[int] = None, queue_size: int = DEFAULT_QUEUE_SIZE,
             queue_timeout: Optional[float] = None,
             on_queue: Optional[Callable[[str], Any]] = None,
+            master: Optional[bool] = None, persist: Optional[float] = None,
             via: str = VIA_AUTO, qga: Optional[PathLike] = None) -> "Connector":
     """Connect to the agent of one VM.
 
@@ -75,6 +75,12 @@ def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
     calling ``on_queue(holder)`` once with a description of that client, for at most
     ``queue_timeout`` seconds (None: no limit; then VMInUse).
 
+    ``master``: go through this user's guestlink master (docs/master.md), which holds the VM's
+    session and serves any number of clients at once: None (the default) uses one when it is
+    running, True also starts one when none is (it stays ``persist`` seconds after its last
+    client; default $GUESTLINK_PERSIST, else 60), False never does; ``persist`` > 0 with None
+    starts one too. $GUESTLINK_MASTER=0 turns it off. Without a master everything works as above.
+
     ``via``: ``"guestlink"`` (only guestlink's agent), ``"qga"`` (only qemu-guest-agent, see
     :mod:`guestlink.host.qga`: the domain's through libvirt, or the socket ``qga`` of a plain QEMU
     VM) or ``"auto"`` (the default): guestlink's agent when its channels exist and it completes
@@ -90,7 +96,8 @@ def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
     return connect_with(ConnectOptions(
         ctl=ctl, data=data, domain=domain, uri=uri, ctl_name=ctl_name, data_name=data_name,
         timeout=timeout, reconnect=reconnect, max_payload=max_payload, queue_size=queue_size,
-        queue_timeout=queue_timeout, on_queue=on_queue, via=via, qga=qga))
+        queue_timeout=queue_timeout, on_queue=on_queue,
+        master=master, persist=persist, via=via, qga=qga))
 
 
 def connect_with(options: ConnectOptions) -> "Connector":
@@ -108,17 +115,6 @@ def connect_with(options: ConnectOptions) -> "Connector":
 AnyClient = Union["Client", "QgaClient"]
 
 
-def _falls_back(exc: BaseException) -> bool:
-    """Whether via="auto" tries qemu-ga after guestlink's agent failed with ``exc``: its channels
-    are missing or nobody answers on them (not: no permission, VM busy, domain not running)."""
-    from ..libvirt import LibvirtError, NoChannels
-
-    if isinstance(exc, (E.SocketNotFound, E.NotListening, NoChannels, E.AgentNotResponding)):
-        return True
-    return isinstance(exc, E.ConnectError) and not isinstance(
-        exc, (E.PermissionDenied, E.VMInUse, LibvirtError))
-
-
 class Connector:
     """What :func:`connect` returns: await it (-> the connected :class:`Client` or
     :class:`~guestlink.host.qga.QgaClient`) or use it as ``async with`` (closing it at the end).
@@ -129,7 +125,7 @@ class Connector:
         self._client: Optional[Client] = None
         self._queued = False  # the guestlink client is waiting its turn for the VM (vmlock)
         if options.via != VIA_QGA and (options.ctl or options.domain is not None):
-            self._client = Client(dataclasses.replace(options, on_queue=self._on_queue), resolver)
+            self._client = Client(options.replace(on_queue=self._on_queue), resolver)
         self._opened: Optional[AnyClient] = None
 
     def _on_queue(self, holder: str) -> None:
@@ -175,7 +171,7 @@ class Connector:
             reason = E.AgentNotResponding(
                 "the guest agent did not answer on %s within %g s" % (client.ctl, probe))
         except E.GuestlinkError as exc:
-            if not _falls_back(exc):
+            if not E.qga_may_help(exc):
                 raise
             reason = exc
         await client.close()
@@ -314,11 +310,7 @@ class Client:
 
         Arguments named like a keyword of this method can be passed as a dict positionally.
         """
-        if not isinstance(op, str) or not m.OP_RE.match(op):
-            raise ValueError("invalid command name %r" % (op,))
-        merged = dict(args or {})
-        merged.update(kwargs)
-        return await self.session.request(op, merged, timeout)
+        return await self.session.request(op, check_call(op, args, kwargs), timeout)
 
     async def shutdown(self, *, timeout: Optional[float] = None) -> None:
         """Ask the guest to power off (the agent answers first)."""
@@ -332,15 +324,7 @@ class Client:
 
     async def publish(self, topic: str, data: Any, *, timeout: Optional[float] = None) -> int:
         """Send a topic message to the guest; returns how many local subscribers got it."""
-        try:
-            m.check_topic(topic)
-        except ProtocolViolation as exc:
-            raise ValueError(str(exc)) from None
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        data = bytes(data)
-        if len(data) > m.MAX_MESSAGE_DATA:
-            raise ValueError("message of %d bytes exceeds %d" % (len(data), m.MAX_MESSAGE_DATA))
+        data = check_publish(topic, data)
         session = self.session
         deadline = session.deadline(timeout)
         call = Call("publish")

@@ -345,3 +345,15 @@ __all__ = [name for name, value in list(globals().items())
            if isinstance(value, type) and issubclass(value, GuestlinkError)
            and not name.startswith("_")] + [
     "REMOTE_ERRORS", "remote_error", "malformed", "copy_error"]
+
+
+def qga_may_help(exc: BaseException) -> bool:
+    """Whether ``connect(via="auto")`` tries qemu-ga after guestlink's agent failed with ``exc``:
+    its channels are missing or nobody answers on them (not: no permission, VM busy, domain not
+    running)."""
+    from ..libvirt import LibvirtError, NoChannels
+
+    if isinstance(exc, (SocketNotFound, NotListening, NoChannels, AgentNotResponding)):
+        return True
+    return isinstance(exc, ConnectError) and not isinstance(
+        exc, (PermissionDenied, VMInUse, LibvirtError))

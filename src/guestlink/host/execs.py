@@ -3,27 +3,21 @@
 
 import asyncio
 import collections
-import shlex
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple, Union
 
 from ..protocol import STREAM_STDERR, STREAM_STDIN, STREAM_STDOUT, Fields, ProtocolViolation
 from ..protocol import messages as m
 from ..protocol.frames import MAX_ID
-from ..protocol.ops import EXEC_USER_CAPABILITY, ExecRequest, check_env
 from . import errors as E
-from .options import ExecOptions
+from .options import EXEC_KILL_GRACE, Command, ExecOptions, check_exec_agent, exec_request
 from .session import Call, Payload, Session
-from .timing import DEFAULT_TIMEOUT, check_timeout, wait_within
+from .timing import DEFAULT_TIMEOUT, wait_within
 
 #: stdin is sent in STREAM frames of at most this many bytes.
 STREAM_CHUNK = 64 * 1024
-#: Extra time the host allows past an exec's own timeout for the agent's SIGTERM/SIGKILL grace.
-EXEC_KILL_GRACE = 2.0
 
 _STREAM_NAMES = {STREAM_STDOUT: "stdout", STREAM_STDERR: "stderr"}
-
-Command = Union[str, List[str]]
 
 
 @dataclass
@@ -51,60 +45,6 @@ class CompletedProcess:
             raise E.CommandTimedOut(self)
         if self.returncode != 0:
             raise E.CommandFailed(self)
-
-
-def exec_request(cmd: Command, options: ExecOptions) -> Dict[str, Any]:
-    """The ``exec`` REQUEST's arguments for ``cmd`` (ValueError/TypeError before anything is sent)."""
-    shell = options.shell
-    req: Dict[str, Any] = {}
-    if isinstance(cmd, (bytes, bytearray)):
-        raise TypeError("cmd must be a str (shell command line) or a list of str (argv)")
-    if isinstance(cmd, str):
-        if shell is False:
-            argv = shlex.split(cmd)
-            if not argv:
-                raise ValueError("empty command")
-            req["argv"] = argv
-        else:
-            req["shell"] = cmd
-    else:
-        argv = [str(a) if not isinstance(a, str) else a for a in cmd]
-        if not argv:
-            raise ValueError("empty command")
-        if shell:
-            req["shell"] = " ".join(shlex.quote(a) for a in argv)
-        else:
-            req["argv"] = argv
-    env = options.env
-    if env:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise TypeError("env must map str to str")
-        try:
-            check_env(dict(env))
-        except ProtocolViolation as exc:
-            raise ValueError(str(exc)) from None
-        req["env"] = dict(env)
-    if options.user is not None:
-        req["user"] = options.user
-    if options.env_clear:
-        req["env_clear"] = True
-    if options.cwd is not None:
-        req["cwd"] = str(options.cwd)
-    if options.stdin:
-        req["stdin"] = True
-    timeout = options.timeout
-    if timeout is not None:
-        seconds = check_timeout(timeout)
-        if seconds is not None and seconds <= 0:
-            raise ValueError("timeout must be positive")
-        req["timeout"] = timeout
-    if options.output_limit is not None:
-        req["output_limit"] = int(options.output_limit)
-    try:
-        ExecRequest.from_wire(req)  # the agent's own checks, before anything is sent
-    except ProtocolViolation as exc:
-        raise ValueError(str(exc).replace("exec: ", "", 1)) from None
-    return req
 
 
 class Process:
@@ -161,11 +101,7 @@ class Process:
             raise RuntimeError("process already started")
         session = self._session
         agent = session.agent
-        if ("user" in self._request and agent is not None
-                and EXEC_USER_CAPABILITY not in agent.capabilities):
-            raise E.UnknownCommand("unknown_command", "the guest agent (version %s) cannot run a "
-                                   "command as another user: update the agent in the guest"
-                                   % agent.version)
+        check_exec_agent(self._request, agent)
         loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._started = loop.create_future()

@@ -47,6 +47,7 @@ import enum
 import errno as _errno
 import logging
 import random
+import socket
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from ..protocol import ProtocolViolation
@@ -55,6 +56,7 @@ from ..protocol import session as rules
 from ..protocol.frames import MAX_PAYLOAD
 from ..protocol.safetext import printable
 from . import errors as E
+from . import mastersock
 from .agentinfo import AgentInfo
 from .options import ConnectOptions
 from .timing import check_timeout, consume, wait_within
@@ -119,6 +121,7 @@ class _Conn:
         self.writer = writer
         self.machine = machine
         self.closed = False
+        self.sync_task: Optional["asyncio.Task[None]"] = None
         # -> AgentInfo, replaced on every (re)handshake
         self.handshake: "asyncio.Future[AgentInfo]" = asyncio.get_running_loop().create_future()
         self.tasks: List["asyncio.Task[Any]"] = []
@@ -139,8 +142,15 @@ class Session:
 
     def __init__(self, options: ConnectOptions, resolver: Optional[Resolver] = None, *,
                  on_message: Callable[[str, bytes], None],
-                 on_gone: Callable[[Optional[BaseException]], None]) -> None:
+                 on_gone: Callable[[Optional[BaseException]], None],
+                 on_lost: Optional[Callable[[bool], None]] = None) -> None:
         self._resolver = resolver
+        self._options = options
+        self._on_lost = on_lost
+        #: The guestlink master's policy for this session, and the attached socket it gave.
+        self._policy = mastersock.policy(options.master, options.persist)
+        self.via_master = False
+        self._master_sock: Optional[socket.socket] = None
         self.ctl: Optional[str] = str(options.ctl) if options.ctl else None
         self.data: Optional[str] = str(options.data) if options.data else None
         self.timeout = options.timeout
@@ -194,8 +204,10 @@ class Session:
         self._changed = asyncio.get_running_loop().create_future()
         self._set_state(Runstate.CONNECTING)
         try:
-            await self._resolve()
-            await self._take_vm_lock()
+            if not await self._attach_master():
+                if self.ctl is None:
+                    await self._resolve()
+                await self._take_vm_lock()
             conn = await self._open_conn(resolve=False)
             try:
                 await wait_within(asyncio.shield(conn.handshake), self.timeout)
@@ -206,6 +218,31 @@ class Session:
         except BaseException:
             await self._shutdown()
             raise
+
+    async def _attach_master(self) -> bool:
+        """Attach to the VM through this user's guestlink master (docs/master.md) -> whether
+        this session goes through one (else it connects directly, as without a master)."""
+        if not self._policy.use:
+            return False
+        o = self._options
+        args = mastersock.attach_args(str(o.ctl) if o.ctl else None, str(o.data) if o.data else None,
+                                      domain=o.domain, uri=o.uri, ctl_name=o.ctl_name,
+                                      data_name=o.data_name, timeout=self.timeout,
+                                      queue_timeout=self.queue_timeout)
+        loop = asyncio.get_running_loop()
+        route = await loop.run_in_executor(None, mastersock.open_route, self._policy, args,
+                                           self.timeout)
+        if route is None:
+            if self.via_master:  # a reconnection, and the master is gone for good
+                raise E.NotListening("the guestlink master is gone", self.ctl)
+            return False
+        sock, reply = route
+        self.via_master = True
+        self._master_sock = sock
+        ctl, data = reply.get("ctl"), reply.get("data")
+        self.ctl = ctl if isinstance(ctl, str) else self.ctl
+        self.data = data if isinstance(data, str) else self.data
+        return True
 
     async def _resolve(self) -> None:
         if self._resolver is not None:
@@ -236,7 +273,16 @@ class Session:
             self._on_queue(holder)
 
     async def _open_conn(self, resolve: bool = True) -> _Conn:
-        if resolve and self._resolver is not None:
+        if resolve and self.via_master:
+            try:
+                await self._attach_master()
+            except E.ProtocolError:
+                raise
+            except E.GuestlinkError as exc:  # the VM is not back yet: the reconnect loop retries
+                if isinstance(exc, E.ConnectError):
+                    raise
+                raise E.ConnectError(str(exc), self.ctl) from None
+        elif resolve and self._resolver is not None:
             await self._resolve()
             if self._vmlock is not None and self._vmlock.ctl != self.ctl:
                 # the domain restarted with new socket paths: queue on the new ones
@@ -250,11 +296,14 @@ class Session:
         conn.write(conn.machine.start())
         loop = asyncio.get_running_loop()
         conn.tasks.append(loop.create_task(self._read_loop(conn)))
-        conn.tasks.append(loop.create_task(self._sync_loop(conn)))
         return conn
 
     async def _open_socket(self) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         path = self.ctl
+        sock, self._master_sock = self._master_sock, None
+        if sock is not None:  # attached to the VM through the master
+            sock.setblocking(False)
+            return await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
         try:
             return await asyncio.open_unix_connection(path, limit=1 << 20)
         except FileNotFoundError as exc:
@@ -273,12 +322,20 @@ class Session:
                                  % (path, exc.strerror or exc), path, exc.errno) from None
 
     def _new_handshake(self, conn: _Conn) -> None:
-        conn.handshake = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        conn.handshake = loop.create_future()
         conn.handshake.add_done_callback(consume)
+        if conn.sync_task is None or conn.sync_task.done():
+            # resends SYNC until synchronised, then ends: an idle session has no timer
+            conn.tasks = [t for t in conn.tasks if not t.done()]
+            conn.sync_task = loop.create_task(self._sync_loop(conn))
+            conn.tasks.append(conn.sync_task)
 
     async def _sync_loop(self, conn: _Conn) -> None:
         while not conn.closed:
             await asyncio.sleep(SYNC_INTERVAL)
+            if conn.machine.synchronised or conn.machine.failed:
+                return
             data = conn.machine.sync_due()
             if data and not conn.closed:
                 conn.write(data)
@@ -398,6 +455,8 @@ class Session:
                        E.RequestNotSent("request not sent (%s)" % why))
         self._new_handshake(conn)
         self._set_state(Runstate.RECONNECTING)
+        if self._on_lost is not None:
+            self._on_lost(True)
 
     # --- connection loss ------------------------------------------------------------------
 
@@ -412,6 +471,8 @@ class Session:
                        E.RequestNotSent("request not sent: %s" % reason))
         self._close_conn(conn)
         if self._state in (Runstate.RUNNING, Runstate.RECONNECTING):
+            if self._on_lost is not None:
+                self._on_lost(False)
             if self.reconnect:
                 self._set_state(Runstate.RECONNECTING)
                 if self._supervisor is None or self._supervisor.done():
@@ -488,6 +549,10 @@ class Session:
         fut, self._changed = self._changed, asyncio.get_running_loop().create_future()
         if fut is not None and not fut.done():
             fut.set_result(None)
+
+    async def wait_ready(self) -> None:
+        """Wait until the session is synchronised (RequestNotSent if it is closed or gone)."""
+        await self._wait_ready()
 
     async def _wait_ready(self) -> _Conn:
         """Wait until a synchronised connection exists; return it."""
@@ -715,6 +780,9 @@ class Session:
                 await wait_within(writer.wait_closed(), 1.0)
             except Exception:
                 pass
+        if self._master_sock is not None:
+            self._master_sock.close()
+            self._master_sock = None
         lock, self._vmlock = self._vmlock, None
         if lock is not None:  # after the socket is closed, so the next client finds it free
             lock.release()

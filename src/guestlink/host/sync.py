@@ -74,7 +74,8 @@ def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
             timeout: Optional[float] = DEFAULT_TIMEOUT, reconnect: bool = True,
             max_payload: Optional[int] = None, queue_size: int = DEFAULT_QUEUE_SIZE,
             queue_timeout: Optional[float] = None,
-            on_queue: Optional[Callable[[str], Any]] = None) -> "SyncClient":
+            on_queue: Optional[Callable[[str], Any]] = None,
+            master: Optional[bool] = None, persist: Optional[float] = None) -> "SyncClient":
     """Connect (blocking) and return a :class:`SyncClient`; use it as a context manager.
     ``domain``/``uri``: a libvirt domain instead of socket paths, ``ctl_name``/``data_name`` its
     channel names (default: its guestlink metadata's, else the defaults); ``queue_timeout``/
@@ -84,7 +85,8 @@ def connect(ctl: Optional[PathLike] = None, data: Optional[PathLike] = None, *,
         client = connect_with(ConnectOptions(
             ctl=ctl, data=data, domain=domain, uri=uri, ctl_name=ctl_name, data_name=data_name,
             timeout=timeout, reconnect=reconnect, max_payload=max_payload, queue_size=queue_size,
-            queue_timeout=queue_timeout, on_queue=on_queue)).client
+            queue_timeout=queue_timeout, on_queue=on_queue,
+        master=master, persist=persist)).client
         lt.run(client.connect())
     except BaseException:
         lt.close()

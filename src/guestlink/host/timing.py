@@ -5,8 +5,10 @@ timed wait in the host code goes through :func:`wait_within` (never ``asyncio.wa
 before Python 3.12 can swallow the caller's cancellation; docs/security.md).
 """
 
-import asyncio
-from typing import Any, Awaitable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Optional, TypeVar
+
+if TYPE_CHECKING:  # asyncio is imported where it is used: the lean CLI path checks timeouts only
+    import asyncio
 
 T = TypeVar("T")
 
@@ -37,6 +39,8 @@ async def wait_within(aw: Awaitable[T], timeout: Optional[float]) -> T:
     asyncio.TimeoutError. The one timed wait of the host code: asyncio.wait_for before Python
     3.12 loses a cancellation of the caller that coincides with ``aw`` completing (Ctrl-C was
     swallowed); here the caller's cancellation always wins."""
+    import asyncio
+
     if timeout is None:
         return await aw
     if hasattr(asyncio, "timeout"):  # 3.11+: counts cancellations, so none is lost
@@ -47,6 +51,8 @@ async def wait_within(aw: Awaitable[T], timeout: Optional[float]) -> T:
 
 async def _wait_within_compat(aw: Awaitable[T], timeout: float) -> T:
     """wait_within for Python < 3.11 (no asyncio.timeout)."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     inner = asyncio.ensure_future(aw)
     if inner.done():

@@ -35,6 +35,7 @@ from ..protocol import transfer as T
 from . import errors as E
 from .session import Call
 from .timing import wait_within
+from .vmlock import VMLock
 
 BUSY_RETRY = 15.0  # seconds to retry while the agent's data port is still busy
 #: Mode bits a pull takes from the guest: never setuid/setgid (the guest is untrusted; a pull
@@ -184,6 +185,27 @@ def _reported_file(obj: Any, what: str) -> Tuple[int, str]:
 async def _transfer_one(client: Any, direction: str, args: Dict[str, Any], engine: Engine,
                         progress: Progress, total: Optional[int], timeout: Optional[float],
                         verify: _Verify) -> _Outcome:
+    """:func:`_transfer_in_turn`, queued with the other clients of a shared guestlink master:
+    they share the control channel, but QEMU serves the data socket to one at a time, so each
+    transfer holds the VM lock of the data socket (the same flock queue as direct clients) and
+    disconnects from it when done."""
+    session = client.session
+    if not session.via_master or not client.data:
+        return await _transfer_in_turn(client, direction, args, engine, progress, total, timeout,
+                                       verify)
+    turn = VMLock(client.data)
+    await turn.acquire(None, None)
+    try:
+        return await _transfer_in_turn(client, direction, args, engine, progress, total, timeout,
+                                       verify)
+    finally:
+        _link(client).reset()
+        turn.release()
+
+
+async def _transfer_in_turn(client: Any, direction: str, args: Dict[str, Any], engine: Engine,
+                            progress: Progress, total: Optional[int], timeout: Optional[float],
+                            verify: _Verify) -> _Outcome:
     """The one engine for both directions.
 
     ``args``: transfer.open arguments (without transfer/direction). ``engine(chan, tid, ready,

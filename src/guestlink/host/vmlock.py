@@ -16,11 +16,11 @@ import asyncio
 import fcntl
 import hashlib
 import os
-import stat
 import sys
 from typing import Any, Callable, Optional
 
 from . import errors as E
+from .mastersock import private_dir
 
 #: How often a waiting client retries the lock (seconds).
 POLL_INTERVAL = 0.1
@@ -31,29 +31,9 @@ MAX_HOLDER = 512
 
 
 def lock_dir() -> str:
-    """The directory for this user's lock files (created if missing, refused if not ours)."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and _owned_dir(runtime):  # not one that `sudo` kept from another user
-        path = os.path.join(runtime, "guestlink")
-    else:
-        path = os.path.join("/tmp", "guestlink-%d" % os.getuid())
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise E.ConnectError("refusing lock directory %s: not a directory owned by this user "
-                             "and writable only by it" % path, path)
-    return path
-
-
-def _owned_dir(path: str) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+    """The directory for this user's lock files (:func:`guestlink.host.mastersock.private_dir`:
+    created 0700 if missing, refused if not ours)."""
+    return private_dir()
 
 
 def lock_path(ctl: str) -> str:

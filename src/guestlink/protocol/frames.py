@@ -22,8 +22,7 @@ request it belonged to can be failed instead of hanging.
 import enum
 import struct
 import zlib
-from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, TypeVar, Union
 
 MAGIC = b"\x89GLK"
 VERSION = 1
@@ -72,11 +71,60 @@ STREAM_STDERR = 2
 FLAG_EOF = 0x100
 
 
-# The decoder's events. ``type`` is an int, not a FrameType: an unknown type is passed through.
-# __slots__ by hand (dataclass(slots=True) is 3.10+): the decoder makes one per frame.
+_V = TypeVar("_V", bound="Value")
 
-@dataclass(frozen=True, repr=False)
-class Frame:
+
+class Value:
+    """Base of the protocol's small immutable values (the decoder's and the session machines'
+    events): what a frozen dataclass with ``__slots__`` gives (fields in ``__slots__`` order, ``==``
+    by type and fields, ``hash``, ``repr``, assignment raises AttributeError), without importing
+    dataclasses (and inspect, ast, ...) on the one-shot CLI path, where the import and the
+    decorating cost more than the command's own work. Subclasses list their fields in
+    ``__slots__``, annotate them, and store them with :meth:`_init` in a typed ``__init__`` whose
+    parameters are the fields; :meth:`replace` is ``dataclasses.replace``."""
+
+    __slots__: Tuple[str, ...] = ()
+
+    def _init(self, *values: Any) -> None:
+        for name, value in zip(self.__slots__, values):
+            object.__setattr__(self, name, value)
+
+    def _values(self) -> Tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def replace(self: _V, **changes: Any) -> _V:
+        """A copy with ``changes`` (``dataclasses.replace``; the ``__init__`` takes the fields by
+        their names)."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return type(self)(**values)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Value)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return "%s(%s)" % (type(self).__qualname__, ", ".join(
+            "%s=%r" % (name, getattr(self, name)) for name in self.__slots__))
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:  # copy and pickle: rebuilt by __init__
+        return type(self), self._values()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("cannot assign to field %r of a frozen %s" % (name, type(self).__name__))
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("cannot delete field %r of a frozen %s" % (name, type(self).__name__))
+
+
+# The decoder's events. ``type`` is an int, not a FrameType: an unknown type is passed through.
+
+class Frame(Value):
     """One decoded frame."""
 
     __slots__ = ("type", "flags", "id", "payload")
@@ -85,21 +133,29 @@ class Frame:
     id: int
     payload: bytes
 
+    def __init__(self, type: int, flags: int, id: int, payload: bytes) -> None:
+        setattr = object.__setattr__  # one per frame: the generic _init's loop, unrolled
+        setattr(self, "type", type)
+        setattr(self, "flags", flags)
+        setattr(self, "id", id)
+        setattr(self, "payload", payload)
+
     def __repr__(self) -> str:
         return "Frame(%s, flags=%#x, id=%d, %d bytes)" % (
             frame_type_name(self.type), self.flags, self.id, len(self.payload))
 
 
-@dataclass(frozen=True)
-class Garbage:
+class Garbage(Value):
     """Bytes skipped while looking for the next valid header."""
 
     __slots__ = ("nbytes",)
     nbytes: int
 
+    def __init__(self, nbytes: int) -> None:
+        self._init(nbytes)
 
-@dataclass(frozen=True, repr=False)
-class CorruptFrame:
+
+class CorruptFrame(Value):
     """A frame whose header was valid but whose payload failed its CRC, was too large, or was cut
     off (``reason``: "crc", "too_large" or "truncated"). The frame's bytes were skipped."""
 
@@ -110,19 +166,24 @@ class CorruptFrame:
     length: int
     reason: str
 
+    def __init__(self, type: int, flags: int, id: int, length: int, reason: str) -> None:
+        self._init(type, flags, id, length, reason)
+
     def __repr__(self) -> str:
         return "CorruptFrame(%s, id=%d, %d bytes, %s)" % (
             frame_type_name(self.type), self.id, self.length, self.reason)
 
 
-@dataclass(frozen=True, repr=False)
-class UnsupportedVersion:
+class UnsupportedVersion(Value):
     """A frame with a valid header CRC but a protocol version this implementation does not speak."""
 
     __slots__ = ("version", "type", "id")
     version: int
     type: int
     id: int
+
+    def __init__(self, version: int, type: int, id: int) -> None:
+        self._init(version, type, id)
 
     def __repr__(self) -> str:
         return "UnsupportedVersion(%d, %s)" % (self.version, frame_type_name(self.type))

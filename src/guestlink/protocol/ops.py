@@ -1,7 +1,8 @@
 """Each operation's request and reply fields, one definition for both sides (docs/protocol.md,
 *Operations*).
 
-Every message is a small frozen dataclass: the sending side builds it and calls ``to_wire()`` (the
+Every message is a small immutable :class:`~guestlink.protocol.frames.Value` (as a frozen
+dataclass, without importing dataclasses): the sending side builds it and calls ``to_wire()`` (the
 JSON object to send), the receiving side calls ``from_wire(obj)``, which validates every field
 with :class:`~guestlink.protocol.messages.Fields` (types, lengths, ranges) and raises
 ProtocolViolation — nothing else — on anything the peer should not have sent. What a side then
@@ -19,10 +20,9 @@ operation                 request                     reply / events
 ``transfer.open``         (protocol/transfer.py)      EVENT :class:`TransferReady`
 ========================  ==========================  ===================================
 """
-from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from .frames import MAX_ID
+from .frames import MAX_ID, Value
 from .messages import INT64_MAX, INT64_MIN, MAX_LIST, MAX_NAME, MAX_NONCE, Fields, ProtocolViolation
 
 JSON = Dict[str, Any]
@@ -55,9 +55,10 @@ def _fields(obj: Any, where: str) -> Fields:
 
 # --- ping ----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Pong:
+class Pong(Value):
     """The ``ping`` reply."""
+
+    __slots__ = ()
 
     def to_wire(self) -> JSON:
         return {"pong": True}
@@ -71,11 +72,14 @@ class Pong:
 
 # --- info ----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Address:
+class Address(Value):
+    __slots__ = ("interface", "family", "address")
     interface: str
     family: str  # "inet" or "inet6"
     address: str
+
+    def __init__(self, interface: str, family: str, address: str) -> None:
+        self._init(interface, family, address)
 
     def to_wire(self) -> JSON:
         return {"interface": self.interface, "family": self.family, "address": self.address}
@@ -89,20 +93,30 @@ class Address:
         return cls(a.str("interface", max_len=MAX_NAME), family, a.str("address", max_len=MAX_NAME))
 
 
-@dataclass(frozen=True)
-class Info:
+class Info(Value):
     """The ``info`` reply: the guest as the agent sees it."""
 
+    __slots__ = ("hostname", "agent_version", "protocol", "os_release", "kernel", "uptime",
+                 "boot_id", "python", "addresses", "capabilities")
     hostname: str
     agent_version: str
     protocol: int
-    os_release: Dict[str, str] = field(default_factory=dict)
-    kernel: Dict[str, str] = field(default_factory=dict)  # release, version, machine
-    uptime: Optional[float] = None
-    boot_id: str = ""
-    python: str = ""
-    addresses: Tuple[Address, ...] = ()
-    capabilities: Tuple[str, ...] = ()
+    os_release: Dict[str, str]
+    kernel: Dict[str, str]  # release, version, machine
+    uptime: Optional[float]
+    boot_id: str
+    python: str
+    addresses: Tuple[Address, ...]
+    capabilities: Tuple[str, ...]
+
+    def __init__(self, hostname: str, agent_version: str, protocol: int,
+                 os_release: Optional[Dict[str, str]] = None,
+                 kernel: Optional[Dict[str, str]] = None, uptime: Optional[float] = None,
+                 boot_id: str = "", python: str = "", addresses: Tuple[Address, ...] = (),
+                 capabilities: Tuple[str, ...] = ()) -> None:
+        self._init(hostname, agent_version, protocol, {} if os_release is None else os_release,
+                   {} if kernel is None else kernel, uptime, boot_id, python, addresses,
+                   capabilities)
 
     def to_wire(self) -> JSON:
         return {
@@ -140,23 +154,31 @@ class Info:
 
 # --- exec ----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ExecRequest:
+class ExecRequest(Value):
     """The ``exec`` request: exactly one of ``argv`` (non-empty) and ``shell``. Fields left None
     take the agent's defaults (cwd "/", its configured output limit, no timeout, the agent's own
     user). The process gets a login-like environment for the user it runs as (HOME, USER,
     LOGNAME, SHELL, PATH, LANG), then ``env`` on top; ``env_clear`` starts from nothing instead.
     Unknown fields are refused (:data:`EXEC_FIELDS`)."""
 
-    argv: Optional[Tuple[str, ...]] = None
-    shell: Optional[str] = None
-    env: Dict[str, str] = field(default_factory=dict)
-    env_clear: bool = False
-    cwd: Optional[str] = None
-    stdin: bool = False
-    timeout: Optional[float] = None
-    output_limit: Optional[int] = None
-    user: Optional[str] = None
+    __slots__ = ("argv", "shell", "env", "env_clear", "cwd", "stdin", "timeout", "output_limit",
+                 "user")
+    argv: Optional[Tuple[str, ...]]
+    shell: Optional[str]
+    env: Dict[str, str]
+    env_clear: bool
+    cwd: Optional[str]
+    stdin: bool
+    timeout: Optional[float]
+    output_limit: Optional[int]
+    user: Optional[str]
+
+    def __init__(self, argv: Optional[Tuple[str, ...]] = None, shell: Optional[str] = None,
+                 env: Optional[Dict[str, str]] = None, env_clear: bool = False,
+                 cwd: Optional[str] = None, stdin: bool = False, timeout: Optional[float] = None,
+                 output_limit: Optional[int] = None, user: Optional[str] = None) -> None:
+        self._init(argv, shell, {} if env is None else env, env_clear, cwd, stdin, timeout,
+                   output_limit, user)
 
     def to_wire(self) -> JSON:
         req: JSON = {}
@@ -233,11 +255,14 @@ def check_env(env: Dict[str, str]) -> None:
                                 % MAX_ENV_TOTAL)
 
 
-@dataclass(frozen=True)
-class ExecStarted:
+class ExecStarted(Value):
     """The exec's EVENT once its process runs."""
 
+    __slots__ = ("pid",)
     pid: int
+
+    def __init__(self, pid: int) -> None:
+        self._init(pid)
 
     def to_wire(self) -> JSON:
         return {"event": "started", "pid": self.pid}
@@ -248,21 +273,27 @@ class ExecStarted:
 
 
 def event_name(obj: Any, where: str = "event") -> str:
-    """The ``event`` field every EVENT payload carries (which dataclass reads the rest)."""
+    """The ``event`` field every EVENT payload carries (which class reads the rest)."""
     name: str = _fields(obj, where).str("event", max_len=MAX_NAME)
     return name
 
 
-@dataclass(frozen=True)
-class ExecResult:
+class ExecResult(Value):
     """The exec's final reply. ``signal``: the signal that ended the process, if one did."""
 
+    __slots__ = ("returncode", "signal", "timed_out", "stdout_truncated", "stderr_truncated",
+                 "duration")
     returncode: int
-    signal: Optional[int] = None
-    timed_out: bool = False
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    duration: float = 0.0
+    signal: Optional[int]
+    timed_out: bool
+    stdout_truncated: bool
+    stderr_truncated: bool
+    duration: float
+
+    def __init__(self, returncode: int, signal: Optional[int] = None, timed_out: bool = False,
+                 stdout_truncated: bool = False, stderr_truncated: bool = False,
+                 duration: float = 0.0) -> None:
+        self._init(returncode, signal, timed_out, stdout_truncated, stderr_truncated, duration)
 
     def to_wire(self) -> JSON:
         return {"returncode": self.returncode, "signal": self.signal, "timed_out": self.timed_out,
@@ -284,20 +315,26 @@ class ExecResult:
 
 # --- files ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class StatEntry:
+class StatEntry(Value):
     """A file's description: the ``fs.stat`` reply, and each ``fs.list`` entry (with ``path``).
 
     ``type`` is "file", "dir", "symlink" or "other"; ``target`` a symlink's target."""
 
+    __slots__ = ("type", "size", "mode", "mtime_ns", "uid", "gid", "target", "path")
     type: str
-    size: Optional[int] = None
-    mode: Optional[int] = None  # permission bits only (S_IMODE)
-    mtime_ns: Optional[int] = None
-    uid: Optional[int] = None
-    gid: Optional[int] = None
-    target: Optional[str] = None
-    path: Optional[str] = None
+    size: Optional[int]
+    mode: Optional[int]  # permission bits only (S_IMODE)
+    mtime_ns: Optional[int]
+    uid: Optional[int]
+    gid: Optional[int]
+    target: Optional[str]
+    path: Optional[str]
+
+    def __init__(self, type: str, size: Optional[int] = None, mode: Optional[int] = None,
+                 mtime_ns: Optional[int] = None, uid: Optional[int] = None,
+                 gid: Optional[int] = None, target: Optional[str] = None,
+                 path: Optional[str] = None) -> None:
+        self._init(type, size, mode, mtime_ns, uid, gid, target, path)
 
     def to_wire(self) -> JSON:
         out: JSON = {"type": self.type, "size": self.size, "mode": self.mode,
@@ -323,22 +360,29 @@ class StatEntry:
         )
 
 
-@dataclass(frozen=True)
-class TransferReady:
+class TransferReady(Value):
     """``transfer.open``'s EVENT once the agent is ready on the data port: the transfer's id and
     nonce for the data channel's greeting, where it resumes (``offset``), and the source's
     attributes for a pull. ``offsets`` (a batch: one per file) is checked by the transfer code."""
 
+    __slots__ = ("nonce", "offset", "transfer", "size", "mode", "mtime_ns", "uid", "gid", "path",
+                 "offsets")
     nonce: str
     offset: int
-    transfer: Optional[int] = None
-    size: Optional[int] = None
-    mode: Optional[int] = None
-    mtime_ns: Optional[int] = None
-    uid: Optional[int] = None
-    gid: Optional[int] = None
-    path: str = ""
-    offsets: Any = None  # as received: its caller checks it
+    transfer: Optional[int]
+    size: Optional[int]
+    mode: Optional[int]
+    mtime_ns: Optional[int]
+    uid: Optional[int]
+    gid: Optional[int]
+    path: str
+    offsets: Any  # as received: its caller checks it
+
+    def __init__(self, nonce: str, offset: int, transfer: Optional[int] = None,
+                 size: Optional[int] = None, mode: Optional[int] = None,
+                 mtime_ns: Optional[int] = None, uid: Optional[int] = None,
+                 gid: Optional[int] = None, path: str = "", offsets: Any = None) -> None:
+        self._init(nonce, offset, transfer, size, mode, mtime_ns, uid, gid, path, offsets)
 
     def to_wire(self) -> JSON:
         out: JSON = {"event": "ready", "nonce": self.nonce, "offset": self.offset}

@@ -56,14 +56,12 @@ What the host does with each event (exactly what host/client.py did before this 
 Agent side: :class:`AgentSession` (see its docstring) — used by the guest agent and the tests'
 fake agent.
 """
-import secrets
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 from . import codes
 from . import messages as m
 from .frames import (MAX_ID, MAX_PAYLOAD, CorruptFrame, DecoderEvent, Frame, FrameDecoder,
-                     FrameType, Garbage, UnsupportedVersion, frame_type_name)
+                     FrameType, Garbage, UnsupportedVersion, Value, frame_type_name)
 from .messages import Fields, ProtocolViolation
 
 JSON = Dict[str, Any]
@@ -71,104 +69,140 @@ JSON = Dict[str, Any]
 
 # --- host-side events --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SendBytes:
+class SendBytes(Value):
     """Write these bytes to the peer."""
 
+    __slots__ = ("data",)
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        self._init(data)
 
-@dataclass(frozen=True)
-class Synchronised:
+
+class Synchronised(Value):
     """The handshake completed; ``agent`` is the agent's validated description."""
 
+    __slots__ = ("agent",)
     agent: JSON
 
+    def __init__(self, agent: JSON) -> None:
+        self._init(agent)
 
-@dataclass(frozen=True)
-class HandshakeFailed:
+
+class HandshakeFailed(Value):
     """The peers cannot talk (``mismatch``: protocol versions; else a malformed SYNC_ACK)."""
 
+    __slots__ = ("mismatch", "message", "details")
     mismatch: bool
     message: str
-    details: JSON = field(default_factory=dict)
+    details: JSON
+
+    def __init__(self, mismatch: bool, message: str, details: Optional[JSON] = None) -> None:
+        self._init(mismatch, message, {} if details is None else details)
 
 
-@dataclass(frozen=True)
-class SessionLost:
+class SessionLost(Value):
     """The agent restarted or forgot the session: every call in flight is lost."""
 
+    __slots__ = ("reason",)
     reason: str
 
+    def __init__(self, reason: str) -> None:
+        self._init(reason)
 
-@dataclass(frozen=True)
-class Response:
+
+class Response(Value):
     """RESPONSE: call ``id`` succeeded; ``payload`` is its JSON body, not parsed yet."""
 
+    __slots__ = ("id", "payload")
     id: int
     payload: bytes
 
+    def __init__(self, id: int, payload: bytes) -> None:
+        self._init(id, payload)
 
-@dataclass(frozen=True)
-class ErrorReply:
+
+class ErrorReply(Value):
     """ERROR: call ``id`` failed with ``code``."""
 
+    __slots__ = ("id", "code", "message", "details")
     id: int
     code: str
     message: str
     details: JSON
 
+    def __init__(self, id: int, code: str, message: str, details: JSON) -> None:
+        self._init(id, code, message, details)
 
-@dataclass(frozen=True)
-class MalformedReply:
+
+class MalformedReply(Value):
     """The final reply of call ``id`` could not be parsed."""
 
+    __slots__ = ("id", "what", "message")
     id: int
     what: str
     message: str
 
+    def __init__(self, id: int, what: str, message: str) -> None:
+        self._init(id, what, message)
 
-@dataclass(frozen=True)
-class CallEvent:
+
+class CallEvent(Value):
     """EVENT: a non-final notification about call ``id`` (JSON body, not parsed yet)."""
 
+    __slots__ = ("id", "payload")
     id: int
     payload: bytes
 
+    def __init__(self, id: int, payload: bytes) -> None:
+        self._init(id, payload)
 
-@dataclass(frozen=True)
-class CallStream:
+
+class CallStream(Value):
     """STREAM: bytes of one of call ``id``'s streams (``messages.stream_flags(flags)``)."""
 
+    __slots__ = ("id", "flags", "payload")
     id: int
     flags: int
     payload: bytes
 
+    def __init__(self, id: int, flags: int, payload: bytes) -> None:
+        self._init(id, flags, payload)
 
-@dataclass(frozen=True)
-class CallBroken:
+
+class CallBroken(Value):
     """A frame of call ``id`` was lost (corrupt, or another frame version): fail it and cancel it."""
 
+    __slots__ = ("id", "mismatch", "message")
     id: int
     mismatch: bool
     message: str
 
+    def __init__(self, id: int, mismatch: bool, message: str) -> None:
+        self._init(id, mismatch, message)
 
-@dataclass(frozen=True)
-class Message:
+
+class Message(Value):
     """A topic message from the guest."""
 
+    __slots__ = ("topic", "data")
     topic: str
     data: bytes
 
+    def __init__(self, topic: str, data: bytes) -> None:
+        self._init(topic, data)
 
-@dataclass(frozen=True)
-class AgentError:
+
+class AgentError(Value):
     """An ERROR with id 0 after the handshake: about the connection, not a call."""
 
+    __slots__ = ("code", "message", "details")
     code: str
     message: str
     details: JSON
+
+    def __init__(self, code: str, message: str, details: JSON) -> None:
+        self._init(code, message, details)
 
 
 HostEvent = Union[SendBytes, Synchronised, HandshakeFailed, SessionLost, Response, ErrorReply,
@@ -177,6 +211,8 @@ HostEvent = Union[SendBytes, Synchronised, HandshakeFailed, SessionLost, Respons
 
 def new_nonce() -> str:
     """A fresh handshake nonce: 128 random bits."""
+    import secrets  # here: a client that brings its own nonce_factory never imports hashlib
+
     return secrets.token_hex(16)
 
 
@@ -382,42 +418,57 @@ class HostSession:
 
 # --- agent side --------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SessionStarted:
+class SessionStarted(Value):
     """A host session began (a SYNC with a new nonce)."""
 
+    __slots__ = ("nonce",)
     nonce: str
 
+    def __init__(self, nonce: str) -> None:
+        self._init(nonce)
 
-@dataclass(frozen=True)
-class SessionEnded:
+
+class SessionEnded(Value):
     """The host session ended; kill its execs, drop its calls."""
 
+    __slots__ = ("reason",)
     reason: str
 
+    def __init__(self, reason: str) -> None:
+        self._init(reason)
 
-@dataclass(frozen=True)
-class Request:
+
+class Request(Value):
     """A valid REQUEST of the current session, not already in flight."""
 
+    __slots__ = ("id", "op", "args")
     id: int
     op: str
     args: Fields
 
+    def __init__(self, id: int, op: str, args: Fields) -> None:
+        self._init(id, op, args)
 
-@dataclass(frozen=True)
-class Ignored:
+
+class Ignored(Value):
     """A frame the rules drop (``reason`` is for the log; ``warning``: worth a warning)."""
 
+    __slots__ = ("reason", "warning")
     reason: str
-    warning: bool = False
+    warning: bool
+
+    def __init__(self, reason: str, warning: bool = False) -> None:
+        self._init(reason, warning)
 
 
-@dataclass(frozen=True)
-class Passed:
+class Passed(Value):
     """A frame of the session that the rules leave to the agent (STREAM, CANCEL, MESSAGE...)."""
 
+    __slots__ = ("frame",)
     frame: Frame
+
+    def __init__(self, frame: Frame) -> None:
+        self._init(frame)
 
 
 AgentEvent = Union[SendBytes, SessionStarted, SessionEnded, Request, Ignored, Passed]
