@@ -101,8 +101,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("exec needs a command: guestlink exec [OPTIONS] -- CMD [ARG...]")
         args.cmd = " ".join(command) if args.shell else command
         args.env_map = parse_pairs(args.env, "--env") or None
-        from ..host.execs import exec_request
-        from ..host.options import ExecOptions
+        from ..host.options import ExecOptions, exec_request
 
         try:  # the agent's checks of --env/--cwd/--user, before connecting
             exec_request(args.cmd, ExecOptions(env=args.env_map, cwd=args.cwd, user=args.user))

@@ -93,7 +93,7 @@ class ConnectOptions(Value):
         queue_timeout = check_timeout(queue_timeout, "queue_timeout")
         persist = check_timeout(persist, "persist")
         self._init(ctl, data, domain, uri, ctl_name, data_name, timeout, reconnect, max_payload,
-                   queue_size, queue_timeout, on_queue, master, persist)
+                   queue_size, queue_timeout, on_queue, master, persist, via, qga)
 
 
 class ExecOptions(Value):

@@ -86,6 +86,9 @@ class Value:
     __slots__: Tuple[str, ...] = ()
 
     def _init(self, *values: Any) -> None:
+        if len(values) != len(self.__slots__):  # a field added to __slots__ but not passed on
+            raise TypeError("%s takes %d fields, not %d"
+                            % (type(self).__name__, len(self.__slots__), len(values)))
         for name, value in zip(self.__slots__, values):
             object.__setattr__(self, name, value)
 
