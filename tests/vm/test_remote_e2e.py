@@ -136,6 +136,13 @@ def test_ping_exec_cp_through_ssh_reuse_one_master(sshd, remote_dom, tmp_path):
     items = {i["name"]: i for i in json.loads(r.stdout)}
     assert items["libvirt"]["ok"] and items["channels %s" % remote_dom]["ok"], items
     assert _master_pid(sshd) == master
+    # list probes each agent through the hop's forwarded sockets (the domain's paths are the
+    # hypervisor's)
+    r = gl("list", "-c", uri, "--json", env_extra=env)
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)["domains"]}
+    assert rows[remote_dom]["hostname"] == "guestlink-testvm", rows[remote_dom]
+    assert rows[remote_dom]["error"] is None
 
 
 def test_library_connect_with_ssh_uri(sshd, remote_dom, monkeypatch):

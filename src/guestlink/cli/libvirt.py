@@ -127,16 +127,21 @@ def _attach_detach(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _probe(entry: Any, timeout: float) -> Dict[str, Any]:
-    """Ask a running domain's agent for its description; fills agent fields, never raises."""
+async def _probe(entry: Any, timeout: float, hop: Any = None) -> Dict[str, Any]:
+    """Ask a running domain's agent for its description; fills agent fields, never raises.
+    ``hop``: the ssh hop of a qemu+ssh:// URI, whose hypervisor has the sockets (forwarded)."""
     from ..host import errors as E
     from ..host.client import connect
 
     if entry.ctl is None or not entry.ctl.path:
         return {"agent": None, "error": None}
     try:
-        async with connect(ctl=entry.ctl.path, data=entry.data.path if entry.data else None,
-                           timeout=timeout, reconnect=False) as vm:
+        ctl, data = entry.ctl.path, entry.data.path if entry.data else None
+        if hop is not None:  # the paths are the remote hypervisor's
+            ctl, data = await asyncio.get_running_loop().run_in_executor(
+                None, hop.channel_sockets, ctl, data)
+        async with connect(ctl=ctl, data=data, timeout=timeout, reconnect=False,
+                           via="guestlink") as vm:
             agent = vm.agent
             assert agent is not None  # connected: the handshake described the agent
             return {"agent": {"version": agent.version, "hostname": agent.hostname,
@@ -156,7 +161,7 @@ async def _list(args: argparse.Namespace) -> int:
     if not args.all:
         rows = [r for r in rows if r.id is not None]
     probes = await asyncio.gather(*[
-        _probe(r, args.timeout) if r.id is not None else _none() for r in rows])
+        _probe(r, args.timeout, be.hop) if r.id is not None else _none() for r in rows])
     out: List[Dict[str, Any]] = []
     for r, probe in zip(rows, probes):
         if r.ctl is None:
