@@ -544,6 +544,27 @@ class Master:
             return True
         return self.gid is not None and (gid == self.gid or uid in self.members)
 
+    @staticmethod
+    async def _close_refused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """End a refused client's connection after the ERROR written to it. Closing with its
+        request still unread would reset the connection, and the client would see "connection
+        reset" instead of the error: so half-close, then read (bounded: 64 KiB, 2 s) until the
+        client closes."""
+        try:
+            await writer.drain()
+            writer.write_eof()
+            left = 64 * 1024
+            deadline = time.monotonic() + 2.0
+            while left > 0:
+                chunk = await wait_within(reader.read(left), max(0.0, deadline - time.monotonic()))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.transport.close()
+
     async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         try:
@@ -556,7 +577,7 @@ class Master:
             writer.write(m.encode_error(0, MS.MASTER_ERROR, "this guestlink master serves its "
                                         "own user only", {"type": "PermissionDenied",
                                                           "module": E.__name__}))
-            writer.transport.close()
+            await self._close_refused(reader, writer)
             return
         peer = _Peer(self, writer, pid, uid)
         self.peers.add(peer)

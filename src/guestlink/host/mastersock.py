@@ -245,7 +245,9 @@ def first_request(sock: socket.socket, op: str, args: Dict[str, Any],
             raise E.ConnectionLost("the guestlink master closed the connection (%s)" % op)
         received += len(data)
         for ev in decoder.feed(data):
-            if isinstance(ev, Frame) and ev.id == FIRST_ID:
+            # id 0: the master refused the connection before reading the request (another user)
+            if isinstance(ev, Frame) and (ev.id == FIRST_ID
+                                          or (ev.id == 0 and ev.type == FrameType.ERROR)):
                 return _first_reply(ev)
         if received > MAX_FIRST_REPLY:
             raise E.ProtocolError("the guestlink master's reply to %s is too large" % op)
