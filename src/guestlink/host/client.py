@@ -29,7 +29,7 @@ from ..protocol import messages as m
 from ..protocol.frames import MAX_ID
 from . import errors as E
 from .agentinfo import AgentInfo, parse_info
-from .execs import Command, CompletedProcess, Process
+from .execs import Command, CompletedProcess, Process, run_collected
 from .messages import Message, Subscription
 from .options import (DEFAULT_OUTPUT_LIMIT, DEFAULT_QUEUE_SIZE, VIA_AUTO, VIA_GUESTLINK, VIA_QGA,
                       ConnectOptions, ExecOptions, PathLike, check_call, check_publish)
@@ -417,21 +417,10 @@ class Client:
         expired, and CommandFailed on a non-zero status when ``check`` is true. ``user``, ``env``,
         ``cwd``: as for :meth:`exec`.
         """
-        if isinstance(input, str):
-            input = input.encode("utf-8")
         options = ExecOptions(stdin=input is not None, timeout=timeout, env=env,
                               env_clear=env_clear, cwd=cwd, shell=shell,
                               output_limit=output_limit, call_timeout=call_timeout, user=user)
-        async with self.exec_with(cmd, options) as proc:
-            if input is not None:
-                await proc.write(input)
-                await proc.close_stdin()
-            result = await proc.wait()
-        if result.timed_out:
-            raise E.CommandTimedOut(result, timeout)
-        if check and result.returncode != 0:
-            raise E.CommandFailed(result)
-        return result
+        return await run_collected(self, cmd, options, input, check)
 
     # --- files (guestlink.host.transfer) ---------------------------------------------------
 

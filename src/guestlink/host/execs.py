@@ -271,3 +271,22 @@ class Process:
         if self._call is None:
             raise RuntimeError("the process was not started: use 'async with vm.exec(...)'")
         return self._call
+
+
+async def run_collected(vm: Any, cmd: Command, options: ExecOptions, input: Any,
+                        check: bool) -> CompletedProcess:
+    """``run`` of both clients (guestlink's and qemu-ga's, which share Process's interface):
+    start ``cmd`` with ``vm.exec_with``, feed ``input`` (bytes or str; None: no stdin), wait;
+    CommandTimedOut when its timeout expired, CommandFailed on a non-zero status with ``check``."""
+    if isinstance(input, str):
+        input = input.encode("utf-8")
+    async with vm.exec_with(cmd, options) as proc:
+        if input is not None:
+            await proc.write(input)
+            await proc.close_stdin()
+        result: CompletedProcess = await proc.wait()
+    if result.timed_out:
+        raise E.CommandTimedOut(result, options.timeout)
+    if check and result.returncode != 0:
+        raise E.CommandFailed(result)
+    return result

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 from ...protocol import ProtocolViolation, codes
 from ...protocol.ops import Info
 from .. import errors as E
-from ..execs import Command, CompletedProcess
+from ..execs import Command, CompletedProcess, run_collected
 from ..options import ConnectOptions, ExecOptions, PathLike
 from ..timing import check_timeout
 from ..transfer import TransferResult
@@ -323,21 +323,10 @@ class QgaClient:
                   env_clear: bool = False, output_limit: Optional[int] = G.QGA_OUTPUT_CAP,
                   call_timeout: Optional[float] = None,
                   user: Optional[str] = None) -> CompletedProcess:
-        if isinstance(input, str):
-            input = input.encode("utf-8")
         options = ExecOptions(stdin=input is not None, timeout=timeout, env=env,
                               env_clear=env_clear, cwd=cwd, shell=shell,
                               output_limit=output_limit, call_timeout=call_timeout, user=user)
-        async with self.exec_with(cmd, options) as proc:
-            if input is not None:
-                await proc.write(input)
-                await proc.close_stdin()
-            result = await proc.wait()
-        if result.timed_out:
-            raise E.CommandTimedOut(result, timeout)
-        if check and result.returncode != 0:
-            raise E.CommandFailed(result)
-        return result
+        return await run_collected(self, cmd, options, input, check)
 
     # --- files ------------------------------------------------------------------------------
 
