@@ -6,10 +6,11 @@ ssh with ControlMaster and virsh's qemu-agent-command, into the same guest in th
     .venv/bin/python benchmarks/bench_oneshot.py [--json] [--runs 30] [--concurrent-runs 20]
 
 One libvirt domain (TCG, 2 vCPUs) boots the test guest with the guestlink channels, qemu-ga's
-channel (Debian's qemu-guest-agent, as bench_ping), and a user-mode virtio NIC with a port
-forward from 127.0.0.1 to the guest's dropbear (benchmark overlay, _common.ssh_files). Each
-row is a whole process, started and waited for from this process (wall time,
-``time.perf_counter`` around ``subprocess.run``), the rows interleaved round by round:
+channel (Debian's qemu-guest-agent is in the test guest's base image; the guest's init starts it
+on that port), and a user-mode virtio NIC with a port forward from 127.0.0.1 to the guest's
+dropbear (benchmark overlay, _common.ssh_files). Each row is a whole process, started and
+waited for from this process (wall time, ``time.perf_counter`` around ``subprocess.run``), the
+rows interleaved round by round:
 
 - ``guestlink exec DOMAIN -- true`` and ``guestlink ping DOMAIN`` through a running master
   (started once, ``guestlink master serve --detach``), and without one (``GUESTLINK_MASTER=0``:
@@ -117,11 +118,11 @@ async def held_ping_times(count):
 
 
 async def prepare_guest(args):
-    """qemu-ga and dropbear started in the guest through the agent (directly, no master)."""
+    """dropbear started in the guest through the agent (directly, no master); qemu-ga is started
+    by the guest's init (its channel is in the domain), waited for with virsh below."""
     async with guestlink.connect(domain=DOMAIN, uri=C.LIBVIRT_URI, master=False,
                                  timeout=30) as vm:
         info = await vm.info()
-        await C.start_qga(vm)
         dev = await C.start_ssh(vm)
         return info, dev
 
@@ -305,12 +306,11 @@ def main(argv=None):
     t0 = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="glbench-oneshot-"))
     try:
-        log(args, "building the guest overlay: agent, qemu-ga, dropbear, virtio_net")
+        log(args, "building the guest overlay: agent, dropbear, virtio_net")
         pyz = workdir / "guestlink-agent.pyz"
         write_bundle(str(pyz))
         args.key, pub = C.make_ssh_key(workdir)
-        extra = dict(C.qga_files())
-        extra.update(C.ssh_files(pub))
+        extra = C.ssh_files(pub)  # qemu-ga is in the base image
         C.ensure_base()
         C.ensure_libvirtd(workdir)
         log(args, "booting the libvirt domain %s" % DOMAIN)
