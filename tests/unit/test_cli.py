@@ -503,7 +503,8 @@ def test_list_escapes_what_the_agents_say(capsys, path, monkeypatch):
     chan = types.SimpleNamespace(path=path, state="connected")
     row = types.SimpleNamespace(id=3, name="vm1", uuid="u", state="running", ctl=chan, data=None,
                                 names=types.SimpleNamespace(ctl=L.CTL_NAME, data=L.DATA_NAME))
-    monkeypatch.setattr(L, "backend", lambda uri: types.SimpleNamespace(uri="test:///", name="fake"))
+    monkeypatch.setattr(L, "backend", lambda uri: types.SimpleNamespace(uri="test:///", name="fake",
+                                                                         hop=None))
     monkeypatch.setattr(L, "list_domains", lambda *a, **kw: [row])
     helper = ThreadedAgent(path)
     helper.agent.description.update(hostname=EVIL, agent_version=EVIL)

@@ -411,6 +411,7 @@ def test_one_shot_commands_through_a_master_do_not_import_asyncio(d):
         env = dict(os.environ, PYTHONPATH=SRC, GUESTLINK_CTL=ctl)
         for argv, out, code in ((["ping"], "pong from fakevm", 0),
                                 (["info", "--json"], '"hostname": "fakevm"', 0),
+                                (["info", "--json"], '"via": "guestlink"', 0),
                                 (["exec", "--", "both", "3"], "to-stdout", 3),
                                 (["exec", "--json", "--", "echo", "j"], '"stdout": "j\\n"', 0),
                                 (["call", "nosuch"], "", 70),

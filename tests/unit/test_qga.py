@@ -30,6 +30,9 @@ from guestlink.host.qga import transport as T  # noqa: E402
 from guestlink.host.qga.transport import LibvirtTransport  # noqa: E402
 from test_host_fakeagent import short_tmp  # noqa: E402
 
+#: the session's master isolation (conftest.py) stays when a test cleans GUESTLINK_* out
+MASTER_ENV = ("GUESTLINK_MASTER", "GUESTLINK_MASTER_SOCKET", "GUESTLINK_PERSIST")
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -404,7 +407,8 @@ def test_a_guest_without_sha256_tools_copies_unverified_and_says_so(sock, tmp_pa
             async with await qga_client(sock) as vm:
                 res = await vm.push(str(src), str(tmp_path / "dst.bin"))
                 assert res.verified is False and res.digest is not None
-            env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTLINK_")}
+            env = {k: v for k, v in os.environ.items()
+                   if not k.startswith("GUESTLINK_") or k in MASTER_ENV}
             r = await asyncio.get_running_loop().run_in_executor(None, lambda: _cli(
                 ["cp", "--json", "--qga", sock, str(src), ":" + str(tmp_path / "dst2.bin")], env))
             assert r.returncode == 0, r.stderr
@@ -748,7 +752,8 @@ def _cli(args, env, stdin=b""):
 
 def test_cli_through_qemu_ga(sock, tmp_path):
     """The real CLI against the fake: the notice, exit statuses, --json saying via, usage errors."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTLINK_")}
+    env = {k: v for k, v in os.environ.items()
+                   if not k.startswith("GUESTLINK_") or k in MASTER_ENV}
     env["GUESTLINK_QGA"] = sock
     env["GUESTLINK_CTL"] = os.path.join(os.path.dirname(sock), "absent-ctl.sock")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from guestlink import doctor
+from vmhelpers import clean_env
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = ["qemu", "libvirt", "loop-backend", "libguestfs", "supermin-kernel", "nbd-module",
@@ -25,7 +26,7 @@ NAMES = ["qemu", "libvirt", "loop-backend", "libguestfs", "supermin-kernel", "nb
 
 
 def gl(*args, python=sys.executable, prefix=(), env_extra=None, timeout=120):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GUESTLINK_", "SUPERMIN_"))}
+    env = clean_env(("GUESTLINK_", "SUPERMIN_"))
     env["PYTHONPATH"] = str(REPO / "src")
     env.update(env_extra or {})
     return subprocess.run(list(prefix) + [python, "-m", "guestlink"] + [str(a) for a in args],

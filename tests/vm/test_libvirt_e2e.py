@@ -31,6 +31,7 @@ import pytest
 from guestlink import doctor
 from testvm import guest_files, kernel_cmdline, write_initrd
 from testvm.vm import QEMU, QEMU_CPU
+from vmhelpers import clean_env
 
 REPO = Path(__file__).resolve().parents[2]
 URI = "qemu:///system"
@@ -48,7 +49,7 @@ def virsh(*args, check=True, timeout=60):
 
 def gl(*args, timeout=120, env_extra=None):
     """Run the real `guestlink` CLI (no GUESTLINK_CTL/DATA in its environment)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTLINK_")}
+    env = clean_env()
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(env_extra or {})

@@ -19,6 +19,7 @@ import pytest
 import guestlink
 from guestlink.host import errors as E
 from test_libvirt_e2e import Domains, domain_xml, libvirtd, virsh  # noqa: F401  (fixture)
+from vmhelpers import clean_env
 
 REPO = Path(__file__).resolve().parents[2]
 NOTE = "using qemu-guest-agent"
@@ -26,7 +27,7 @@ NOTE = "using qemu-guest-agent"
 
 def gl(*args, env=None, input=None, timeout=180):
     """The real CLI, with only the GUESTLINK_* variables given in ``env``."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith("GUESTLINK_")}
+    e = clean_env()
     e["PYTHONPATH"] = str(REPO / "src")
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "guestlink"] + [str(a) for a in args], env=e,

@@ -8,6 +8,17 @@ from guestlink.host.client import connect
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+#: the test session's isolation of the guestlink master (conftest.py): kept when a test cleans
+#: the GUESTLINK_* variables out of a command's environment, so no command starts a master of
+#: its own in the user's runtime directory (a master would outlive the test and cache domains)
+MASTER_ENV = ("GUESTLINK_MASTER", "GUESTLINK_MASTER_SOCKET", "GUESTLINK_PERSIST")
+
+
+def clean_env(prefixes=("GUESTLINK_",)):
+    """os.environ without the variables starting with ``prefixes``, but with MASTER_ENV."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(tuple(prefixes)) or k in MASTER_ENV}
+
 
 def run(vm, fn, timeout=30.0):
     """``await fn(client)`` on a fresh connection to ``vm``'s agent; returns its result."""

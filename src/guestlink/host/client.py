@@ -22,7 +22,7 @@ in :mod:`.execs`, topic messages in :mod:`.messages`, files in :mod:`.transfer`,
 import asyncio
 import collections
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Generator, Optional, Set, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generator, Optional, Set, Tuple, Union
 
 from ..protocol import Fields, ProtocolViolation
 from ..protocol import messages as m
@@ -115,6 +115,23 @@ def connect_with(options: ConnectOptions) -> "Connector":
 AnyClient = Union["Client", "QgaClient"]
 
 
+class _FirstResolved:
+    """A domain's resolver whose first answer can be fetched ahead (:meth:`prefetch`); the next
+    call returns it, later calls resolve afresh (reconnections follow the domain)."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self.domain = getattr(resolver, "domain", None)  # for a caller's messages, as resolver's
+        self._first: Optional[Tuple[Optional[str], Optional[str]]] = None
+
+    def prefetch(self) -> None:
+        self._first = self.resolver()
+
+    def __call__(self) -> Tuple[Optional[str], Optional[str]]:
+        first, self._first = self._first, None
+        return first if first is not None else self.resolver()
+
+
 class Connector:
     """What :func:`connect` returns: await it (-> the connected :class:`Client` or
     :class:`~guestlink.host.qga.QgaClient`) or use it as ``async with`` (closing it at the end).
@@ -124,8 +141,9 @@ class Connector:
         self.options = options
         self._client: Optional[Client] = None
         self._queued = False  # the guestlink client is waiting its turn for the VM (vmlock)
+        self._resolver = _FirstResolved(resolver) if resolver is not None else None
         if options.via != VIA_QGA and (options.ctl or options.domain is not None):
-            self._client = Client(options.replace(on_queue=self._on_queue), resolver)
+            self._client = Client(options.replace(on_queue=self._on_queue), self._resolver)
         self._opened: Optional[AnyClient] = None
 
     def _on_queue(self, holder: str) -> None:
@@ -165,6 +183,10 @@ class Connector:
                                                                       AUTO_PROBE_TIMEOUT)
         reason: BaseException
         try:
+            if self._resolver is not None:
+                # the domain's lookup (libvirt; over ssh for a qemu+ssh:// URI, a new hop
+                # takes ~1 s) comes before the probe: it is not the agent's answer time
+                await asyncio.get_running_loop().run_in_executor(None, self._resolver.prefetch)
             if await self._probe(client, probe):
                 self._opened = client
                 return client

@@ -212,9 +212,11 @@ class Link:
     async def info(self, *, timeout: Optional[float] = None) -> Dict[str, Any]:
         reply = self.request("info", {}, timeout, idempotent=True)
         try:
-            return parse_info(reply)
+            info = parse_info(reply)
         except ProtocolViolation as exc:
             raise E.malformed("info reply", exc) from None
+        info["via"] = self.via  # as Client.info says it
+        return info
 
     async def call(self, op: str, args: Optional[Dict[str, Any]] = None, /, *,
                    timeout: Optional[float] = None, **kwargs: Any) -> Dict[str, Any]:
