@@ -182,6 +182,7 @@ class Connector:
         probe = AUTO_PROBE_TIMEOUT if options.timeout is None else min(options.timeout,
                                                                       AUTO_PROBE_TIMEOUT)
         reason: BaseException
+        timed_out = False
         try:
             if self._resolver is not None:
                 # the domain's lookup (libvirt; over ssh for a qemu+ssh:// URI, a new hop
@@ -192,6 +193,7 @@ class Connector:
                 return client
             reason = E.AgentNotResponding(
                 "the guest agent did not answer on %s within %g s" % (client.ctl, probe))
+            timed_out = True
         except E.GuestlinkError as exc:
             if not E.qga_may_help(exc):
                 raise
@@ -200,6 +202,12 @@ class Connector:
         try:
             self._opened = await QgaClient(options, reason=reason).connect()
         except E.GuestlinkError as qexc:
+            if timed_out:
+                # guestlink's channel is there but silent, and qemu-ga does not help (absent, or
+                # silent too: a booting VM): wait for guestlink's agent as long as asked
+                self._client = Client(options.replace(on_queue=self._on_queue), self._resolver)
+                self._opened = await self._client.connect()
+                return self._opened
             err = E.copy_error(reason)
             err.args = ("%s; the qemu-ga fallback failed too: %s" % (reason, qexc),)
             raise err from None
