@@ -3,7 +3,7 @@
 * ansible-core's own shared ``connection`` integration target (from the ansible-core sdist on
   PyPI, downloaded once into .cache/ansible-sdist/ and extracted here into a temp directory),
   with pipelining off and on;
-* tests/ansible/plugin.yml: empty and 12 MiB binary files with checksums, names that need
+* tests/ansible/plugin.yml: empty and 64 MiB binary files with checksums, names that need
   quoting, ``~/`` as root and as another user, rc/stdout/stderr, a signal, binary output, become
   (su without and with a password, a wrong password), async, a task ``timeout:``,
   ``reset_connection``, a template;
@@ -154,7 +154,7 @@ def test_plugin_playbook(vms, work):
     (local / "names").mkdir(parents=True)
     (local / "back").mkdir()
     big = tmp / "big.bin"
-    big.write_bytes(os.urandom(12 << 20))
+    big.write_bytes(os.urandom(64 << 20))
     extra = {"local_dir": str(local), "big_file": str(big),
              "big_sha256": hashlib.sha256(big.read_bytes()).hexdigest(), "names": NAMES,
              "become_pass": "s3cret pass"}
