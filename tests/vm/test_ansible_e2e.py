@@ -288,15 +288,18 @@ def test_inventory_plugin_two_hypervisors(fleet, sshd, work):
     assert {up + "@hv2", off + "@hv2"} <= members["hypervisor_hv2"]
     assert not members["hypervisor_hv2"] & {up + "@local", off + "@local"}
 
-    # a playbook on the running VM through each hypervisor, selected by group. -f 1: here both
-    # hosts are the SAME VM, and the per-VM lock that queues clients is keyed by the control
-    # socket's path on this host, which differs between the local socket and its ssh-forwarded
-    # copy (with two real hypervisors they are two VMs and -f N runs them at once)
-    r = run([BIN / "ansible-playbook", "-f", "1", "-i", src, PLAYBOOKS / "parallel.yml",
-             "-e", "target=state_running", "-e", "tag=inv", "--limit", up + "@*"], tmp,
-            timeout=300, **ssh_env)
-    assert r.returncode == 0, show(r)
+    # a playbook on the running VM through each hypervisor, selected by group: here both hosts
+    # are the SAME VM, reached once directly and once through the ssh forward of its sockets.
+    # One run per hypervisor, the local one first: a connection through the forward can outlive
+    # its client on the hypervisor's side for a while (ssh half-closes the forwarded socket;
+    # QEMU's chardev serves one connection), so the direct client after it may wait for the
+    # data socket (seen once: "no progress on the data port for 60 s"). With two real
+    # hypervisors they are two VMs and this does not arise; see the closing note of issue 13.
     for label in ("local", "hv2"):
+        r = run([BIN / "ansible-playbook", "-i", src, PLAYBOOKS / "parallel.yml",
+                 "-e", "target=state_running", "-e", "tag=inv-" + label,
+                 "--limit", "%s@%s" % (up, label)], tmp, timeout=300, **ssh_env)
+        assert r.returncode == 0, show(r)
         assert any(ln.startswith("%s@%s " % (up, label)) and "failed=0" in ln
                    and "unreachable=0" in ln for ln in r.stdout.splitlines()), show(r)
 
